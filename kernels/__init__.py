@@ -1,0 +1,12 @@
+"""Triton kernels of linreg-fused and their launch helpers (installed as
+``linreg_fused.kernels``). No autograd and no modules here: plain tensors in,
+plain tensors out. Import the submodules; this package imports nothing
+itself, so ``specs`` can be used without Triton.
+
+- linear_mse_grad: the single-pass kernel (residual, loss, partial dW/db)
+- reduce_update:   finish the partial sums; write gradients or apply SGD in place
+- linear_forward:  inference, Y = X·Wᵀ + b
+- fused_fit:       many SGD steps of a small problem in one launch
+- specs:           plain data the kernels share (no Triton)
+- config:          block and grid sizes
+"""

@@ -1,0 +1,165 @@
+"""Persistent training kernel for small problems: many SGD steps in one launch.
+
+When a whole mini-batch, W and b fit in one program's registers (the
+tutorial's 15 rows × 3 features → 2 targets, batch 5), launch overhead is the
+entire cost of a step. This kernel runs every epoch and every batch of a fit
+in a single program: W, b and the momentum buffers stay in registers, each
+batch's rows are gathered through a per-epoch permutation, and the update is
+torch.optim.SGD's (the same ``sgd_update`` as reduce_update.py).
+
+Divergence is handled on the device: after each epoch the kernel records the
+mean batch loss, and it keeps a copy of the parameters from the end of the
+last epoch whose loss was finite. That copy is what it writes back, so a run
+that blew up leaves the parameters (and buffers) as they were at the last
+finite epoch; the host reads the history once per launch to report it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .reduce_update import MOMENTUM, sgd_update
+from .specs import SGDHyper
+
+_MAX_BLOCK_ELEMENTS = 8192  # BLOCK_N·BLOCK_O·BLOCK_D, the largest temporary
+
+
+def fit_small_supported(batch_size: int, in_features: int, out_features: int) -> bool:
+    """Whether one program can hold a batch, W and the per-step temporaries."""
+    n, d, o = (triton.next_power_of_2(v) for v in (batch_size, in_features, out_features))
+    return n * d * o <= _MAX_BLOCK_ELEMENTS
+
+
+@triton.jit
+def _fit_small_kernel(
+    x_ptr, t_ptr, w_ptr, b_ptr, w_buf_ptr, b_buf_ptr, perm_ptr, history_ptr,
+    N, D, O, stride_xn, stride_xd, stride_tn, stride_to,
+    n_epochs, batch_size,
+    w_lr, w_momentum, w_dampening, w_weight_decay,
+    b_lr, b_momentum, b_dampening, b_weight_decay,
+    HAS_BIAS: tl.constexpr, MEAN: tl.constexpr, INIT_W_BUFFER: tl.constexpr, INIT_B_BUFFER: tl.constexpr,
+    W_FLAGS: tl.constexpr, B_FLAGS: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_o = tl.arange(0, BLOCK_O)
+    mask_d = offs_d < D
+    mask_o = offs_o < O
+    mask_od = mask_o[:, None] & mask_d[None, :]
+    w_offsets = offs_o[:, None] * D + offs_d[None, :]
+
+    w = tl.load(w_ptr + w_offsets, mask=mask_od, other=0.0).to(ACC_DTYPE)
+    b = tl.zeros([BLOCK_O], dtype=ACC_DTYPE)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + offs_o, mask=mask_o, other=0.0).to(ACC_DTYPE)
+    w_buf = tl.zeros([BLOCK_O, BLOCK_D], dtype=ACC_DTYPE)
+    b_buf = tl.zeros([BLOCK_O], dtype=ACC_DTYPE)
+    if MOMENTUM & W_FLAGS and not INIT_W_BUFFER:
+        w_buf = tl.load(w_buf_ptr + w_offsets, mask=mask_od, other=0.0).to(ACC_DTYPE)
+    if MOMENTUM & B_FLAGS and not INIT_B_BUFFER:
+        b_buf = tl.load(b_buf_ptr + offs_o, mask=mask_o, other=0.0).to(ACC_DTYPE)
+    good_w, good_b, good_w_buf, good_b_buf = w, b, w_buf, b_buf
+    all_finite = tl.program_id(0) == 0  # a boolean scalar tensor: True (one program)
+    n_batches = tl.cdiv(N, batch_size)
+
+    perm_row = perm_ptr  # this epoch's row order; advanced by N (64-bit pointer arithmetic)
+    for epoch in range(n_epochs):
+        epoch_loss = tl.zeros([BLOCK_O], dtype=ACC_DTYPE)
+        for batch in range(n_batches):
+            start = batch * batch_size
+            rows_in_batch = tl.minimum(batch_size, N - start)
+            mask_n = offs_n < rows_in_batch
+            rows = tl.load(perm_row + start + offs_n, mask=mask_n, other=0).to(tl.int64)
+            x = tl.load(x_ptr + rows[:, None] * stride_xn + offs_d[None, :] * stride_xd,
+                        mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(ACC_DTYPE)
+            mask_no = mask_n[:, None] & mask_o[None, :]
+            target = tl.load(t_ptr + rows[:, None] * stride_tn + offs_o[None, :] * stride_to,
+                             mask=mask_no, other=0.0).to(ACC_DTYPE)
+            # Tiny blocks: broadcast-multiply-reduce instead of tl.dot (no 16-wide minimum, exact fp32 FMAs).
+            pred = tl.sum(x[:, None, :] * w[None, :, :], axis=2) + b[None, :]
+            r = tl.where(mask_no, pred - target, 0.0)
+            loss_scale = 1.0
+            if MEAN:
+                loss_scale = 1.0 / (rows_in_batch * O).to(ACC_DTYPE)
+            epoch_loss += tl.sum(r * r, axis=0) * loss_scale
+            grad_w = tl.sum(r[:, :, None] * x[:, None, :], axis=0) * (2.0 * loss_scale)
+            grad_b = tl.sum(r, axis=0) * (2.0 * loss_scale)
+
+            # SGD's first step sets a new buffer to the gradient: buf = 0·buf + 1·g.
+            first_step = (epoch == 0) & (batch == 0)
+            w_decay, w_weight = w_momentum, 1.0 - w_dampening
+            if INIT_W_BUFFER:
+                w_decay = tl.where(first_step, 0.0, w_decay)
+                w_weight = tl.where(first_step, 1.0, w_weight)
+            w, w_buf = sgd_update(w, grad_w, w_buf, w_decay, w_weight, w_lr, w_momentum, w_weight_decay, W_FLAGS)
+            if HAS_BIAS:
+                b_decay, b_weight = b_momentum, 1.0 - b_dampening
+                if INIT_B_BUFFER:
+                    b_decay = tl.where(first_step, 0.0, b_decay)
+                    b_weight = tl.where(first_step, 1.0, b_weight)
+                b, b_buf = sgd_update(b, grad_b, b_buf, b_decay, b_weight, b_lr, b_momentum, b_weight_decay, B_FLAGS)
+
+        mean_loss = tl.sum(epoch_loss, axis=0) / n_batches
+        tl.store(history_ptr + epoch, mean_loss)
+        perm_row += N
+        all_finite = all_finite & (tl.abs(mean_loss) < float("inf"))  # False for NaN too
+        good_w = tl.where(all_finite, w, good_w)
+        good_b = tl.where(all_finite, b, good_b)
+        good_w_buf = tl.where(all_finite, w_buf, good_w_buf)
+        good_b_buf = tl.where(all_finite, b_buf, good_b_buf)
+
+    tl.store(w_ptr + w_offsets, good_w, mask=mask_od)
+    if HAS_BIAS:
+        tl.store(b_ptr + offs_o, good_b, mask=mask_o)
+    if MOMENTUM & W_FLAGS:
+        tl.store(w_buf_ptr + w_offsets, good_w_buf, mask=mask_od)
+    if HAS_BIAS and MOMENTUM & B_FLAGS:
+        tl.store(b_buf_ptr + offs_o, good_b_buf, mask=mask_o)
+
+
+def fit_small(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    weight_buffer: torch.Tensor | None,
+    bias_buffer: torch.Tensor | None,
+    permutations: torch.Tensor,
+    history: torch.Tensor,
+    *,
+    batch_size: int,
+    mean: bool,
+    weight_hyper: SGDHyper,
+    bias_hyper: SGDHyper,
+    init_weight_buffer: bool,
+    init_bias_buffer: bool,
+) -> None:
+    """Run len(history) epochs of mini-batch SGD in one launch, in place.
+
+    x: (N, D), target: (N, O), any strides; weight: (O, D) and bias: (O,)
+    contiguous, updated in place, as are the momentum buffers (same shapes;
+    needed where that parameter's momentum != 0). permutations: (epochs, N)
+    int, the row order of each epoch. history: (epochs,) fp32/fp64, receives
+    each epoch's mean batch loss. init_*_buffer: that buffer is new (zeroed),
+    so the first step sets it to the gradient.
+    """
+    n_rows, in_features = x.shape
+    out_features = weight.shape[0]
+    acc = history.dtype
+    w_buf = weight_buffer if weight_buffer is not None else weight
+    b_buf = bias_buffer if bias_buffer is not None else w_buf
+    _fit_small_kernel[(1,)](
+        x, target, weight, bias if bias is not None else weight, w_buf, b_buf, permutations, history,
+        n_rows, in_features, out_features, x.stride(0), x.stride(1), target.stride(0), target.stride(1),
+        history.numel(), batch_size,
+        weight_hyper.lr, weight_hyper.momentum, weight_hyper.dampening, weight_hyper.weight_decay,
+        bias_hyper.lr, bias_hyper.momentum, bias_hyper.dampening, bias_hyper.weight_decay,
+        HAS_BIAS=bias is not None, MEAN=mean, INIT_W_BUFFER=init_weight_buffer, INIT_B_BUFFER=init_bias_buffer,
+        W_FLAGS=weight_hyper.flags, B_FLAGS=bias_hyper.flags,
+        ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32,
+        BLOCK_N=triton.next_power_of_2(batch_size), BLOCK_D=triton.next_power_of_2(in_features),
+        BLOCK_O=triton.next_power_of_2(out_features), num_warps=1,
+    )

@@ -1,0 +1,71 @@
+"""Plain data that the kernels take and return: the partial-sum layout and
+the SGD hyper-parameters. No Triton here, so the pure-PyTorch reference
+shares these definitions on machines without it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class GradPartials:
+    """Per-program sums from one pass over a batch.
+
+    buffer:   (P, K) with K = O·D + O + 1, columns [dW (O·D, row-major) | db (O) | loss (1)]
+    residual: (n_rows, O) R = X·Wᵀ + b − T, or None when it was not kept
+    """
+
+    buffer: torch.Tensor
+    residual: torch.Tensor | None
+    n_rows: int
+    out_features: int
+    in_features: int
+
+    @property
+    def weight_columns(self) -> tuple[int, int]:
+        return 0, self.out_features * self.in_features
+
+    @property
+    def bias_columns(self) -> tuple[int, int]:
+        return self.out_features * self.in_features, self.out_features
+
+    @property
+    def loss_column(self) -> int:
+        return self.out_features * self.in_features + self.out_features
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 stays fp64; everything else accumulates in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# Bits of SGDHyper.flags: which branches of the update a kernel compiles.
+MAXIMIZE = 1
+WEIGHT_DECAY = 2
+MOMENTUM = 4
+NESTEROV = 8
+
+
+@dataclass(frozen=True)
+class SGDHyper:
+    """One param group's SGD hyper-parameters. Floats are passed to kernels
+    as runtime values, so changing them (an LR schedule) never recompiles."""
+
+    lr: float
+    momentum: float = 0.0
+    dampening: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    maximize: bool = False
+
+    @property
+    def flags(self) -> int:
+        """Which branches of the update exist; a constexpr of the kernels."""
+        return (
+            MAXIMIZE * self.maximize
+            | WEIGHT_DECAY * (self.weight_decay != 0)
+            | MOMENTUM * (self.momentum != 0)
+            | NESTEROV * self.nesterov
+        )

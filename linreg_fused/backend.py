@@ -1,0 +1,131 @@
+"""The one place that decides which implementation runs.
+
+``backend="auto"`` runs the Triton kernels on CUDA tensors, and on CPU
+tensors when Triton's interpreter is on (``TRITON_INTERPRET=1``, set before
+the first kernel is used); otherwise the pure-PyTorch reference.
+``"triton"`` and ``"torch"`` force one; asking for Triton where it cannot run
+is an error that says why. Nothing is probed at import time: the kernels are
+imported on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from .kernels.specs import GradPartials, SGDHyper
+from .reference import TORCH_OPS, TorchOps
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on ``device``, or None if they can."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install triton)"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if interpreter_enabled():
+            return None
+        return ("the tensors are on the CPU and Triton's interpreter is off; use CUDA tensors, or set "
+                "TRITON_INTERPRET=1 in the environment before the first kernel runs")
+    return f"Triton kernels run on CUDA devices (or the CPU through the interpreter), not on {device.type!r}"
+
+
+def select_ops(backend: str, device: torch.device) -> "TritonOps | TorchOps":
+    """The implementation for tensors on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return TORCH_OPS
+    reason = triton_unavailable_reason(device)
+    if reason is None:
+        return _triton_ops()
+    if backend == "triton":
+        raise RuntimeError(f"backend='triton' cannot run here: {reason}")
+    return TORCH_OPS
+
+
+def describe(ops: "TritonOps | TorchOps", device: torch.device) -> str:
+    """A one-line account of what runs, e.g. for the command line."""
+    if ops.name == "torch":
+        return f"PyTorch reference on {device}"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU through Triton's interpreter"
+    return f"Triton kernels on {where} ({device})"
+
+
+@functools.cache
+def _triton_ops() -> "TritonOps":
+    return TritonOps()
+
+
+class TritonOps:
+    """The backend primitives as Triton launches (see kernels/)."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        # Imported here, not at module import: jit decoration reads TRITON_INTERPRET.
+        from .kernels import fused_fit, linear_forward, linear_mse_grad, reduce_update
+
+        self._fused_fit = fused_fit
+        self._forward = linear_forward
+        self._grad = linear_mse_grad
+        self._reduce = reduce_update
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
+               input_precision: str) -> torch.Tensor:
+        out_dtype = torch.promote_types(x.dtype, weight.dtype)
+        return self._forward.linear_forward(x, weight, bias, out_dtype=out_dtype, input_precision=input_precision)
+
+    def grad_partials(self, x, weight, bias, target, *, row_index, store_residual, input_precision) -> GradPartials:
+        return self._grad.linear_mse_partials(x, weight, bias, target, row_index=row_index,
+                                              store_residual=store_residual, input_precision=input_precision)
+
+    def sum_loss(self, partials: GradPartials, scale: float, dtype: torch.dtype) -> torch.Tensor:
+        out = torch.empty((), device=partials.buffer.device, dtype=dtype)
+        return self._reduce.sum_column(partials.buffer, partials.loss_column, scale, out)
+
+    def reduce_grads(self, partials: GradPartials, grad_output: torch.Tensor, scale: float, *, bias: bool):
+        buffer = partials.buffer
+        start, n = partials.weight_columns
+        grad_w = torch.empty((partials.out_features, partials.in_features), device=buffer.device, dtype=buffer.dtype)
+        self._reduce.reduce_columns(buffer, start, grad_w, scale=scale, grad_output=grad_output)
+        grad_b = None
+        if bias:
+            start, n = partials.bias_columns
+            grad_b = torch.empty(n, device=buffer.device, dtype=buffer.dtype)
+            self._reduce.reduce_columns(buffer, start, grad_b, scale=scale, grad_output=grad_output)
+        return grad_w, grad_b
+
+    def sgd_update_(self, source, col_start, param, momentum_buffer, hyper: SGDHyper, *, init_buffer, scale,
+                    grad_output) -> None:
+        # The kernel walks flat columns: give it contiguous storage, and copy back if it had to make some.
+        target = param if param.is_contiguous() else param.contiguous()
+        self._reduce.reduce_and_sgd_update_(source, col_start, target.detach(), momentum_buffer, hyper,
+                                            init_buffer=init_buffer, scale=scale, grad_output=grad_output)
+        if target is not param:
+            with torch.no_grad():
+                param.copy_(target)
+        else:
+            # The kernel wrote through a pointer: tell autograd the tensor changed, so a graph
+            # that saved the old value raises instead of silently using the new one.
+            torch.autograd.graph.increment_version(param)
+
+    def fit_small_supported(self, batch_size: int, in_features: int, out_features: int) -> bool:
+        return self._fused_fit.fit_small_supported(batch_size, in_features, out_features)
+
+    def fit_small(self, x, target, weight, bias, weight_buffer, bias_buffer, permutations, history, **kwargs) -> None:
+        self._fused_fit.fit_small(x, target, weight.detach(), None if bias is None else bias.detach(),
+                                  weight_buffer, bias_buffer, permutations, history, **kwargs)
+        for p in (weight, bias):
+            if p is not None:
+                torch.autograd.graph.increment_version(p)

@@ -1,0 +1,137 @@
+"""FusedLinearRegressor: a drop-in for nn.Linear with a fused loss and fused training."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from . import functional, train
+from .backend import BACKENDS
+from .functional import PRECISIONS
+from .optim import FusedSGD
+
+
+class FusedLinearRegressor(nn.Module):
+    """y = x·Wᵀ + b, like ``nn.Linear(in_features, out_features, bias)``.
+
+    Same parameters (``weight`` (out, in), ``bias`` (out,)), initialisation,
+    state_dict keys and forward. On top of nn.Linear:
+
+    - ``loss(x, target)``: fused linear + MSE (one pass over x);
+    - ``train_step(x, target, optimizer)``: one SGD step;
+    - ``fit(inputs, targets, epochs=…, batch_size=…, optimizer=…)``: the
+      tutorial's training loop on the device.
+
+    backend: "auto" | "triton" | "torch" (see linreg_fused.backend);
+    input_precision: "ieee" (default) | "tf32" for float32 products on GPUs.
+    """
+
+    __constants__ = ["in_features", "out_features"]
+    in_features: int
+    out_features: int
+    weight: torch.Tensor
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        backend: str = "auto",
+        input_precision: str = "ieee",
+    ) -> None:
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if input_precision not in PRECISIONS:
+            raise ValueError(f"input_precision must be one of {PRECISIONS}, got {input_precision!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        self.backend, self.input_precision = backend, input_precision
+        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation, drawing the same random numbers in the same order:
+        W ~ U(−1/√in, 1/√in) (kaiming_uniform with a=√5), b ~ U(−1/√in, 1/√in)."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight.shape[1]
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> "FusedLinearRegressor":
+        """A FusedLinearRegressor holding a copy of ``linear``'s parameters."""
+        model = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
+        model.load_state_dict(linear.state_dict())
+        return model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_features) -> (..., out_features)."""
+        return functional.linear(x, self.weight, self.bias, backend=self.backend,
+                                 input_precision=self.input_precision)
+
+    def loss(
+        self,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        reduction: str = "mean",
+        *,
+        optimizer: FusedSGD | None = None,
+    ) -> torch.Tensor:
+        """Fused ``F.mse_loss(self(x), target, reduction=reduction)`` (a 0-d tensor).
+
+        x: (..., in_features); target: (..., out_features). With a FusedSGD
+        ``optimizer``, ``loss.backward()`` also applies its step to weight
+        and bias in place (and leaves their .grad alone).
+        """
+        if optimizer is not None and not isinstance(optimizer, FusedSGD):
+            raise TypeError(f"loss(optimizer=) takes a FusedSGD, got {type(optimizer).__name__}; with other "
+                            f"optimizers call loss.backward() and optimizer.step() yourself")
+        return functional.linear_mse(x, self.weight, self.bias, target, reduction, optimizer=optimizer,
+                                     backend=self.backend, input_precision=self.input_precision)
+
+    def train_step(
+        self, x: torch.Tensor, target: torch.Tensor, optimizer: torch.optim.Optimizer, reduction: str = "mean"
+    ) -> torch.Tensor:
+        """One optimisation step on the batch (x, target); returns the detached
+        loss (before the step) without a host sync.
+
+        With FusedSGD this is ``loss(x, target, optimizer=optimizer).backward()``
+        run straight through the kernels (no autograd graph); with any other
+        optimizer it is zero_grad, loss, backward, step.
+        """
+        if isinstance(optimizer, FusedSGD):
+            functional.check_inputs(x, self.weight, self.bias, target)
+            return functional.fused_sgd_step(
+                x.reshape(-1, x.shape[-1]), self.weight, self.bias, target.reshape(-1, target.shape[-1]), optimizer,
+                reduction=reduction, backend=self.backend, input_precision=self.input_precision)
+        optimizer.zero_grad()
+        loss = self.loss(x, target, reduction)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    def fit(
+        self,
+        data: torch.Tensor | Iterable[tuple[torch.Tensor, torch.Tensor]],
+        targets: torch.Tensor | None = None,
+        **kwargs,
+    ) -> list[float]:
+        """Train on tensors or on an iterable of batches; see linreg_fused.train.fit."""
+        return train.fit(self, data, targets, **kwargs)
+
+    def extra_repr(self) -> str:
+        extra = "" if self.backend == "auto" else f", backend={self.backend!r}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{extra}"
