@@ -1,8 +1,8 @@
 """Inference kernel: Y = X·Wᵀ + b, one read of X, one write of Y.
 
 One program per tile of BLOCK_N rows; D is walked in chunks of BLOCK_D and O
-in blocks of BLOCK_O (a second grid axis), accumulating in fp32 (fp64 for
-fp64 inputs).
+in blocks of BLOCK_O (a second grid axis). Half-precision inputs are upcast
+on chip; products and sums run in fp32 (fp64 for fp64 inputs).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ def _linear_forward_kernel(
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
-    compute_dtype: tl.constexpr = w_ptr.dtype.element_ty
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     mask_n = offs_n < n_rows
@@ -34,9 +33,9 @@ def _linear_forward_kernel(
         dd = d0 + tl.arange(0, BLOCK_D)
         md = dd < D
         x = tl.load(x_ptr + rows[:, None] * stride_xn + dd[None, :].to(tl.int64) * stride_xd,
-                    mask=mask_n[:, None] & md[None, :], other=0.0).to(compute_dtype)
+                    mask=mask_n[:, None] & md[None, :], other=0.0).to(ACC_DTYPE)
         w_t = tl.load(w_ptr + offs_o[None, :] * stride_wo + dd[:, None] * stride_wd,
-                      mask=mask_o[None, :] & md[:, None], other=0.0)
+                      mask=mask_o[None, :] & md[:, None], other=0.0).to(ACC_DTYPE)
         acc += tl.dot(x, w_t, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_o, mask=mask_o, other=0.0).to(ACC_DTYPE)[None, :]

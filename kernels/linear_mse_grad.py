@@ -31,14 +31,14 @@ from .specs import GradPartials, accumulator_dtype
 def _load_x_tile(x_ptr, rows, offs_d, mask_n, mask_d, stride_xn, stride_xd, compute_dtype: tl.constexpr):
     ptrs = x_ptr + rows[:, None] * stride_xn + offs_d[None, :].to(tl.int64) * stride_xd
     x = tl.load(ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-    # Half-precision inputs with fp32 master weights are upcast on chip.
     return x.to(compute_dtype)
 
 
 @triton.jit
-def _load_w_transposed(w_ptr, offs_o, offs_d, mask_o, mask_d, stride_wo, stride_wd):
+def _load_w_transposed(w_ptr, offs_o, offs_d, mask_o, mask_d, stride_wo, stride_wd, compute_dtype: tl.constexpr):
     ptrs = w_ptr + offs_o[None, :] * stride_wo + offs_d[:, None] * stride_wd
-    return tl.load(ptrs, mask=mask_o[None, :] & mask_d[:, None], other=0.0)  # BLOCK_D × BLOCK_O
+    w_t = tl.load(ptrs, mask=mask_o[None, :] & mask_d[:, None], other=0.0)  # BLOCK_D × BLOCK_O
+    return w_t.to(compute_dtype)
 
 
 @triton.jit
@@ -52,8 +52,9 @@ def _linear_mse_partials_kernel(
 ):
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
+    # Products run in the accumulator dtype: half-precision inputs are upcast on
+    # chip (exact), so fp32 master weights keep their precision in both dots.
     acc_dtype: tl.constexpr = partials_ptr.dtype.element_ty
-    compute_dtype: tl.constexpr = w_ptr.dtype.element_ty
 
     offs_o = tl.arange(0, BLOCK_O)
     mask_o = offs_o < O
@@ -68,7 +69,7 @@ def _linear_mse_partials_kernel(
     loss_acc = tl.zeros([BLOCK_O], dtype=acc_dtype)
     db_acc = tl.zeros([BLOCK_O], dtype=acc_dtype)
     dw_acc = tl.zeros([BLOCK_O, BLOCK_D], dtype=acc_dtype)
-    w_t = _load_w_transposed(w_ptr, offs_o, offs_d, mask_o, mask_d, stride_wo, stride_wd)
+    w_t = _load_w_transposed(w_ptr, offs_o, offs_d, mask_o, mask_d, stride_wo, stride_wd, acc_dtype)
     for d0 in range(BLOCK_D, D, BLOCK_D):  # zero the part of dW that is summed in memory (below)
         dd = d0 + offs_d
         tl.store(partial_row + offs_o[:, None] * D + dd[None, :], tl.zeros([BLOCK_O, BLOCK_D], dtype=acc_dtype),
@@ -83,13 +84,13 @@ def _linear_mse_partials_kernel(
             rows = offs_n.to(tl.int64)
 
         # Forward: pred = X·Wᵀ, D in chunks of BLOCK_D (one chunk when D fits).
-        x = _load_x_tile(x_ptr, rows, offs_d, mask_n, mask_d, stride_xn, stride_xd, compute_dtype)
+        x = _load_x_tile(x_ptr, rows, offs_d, mask_n, mask_d, stride_xn, stride_xd, acc_dtype)
         pred = tl.dot(x, w_t, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
         for d0 in range(BLOCK_D, D, BLOCK_D):
             dd = d0 + offs_d
             md = dd < D
-            xc = _load_x_tile(x_ptr, rows, dd, mask_n, md, stride_xn, stride_xd, compute_dtype)
-            wc = _load_w_transposed(w_ptr, offs_o, dd, mask_o, md, stride_wo, stride_wd)
+            xc = _load_x_tile(x_ptr, rows, dd, mask_n, md, stride_xn, stride_xd, acc_dtype)
+            wc = _load_w_transposed(w_ptr, offs_o, dd, mask_o, md, stride_wo, stride_wd, acc_dtype)
             pred += tl.dot(xc, wc, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
         if HAS_BIAS:
             pred += bias[None, :]
@@ -106,12 +107,12 @@ def _linear_mse_partials_kernel(
         # dW += Rᵀ·X. The first chunk is still in registers; later chunks are
         # re-read and summed into this program's own partial row (it alone
         # touches that row, so the read-modify-write needs no atomics).
-        r_t = tl.trans(r.to(compute_dtype))
+        r_t = tl.trans(r)
         dw_acc += tl.dot(r_t, x, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
         for d0 in range(BLOCK_D, D, BLOCK_D):
             dd = d0 + offs_d
             md = dd < D
-            xc = _load_x_tile(x_ptr, rows, dd, mask_n, md, stride_xn, stride_xd, compute_dtype)
+            xc = _load_x_tile(x_ptr, rows, dd, mask_n, md, stride_xn, stride_xd, acc_dtype)
             contrib = tl.dot(r_t, xc, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
             ptrs = partial_row + offs_o[:, None] * D + dd[None, :]
             mask_od = mask_o[:, None] & md[None, :]

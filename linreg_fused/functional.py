@@ -120,7 +120,6 @@ class LinearMSEFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         (weight,) = ctx.saved_tensors
         plan, partials, grad_scale = ctx.plan, ctx.partials, ctx.grad_scale
-        ctx.partials = None  # free the buffers as soon as possible
         need_x, need_w, need_b, need_t = ctx.needs_input_grad[:4]
         grad_x = grad_w = grad_b = grad_t = None
         if need_x or need_t:  # dL/dpred = scale·R; computed before any in-place update of W

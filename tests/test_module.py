@@ -1,0 +1,149 @@
+"""FusedLinearRegressor as a drop-in for nn.Linear, and clear errors for bad input."""
+
+import pytest
+import torch
+from conftest import DEVICE
+from oracle import TOLERANCE, assert_close
+from torch import nn
+
+from linreg_fused import FusedLinearRegressor, linear, linear_mse
+from linreg_fused.backend import select_ops
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_same_init_parameters_and_state_dict_as_nn_linear(bias):
+    torch.manual_seed(7)
+    ref = nn.Linear(5, 3, bias=bias)
+    torch.manual_seed(7)
+    model = FusedLinearRegressor(5, 3, bias=bias)
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    assert model.state_dict().keys() == ref.state_dict().keys()
+    for key, value in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert model.weight.shape == (3, 5) and model.weight.requires_grad
+
+
+def test_state_dict_round_trips_with_nn_linear():
+    ref = nn.Linear(4, 2)
+    model = FusedLinearRegressor(4, 2)
+    model.load_state_dict(ref.state_dict())
+    assert torch.equal(model.weight, ref.weight) and torch.equal(model.bias, ref.bias)
+    with torch.no_grad():
+        model.weight.mul_(-2.0)
+    back = nn.Linear(4, 2)
+    back.load_state_dict(model.state_dict())
+    assert torch.equal(back.weight, model.weight)
+    assert torch.equal(FusedLinearRegressor.from_linear(ref).weight, ref.weight)
+
+
+def test_repr_like_nn_linear():
+    assert repr(FusedLinearRegressor(3, 2)) == "FusedLinearRegressor(in_features=3, out_features=2, bias=True)"
+    assert "backend='torch'" in repr(FusedLinearRegressor(3, 2, bias=False, backend="torch"))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 5), (4, 3, 70)], ids=str)
+def test_forward_equals_nn_linear(shape, backend):
+    d = shape[-1]
+    ref = nn.Linear(d, 3).to(DEVICE)
+    model = FusedLinearRegressor.from_linear(ref, backend=backend)
+    x = torch.randn(*shape, device=DEVICE)
+    expected = nn.Linear(d, 3).double().to(DEVICE)
+    expected.load_state_dict({k: v.double() for k, v in ref.state_dict().items()})
+    with torch.no_grad():
+        out = model(x)
+        assert out.shape == (*shape[:-1], 3)
+        assert_close(out, expected(x.double()), TOLERANCE[torch.float32], "no_grad forward")
+    # With autograd on, the same values and nn.Linear's gradients.
+    xg = x.clone().requires_grad_()
+    out = model(xg)
+    out.square().sum().backward()
+    xr = x.double().clone().requires_grad_()
+    expected(xr).square().sum().backward()
+    assert_close(out, expected(x.double()), TOLERANCE[torch.float32], "forward")
+    assert_close(xg.grad, xr.grad, TOLERANCE[torch.float32], "dX")
+    assert_close(model.weight.grad, expected.weight.grad, TOLERANCE[torch.float32], "dW")
+
+
+def test_strided_forward(backend):
+    model = FusedLinearRegressor(6, 2, backend=backend).to(DEVICE)
+    x = torch.randn(6, 21, device=DEVICE).t()
+    with torch.no_grad():
+        assert_close(model(x), nn.functional.linear(x.double(), model.weight.double(), model.bias.double()),
+                     TOLERANCE[torch.float32], "strided forward")
+
+
+def test_module_loss_matches_mse(backend):
+    model = FusedLinearRegressor(3, 2, backend=backend).to(DEVICE)
+    x, y = torch.randn(15, 3, device=DEVICE) * 50, torch.randn(15, 2, device=DEVICE) * 50
+    ref = nn.functional.mse_loss(nn.functional.linear(x.double(), model.weight.double(), model.bias.double()),
+                                 y.double())
+    assert_close(model.loss(x, y), ref, TOLERANCE[torch.float32], "loss")
+    assert_close(model.loss(x, y, "sum"), ref * 30, TOLERANCE[torch.float32], "sum loss")
+
+
+# ---------------------------------------------------------------- bad input
+def _bad_cases():
+    x, w, b, t = torch.randn(4, 3), torch.randn(2, 3), torch.randn(2), torch.randn(4, 2)
+    return {
+        "feature count": ((torch.randn(4, 5), w, b, t), ValueError, "features"),
+        "target shape": ((x, w, b, torch.randn(4, 3)), ValueError, "target has shape"),
+        "target rows": ((x, w, b, torch.randn(5, 2)), ValueError, "target has shape"),
+        "integer x": ((x.long(), w, b, t), TypeError, "floating-point"),
+        "integer target": ((x, w, b, t.long()), TypeError, "floating-point"),
+        "x/target dtype": ((x, w, b, t.double()), TypeError, "target is torch.float64"),
+        "x/weight dtype": ((x.double(), w, b, t.double()), TypeError, "mixed precision"),
+        "bias dtype": ((x, w, b.double(), t), TypeError, "bias is torch.float64"),
+        "bias shape": ((x, w, torch.randn(3), t), ValueError, "bias must have shape"),
+        "weight dims": ((x, w.reshape(-1), b, t), ValueError, "2-D"),
+        "empty batch": ((x[:0], w, b, t[:0]), ValueError, "empty batch"),
+        "devices": ((x, w.to("meta"), b.to("meta"), t), ValueError, "device"),
+        "not a tensor": ((x.tolist(), w, b, t), TypeError, "torch.Tensor"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()))
+def test_bad_input_is_a_clear_error(case):
+    args, error, words = _bad_cases()[case]
+    for backend in ("triton", "torch"):
+        with pytest.raises(error, match=words):
+            linear_mse(*args, backend=backend)
+
+
+def test_bad_options():
+    x, w, t = torch.randn(4, 3), torch.randn(2, 3), torch.randn(4, 2)
+    with pytest.raises(ValueError, match="reduction"):
+        linear_mse(x, w, None, t, "none")
+    with pytest.raises(ValueError, match="input_precision"):
+        linear_mse(x, w, None, t, input_precision="fp8")
+    with pytest.raises(ValueError, match="backend"):
+        linear_mse(x, w, None, t, backend="cuda")
+    with pytest.raises(ValueError, match="backend"):
+        FusedLinearRegressor(3, 2, backend="jax")
+    with pytest.raises(ValueError, match="features"):
+        linear(torch.randn(4, 4), w)
+
+
+def test_mixed_precision_half_inputs_with_float32_weights(backend):
+    """Half-precision x with fp32 master weights is allowed: computed in fp32."""
+    x, t = torch.randn(21, 5, device=DEVICE), torch.randn(21, 2, device=DEVICE)
+    w = torch.randn(2, 5, device=DEVICE, requires_grad=True)
+    for half in (torch.bfloat16, torch.float16):
+        xh, th = x.to(half), t.to(half)
+        loss = linear_mse(xh, w, None, th, backend=backend)
+        assert loss.dtype == torch.float32
+        ref = nn.functional.mse_loss(xh.double() @ w.double().t(), th.double())
+        assert_close(loss, ref, TOLERANCE[torch.float32], f"{half} loss")
+
+
+def test_backend_selection():
+    assert select_ops("torch", torch.device("cpu")).name == "torch"
+    assert select_ops("auto", torch.device("meta")).name == "torch"
+    with pytest.raises(RuntimeError, match="cannot run here"):
+        select_ops("triton", torch.device("meta"))
+
+
+def test_triton_on_cpu_without_interpreter_says_why(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert select_ops("auto", torch.device("cpu")).name == "torch"
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        select_ops("triton", torch.device("cpu"))
