@@ -115,3 +115,5 @@ class FusedUpdate:
             buf, is_new = self.optimizer.momentum_buffer(param, hyper)
             ops.sgd_update_(partials.buffer, col_start, param, buf, hyper, init_buffer=is_new, scale=scale,
                             grad_output=grad_output)
+        # LR schedulers look for this flag (set by their wrapper of step()) to know a step happened.
+        self.optimizer._opt_called = True

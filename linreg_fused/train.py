@@ -114,9 +114,14 @@ class _Reporter:
             sys.stderr.flush()
 
 
-def _permutations(n_rows: int, n_epochs: int, shuffle: bool, generator: torch.Generator | None,
+def epoch_permutations(n_rows: int, n_epochs: int, shuffle: bool, generator: torch.Generator | None,
                   device: torch.device) -> torch.Tensor:
-    """(n_epochs, n_rows) int64: each epoch's row order (a fresh permutation when shuffling)."""
+    """(n_epochs, n_rows) int64: each epoch's row order (a fresh permutation when shuffling).
+
+    fit draws these once per report chunk (the epochs between two report
+    points), on every path, so a seed gives the same batches whichever
+    kernels run.
+    """
     if not shuffle:
         return torch.arange(n_rows, device=device).expand(n_epochs, n_rows).contiguous()
     gen_device = generator.device if generator is not None else device
@@ -207,13 +212,13 @@ def fit(
     epoch = 0
     while epoch < epochs:
         stop = reporter.chunk_end(epoch)
+        perms = epoch_permutations(x.shape[0], stop - epoch, shuffle, generator, device) if x is not None else None
         if persistent:
-            perms = _permutations(x.shape[0], stop - epoch, shuffle, generator, device)
             _fit_chunk_persistent(ops, model, optimizer, x, t, perms, history_dev[epoch:stop], batch_size, reduction)
         else:
             for e in range(epoch, stop):
                 if x is not None:
-                    perm = _permutations(x.shape[0], 1, shuffle, generator, device)[0]
+                    perm = perms[e - epoch]
                     batches = ((None, perm[s : s + batch_size]) for s in range(0, x.shape[0], batch_size))
                 else:
                     batches = ((b, None) for b in data)
