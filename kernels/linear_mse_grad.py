@@ -143,6 +143,8 @@ def linear_mse_partials(
     n_rows = row_index.numel() if row_index is not None else x.shape[0]
     out_features, in_features = weight.shape
     cfg = config or grad_config(n_rows, in_features, out_features, x.device)
+    if cfg.block_o < out_features:
+        raise ValueError(f"block_o={cfg.block_o} < out_features={out_features}: one program holds every output")
     n_programs = min(triton.cdiv(n_rows, cfg.block_n), cfg.max_programs)
     n_cols = out_features * in_features + out_features + 1
     acc = accumulator_dtype(weight.dtype)
