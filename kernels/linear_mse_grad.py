@@ -23,22 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import GradConfig, grad_config
+from .config import TileConfig, grad_config
+from .tiles import load_rows, load_w_transposed, rt_times_x, x_times_wt
 from .specs import GradPartials, accumulator_dtype
-
-
-@triton.jit
-def _load_x_tile(x_ptr, rows, offs_d, mask_n, mask_d, stride_xn, stride_xd, compute_dtype: tl.constexpr):
-    ptrs = x_ptr + rows[:, None] * stride_xn + offs_d[None, :].to(tl.int64) * stride_xd
-    x = tl.load(ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-    return x.to(compute_dtype)
-
-
-@triton.jit
-def _load_w_transposed(w_ptr, offs_o, offs_d, mask_o, mask_d, stride_wo, stride_wd, compute_dtype: tl.constexpr):
-    ptrs = w_ptr + offs_o[None, :] * stride_wo + offs_d[:, None] * stride_wd
-    w_t = tl.load(ptrs, mask=mask_o[None, :] & mask_d[:, None], other=0.0)  # BLOCK_D × BLOCK_O
-    return w_t.to(compute_dtype)
 
 
 @triton.jit
@@ -47,7 +34,7 @@ def _linear_mse_partials_kernel(
     n_rows, D, O,
     stride_xn, stride_xd, stride_wo, stride_wd, stride_tn, stride_to, stride_partials,
     HAS_BIAS: tl.constexpr, HAS_ROW_INDEX: tl.constexpr, STORE_RESIDUAL: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -69,7 +56,7 @@ def _linear_mse_partials_kernel(
     loss_acc = tl.zeros([BLOCK_O], dtype=acc_dtype)
     db_acc = tl.zeros([BLOCK_O], dtype=acc_dtype)
     dw_acc = tl.zeros([BLOCK_O, BLOCK_D], dtype=acc_dtype)
-    w_t = _load_w_transposed(w_ptr, offs_o, offs_d, mask_o, mask_d, stride_wo, stride_wd, acc_dtype)
+    w_t = load_w_transposed(w_ptr, offs_o, offs_d, mask_o, mask_d, stride_wo, stride_wd, acc_dtype)
     for d0 in range(BLOCK_D, D, BLOCK_D):  # zero the part of dW that is summed in memory (below)
         dd = d0 + offs_d
         tl.store(partial_row + offs_o[:, None] * D + dd[None, :], tl.zeros([BLOCK_O, BLOCK_D], dtype=acc_dtype),
@@ -84,14 +71,14 @@ def _linear_mse_partials_kernel(
             rows = offs_n.to(tl.int64)
 
         # Forward: pred = X·Wᵀ, D in chunks of BLOCK_D (one chunk when D fits).
-        x = _load_x_tile(x_ptr, rows, offs_d, mask_n, mask_d, stride_xn, stride_xd, acc_dtype)
-        pred = tl.dot(x, w_t, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
+        x = load_rows(x_ptr, rows, offs_d, mask_n, mask_d, stride_xn, stride_xd, acc_dtype)
+        pred = x_times_wt(x, w_t, INPUT_PRECISION, USE_DOT)
         for d0 in range(BLOCK_D, D, BLOCK_D):
             dd = d0 + offs_d
             md = dd < D
-            xc = _load_x_tile(x_ptr, rows, dd, mask_n, md, stride_xn, stride_xd, acc_dtype)
-            wc = _load_w_transposed(w_ptr, offs_o, dd, mask_o, md, stride_wo, stride_wd, acc_dtype)
-            pred += tl.dot(xc, wc, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
+            xc = load_rows(x_ptr, rows, dd, mask_n, md, stride_xn, stride_xd, acc_dtype)
+            wc = load_w_transposed(w_ptr, offs_o, dd, mask_o, md, stride_wo, stride_wd, acc_dtype)
+            pred += x_times_wt(xc, wc, INPUT_PRECISION, USE_DOT)
         if HAS_BIAS:
             pred += bias[None, :]
 
@@ -107,13 +94,12 @@ def _linear_mse_partials_kernel(
         # dW += Rᵀ·X. The first chunk is still in registers; later chunks are
         # re-read and summed into this program's own partial row (it alone
         # touches that row, so the read-modify-write needs no atomics).
-        r_t = tl.trans(r)
-        dw_acc += tl.dot(r_t, x, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
+        dw_acc += rt_times_x(r, x, INPUT_PRECISION, USE_DOT)
         for d0 in range(BLOCK_D, D, BLOCK_D):
             dd = d0 + offs_d
             md = dd < D
-            xc = _load_x_tile(x_ptr, rows, dd, mask_n, md, stride_xn, stride_xd, acc_dtype)
-            contrib = tl.dot(r_t, xc, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
+            xc = load_rows(x_ptr, rows, dd, mask_n, md, stride_xn, stride_xd, acc_dtype)
+            contrib = rt_times_x(r, xc, INPUT_PRECISION, USE_DOT)
             ptrs = partial_row + offs_o[:, None] * D + dd[None, :]
             mask_od = mask_o[:, None] & md[None, :]
             tl.store(ptrs, tl.load(ptrs, mask=mask_od) + contrib, mask=mask_od)
@@ -132,7 +118,7 @@ def linear_mse_partials(
     row_index: torch.Tensor | None = None,
     store_residual: bool = False,
     input_precision: str = "ieee",
-    config: GradConfig | None = None,
+    config: TileConfig | None = None,
 ) -> GradPartials:
     """One pass over the rows of a batch: partial loss, db and dW sums.
 
@@ -142,16 +128,16 @@ def linear_mse_partials(
     """
     n_rows = row_index.numel() if row_index is not None else x.shape[0]
     out_features, in_features = weight.shape
-    cfg = config or grad_config(n_rows, in_features, out_features, x.device)
+    acc = accumulator_dtype(weight.dtype)
+    if acc == torch.float64:
+        input_precision = "ieee"  # tf32 is a float32 mode
+    cfg = config or grad_config(in_features, out_features, x.device, acc, input_precision)
     if cfg.block_o < out_features:
         raise ValueError(f"block_o={cfg.block_o} < out_features={out_features}: one program holds every output")
     n_programs = min(triton.cdiv(n_rows, cfg.block_n), cfg.max_programs)
     n_cols = out_features * in_features + out_features + 1
-    acc = accumulator_dtype(weight.dtype)
     partials = torch.empty((n_programs, n_cols), device=x.device, dtype=acc)
     residual = torch.empty((n_rows, out_features), device=x.device, dtype=acc) if store_residual else None
-    if x.dtype == torch.float64:
-        input_precision = "ieee"  # tf32 is a float32 mode
     _linear_mse_partials_kernel[(n_programs,)](
         x, weight, bias if bias is not None else weight, target,
         row_index if row_index is not None else partials, partials,
@@ -160,7 +146,7 @@ def linear_mse_partials(
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         target.stride(0), target.stride(1), partials.stride(0),
         HAS_BIAS=bias is not None, HAS_ROW_INDEX=row_index is not None,
-        STORE_RESIDUAL=store_residual, INPUT_PRECISION=input_precision,
+        STORE_RESIDUAL=store_residual, INPUT_PRECISION=input_precision, USE_DOT=cfg.use_dot,
         BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_O=cfg.block_o,
         num_warps=cfg.num_warps,
     )

@@ -9,16 +9,21 @@ from conftest import DEVICE
 from oracle import TOLERANCE, assert_close, random_problem
 
 from linreg_fused.backend import select_ops
-from linreg_fused.kernels.config import GradConfig, ReduceConfig
+from linreg_fused.kernels.config import TileConfig, ReduceConfig
 from linreg_fused.kernels.specs import SGDHyper
 from linreg_fused.reference import TORCH_OPS
 
-TINY = GradConfig(block_n=16, block_d=16, block_o=16, max_programs=3)
+
+def tiny(out_features: int, use_dot: bool) -> TileConfig:
+    """Small blocks and 3 programs, so every loop runs: 16-wide for tl.dot (its
+    minimum), narrower for the FMA products. BLOCK_O must cover O."""
+    o = 1 << (out_features - 1).bit_length()
+    if use_dot:
+        return TileConfig(block_n=16, block_d=16, block_o=max(16, o), use_dot=True, max_programs=3)
+    return TileConfig(block_n=8, block_d=4, block_o=o, use_dot=False, max_programs=3)
 
 
-def tiny(out_features: int) -> GradConfig:
-    """16-wide blocks (the dot minimum) and 3 programs; BLOCK_O must cover O."""
-    return GradConfig(block_n=16, block_d=16, block_o=max(16, 1 << (out_features - 1).bit_length()), max_programs=3)
+PRODUCTS = pytest.mark.parametrize("use_dot", [True, False], ids=["dot", "fma"])
 
 
 @pytest.fixture
@@ -43,16 +48,18 @@ def poisoned(monkeypatch):
 
 @pytest.mark.parametrize("shape", [(70, 37, 3), (100, 16, 17), (5, 50, 1)], ids=str)
 @pytest.mark.parametrize("gather", [False, True])
-def test_partial_sums(shape, gather, kernels, poisoned):
+@PRODUCTS
+def test_partial_sums(shape, gather, use_dot, kernels, poisoned):
     linear_mse_grad = kernels[0]
     n, d, o = shape
     x, w, b, t = random_problem(n, d, o, device=DEVICE)
     rows = torch.randperm(n, device=DEVICE)[: max(1, n - 7)] if gather else None
-    p = linear_mse_grad.linear_mse_partials(x, w, b, t, row_index=rows, store_residual=True, config=tiny(o))
+    p = linear_mse_grad.linear_mse_partials(x, w, b, t, row_index=rows, store_residual=True, config=tiny(o, use_dot))
     xs, ts = (x[rows], t[rows]) if gather else (x, t)
     r = xs.double() @ w.double().t() + b.double() - ts.double()
     sums = p.buffer.double().sum(0)
-    assert p.buffer.shape == (min(3, -(-r.shape[0] // 16)), o * d + o + 1)
+    block_n = tiny(o, use_dot).block_n
+    assert p.buffer.shape == (min(3, -(-r.shape[0] // block_n)), o * d + o + 1)
     tol = TOLERANCE[torch.float32]
     start, count = p.weight_columns
     assert_close(sums[start : start + count].view(o, d), r.t() @ xs.double(), tol, "Σ RᵀX")
@@ -107,11 +114,13 @@ def test_sgd_update_matches_reference(hyper, init_buffer, kernels):
 
 
 @pytest.mark.parametrize("shape", [(9, 70, 1), (33, 5, 70)], ids=str)
-def test_inference_kernel_multi_block(shape, kernels, poisoned):
+@PRODUCTS
+def test_inference_kernel_multi_block(shape, use_dot, kernels, poisoned):
     _, _, linear_forward, _ = kernels
     n, d, o = shape
     x, w, b, _ = random_problem(n, d, o, device=DEVICE)
-    y = linear_forward.linear_forward(x, w, b, out_dtype=torch.float32, config=TINY)  # O in 16-wide blocks
+    cfg = TileConfig(16, 16, 16, True) if use_dot else TileConfig(8, 4, 4, False)  # O in several blocks
+    y = linear_forward.linear_forward(x, w, b, out_dtype=torch.float32, config=cfg)
     assert_close(y, x.double() @ w.double().t() + b.double(), TOLERANCE[torch.float32], "Y")
 
 
@@ -180,4 +189,4 @@ def test_persistent_fit_keeps_last_finite_epoch(kernels):
 def test_config_must_cover_out_features(kernels):
     x, w, b, t = random_problem(4, 3, 17, device=DEVICE)
     with pytest.raises(ValueError, match="block_o"):
-        kernels[0].linear_mse_partials(x, w, b, t, config=TINY)
+        kernels[0].linear_mse_partials(x, w, b, t, config=tiny(4, True))
