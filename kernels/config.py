@@ -5,10 +5,11 @@ that wait for a measurement on an H100/H200 (bench/NOTES.md). On the CPU the
 kernels run in Triton's interpreter, where small row blocks keep the test
 shapes exercising several tiles and several programs.
 
-Products use tl.dot (tensor cores for tf32 and half inputs) where it pays:
-O >= 16, or tf32 asked for. Below that, and always for fp64, they are exact
-FMAs over a 3-D broadcast (kernels/tiles.py), whose BLOCK_N·BLOCK_D·BLOCK_O
-temporary is kept within a register budget.
+Products use tl.dot where it pays: O >= 16, or tf32 asked for (tensor
+cores; half-precision inputs are upcast to fp32 first, so they go through
+the same choice). Below that, and always for fp64, they are exact FMAs over
+a 3-D broadcast (kernels/tiles.py), whose BLOCK_N·BLOCK_D·BLOCK_O temporary
+is kept within a register budget.
 """
 
 from __future__ import annotations

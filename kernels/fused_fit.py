@@ -57,10 +57,12 @@ def _fit_small_kernel(
         b = tl.load(b_ptr + offs_o, mask=mask_o, other=0.0).to(ACC_DTYPE)
     w_buf = tl.zeros([BLOCK_O, BLOCK_D], dtype=ACC_DTYPE)
     b_buf = tl.zeros([BLOCK_O], dtype=ACC_DTYPE)
-    if MOMENTUM & W_FLAGS and not INIT_W_BUFFER:
-        w_buf = tl.load(w_buf_ptr + w_offsets, mask=mask_od, other=0.0).to(ACC_DTYPE)
-    if MOMENTUM & B_FLAGS and not INIT_B_BUFFER:
-        b_buf = tl.load(b_buf_ptr + offs_o, mask=mask_o, other=0.0).to(ACC_DTYPE)
+    if MOMENTUM & W_FLAGS:
+        if not INIT_W_BUFFER:
+            w_buf = tl.load(w_buf_ptr + w_offsets, mask=mask_od, other=0.0).to(ACC_DTYPE)
+    if MOMENTUM & B_FLAGS:
+        if not INIT_B_BUFFER:
+            b_buf = tl.load(b_buf_ptr + offs_o, mask=mask_o, other=0.0).to(ACC_DTYPE)
     good_w, good_b, good_w_buf, good_b_buf = w, b, w_buf, b_buf
     all_finite = tl.program_id(0) == 0  # a boolean scalar tensor: True (one program)
     n_batches = tl.cdiv(N, batch_size)
@@ -116,8 +118,9 @@ def _fit_small_kernel(
         tl.store(b_ptr + offs_o, good_b, mask=mask_o)
     if MOMENTUM & W_FLAGS:
         tl.store(w_buf_ptr + w_offsets, good_w_buf, mask=mask_od)
-    if HAS_BIAS and MOMENTUM & B_FLAGS:
-        tl.store(b_buf_ptr + offs_o, good_b_buf, mask=mask_o)
+    if HAS_BIAS:
+        if MOMENTUM & B_FLAGS:
+            tl.store(b_buf_ptr + offs_o, good_b_buf, mask=mask_o)
 
 
 def fit_small(
