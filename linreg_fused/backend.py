@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import sys
 
 import torch
 
@@ -34,10 +35,20 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
         return None
     if device.type == "cpu":
         if interpreter_enabled():
-            return None
+            return None if _interpreter_consistent() else (
+                "TRITON_INTERPRET=1 was set after Triton was imported (PyTorch imports it lazily, e.g. in "
+                "optimizer steps), so Triton's own functions were built for a GPU; set it in the environment "
+                "before the program starts")
         return ("the tensors are on the CPU and Triton's interpreter is off; use CUDA tensors, or set "
                 "TRITON_INTERPRET=1 in the environment before the first kernel runs")
     return f"Triton kernels run on CUDA devices (or the CPU through the interpreter), not on {device.type!r}"
+
+
+def _interpreter_consistent() -> bool:
+    """Triton decorates its own library functions when triton.language is first
+    imported: for the interpreter to work, that must have happened with it on."""
+    language = sys.modules.get("triton.language")
+    return language is None or type(language.cdiv).__name__ == "InterpretedFunction"
 
 
 def select_ops(backend: str, device: torch.device) -> "TritonOps | TorchOps":

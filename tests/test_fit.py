@@ -225,6 +225,9 @@ def test_fit_bad_arguments():
     bad[4, 1] = float("nan")
     with pytest.raises(ValueError, match="row 4"):
         model.fit(bad, y, epochs=1, lr=0.1)
+    # Unchecked, the NaN reaches the loss and is reported as a divergence instead.
+    with pytest.raises(TrainingDivergedError, match="epoch 1/1"):
+        model.fit(bad, y, epochs=1, lr=0.1, check_finite=False)
 
 
 def test_main_job(capsys):

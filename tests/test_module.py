@@ -147,3 +147,30 @@ def test_triton_on_cpu_without_interpreter_says_why(monkeypatch):
     assert select_ops("auto", torch.device("cpu")).name == "torch"
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         select_ops("triton", torch.device("cpu"))
+
+
+def test_interpreter_switched_on_too_late_says_why(tmp_path):
+    """Triton builds its own functions when first imported; turning the
+    interpreter on after that cannot work, and the error says so."""
+    import subprocess
+    import sys
+
+    code = """
+import os, torch
+from torch import nn
+m = nn.Linear(2, 2)
+torch.optim.SGD(m.parameters(), lr=0.1).step()  # imports triton.language
+import triton.language
+os.environ["TRITON_INTERPRET"] = "1"
+from linreg_fused import linear_mse
+x, w, t = torch.randn(4, 3), torch.randn(2, 3), torch.randn(4, 2)
+print(float(linear_mse(x, w, None, t)))  # auto: falls back to the reference
+try:
+    linear_mse(x, w, None, t, backend="triton")
+except RuntimeError as err:
+    print(err)
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert "was set after Triton was imported" in out
