@@ -389,6 +389,7 @@ def check_linear_mse(case: MseCase, seed: int) -> dict[str, Any]:
 def check_partials_direct(n: int, d: int, o: int, with_index: bool, seed: int) -> dict[str, Any]:
     """The gradient kernel and the reduce kernels called directly, outputs NaN-filled first."""
     from linreg_fused.kernels import linear_mse_grad, reduce_update
+    from linreg_fused.kernels.specs import ColumnTarget
 
     gen = generator(seed)
     x, t = make_xt(n, d, o, FP32, gen)
@@ -404,8 +405,8 @@ def check_partials_direct(n: int, d: int, o: int, with_index: bool, seed: int) -
     loss = reduce_update.sum_column(parts.buffer, parts.loss_column, scale, torch.full((), float("nan"), device=DEVICE))
     g_w = torch.full((o, d), float("nan"), device=DEVICE)
     g_b = torch.full((o,), float("nan"), device=DEVICE)
-    reduce_update.reduce_columns(parts.buffer, parts.weight_columns[0], g_w, scale=2 * scale)
-    reduce_update.reduce_columns(parts.buffer, parts.bias_columns[0], g_b, scale=2 * scale)
+    reduce_update.reduce_update_(parts.buffer, [ColumnTarget(parts.weight_columns[0], g_w),
+                                                ColumnTarget(parts.bias_columns[0], g_b)], scale=2 * scale)
     r_ref = (xs.double() @ w.double().t() + b.double() - ts.double())
     tol = TOL["ieee"]
     return {"errors": {"loss": (rel_err(loss, ref["loss"]), tol), "dW": (rel_err(g_w, ref["dW"]), tol),

@@ -1,4 +1,4 @@
-"""Reduce-and-update kernels: finish the partial sums, then write a gradient
+"""Reduce-and-update kernel: finish the partial sums, then write a gradient
 or apply the SGD update in place.
 
 The partial buffer from linear_mse_grad.py holds one row per program. A
@@ -6,7 +6,7 @@ program here owns a block of columns and sums them over all rows in a fixed
 order (deterministic), scales the sum by the loss factor times grad_output
 (read from device memory: no host sync), and then either stores the
 gradient or applies torch.optim.SGD's update to the parameter and its
-momentum buffer:
+momentum buffer. Weight and bias (and the loss) are finished in one launch:
 
     g = −g if maximize;  g += weight_decay·p;
     buf = g (first step) or momentum·buf + (1 − dampening)·g
@@ -25,7 +25,7 @@ import triton.language as tl
 from .config import ReduceConfig, reduce_config
 
 from . import specs
-from .specs import SGDHyper
+from .specs import ColumnTarget, SGDHyper
 
 # The bits of SGDHyper.flags, as compile-time constants of the kernels.
 MAXIMIZE = tl.constexpr(specs.MAXIMIZE)
@@ -56,25 +56,33 @@ def sgd_update(param, grad, buf, buf_decay, grad_weight, lr, momentum, weight_de
 
 
 @triton.jit
-def _sum_column_kernel(partials_ptr, n_partials, stride_partials, column, scale, out_ptr, BLOCK_P: tl.constexpr):
+def _sum_column(partials_ptr, n_partials, stride_partials, column, BLOCK_P: tl.constexpr):
+    """Σ_p partials[p, column], in a fixed order."""
     offs = tl.arange(0, BLOCK_P)
     acc = tl.zeros([BLOCK_P], dtype=partials_ptr.dtype.element_ty)
     for p0 in range(0, n_partials, BLOCK_P):
         p = p0 + offs
         acc += tl.load(partials_ptr + p.to(tl.int64) * stride_partials + column, mask=p < n_partials, other=0.0)
-    tl.store(out_ptr, tl.sum(acc, axis=0) * scale)
+    return tl.sum(acc, axis=0)
 
 
 @triton.jit
-def _reduce_update_kernel(
-    partials_ptr, n_partials, stride_partials, col_start, n_cols,
+def _sum_column_kernel(partials_ptr, n_partials, stride_partials, column, scale, out_ptr, BLOCK_P: tl.constexpr):
+    tl.store(out_ptr, _sum_column(partials_ptr, n_partials, stride_partials, column, BLOCK_P) * scale)
+
+
+@triton.jit
+def _finish_columns(
+    partials_ptr, n_partials, stride_partials, block, col_start, n_cols,
     scale, grad_output_ptr, out_ptr, buf_ptr,
     lr, momentum, weight_decay, buf_decay, grad_weight,
     HAS_GRAD_OUTPUT: tl.constexpr, UPDATE: tl.constexpr, FLAGS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
+    """Block ``block`` of one target's columns: sum over the partial rows in a
+    fixed order, scale, then store the gradient or apply the SGD update."""
     acc_dtype: tl.constexpr = partials_ptr.dtype.element_ty
-    cols = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    cols = block * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     mask_c = cols < n_cols
     offs_p = tl.arange(0, BLOCK_P)
     acc = tl.zeros([BLOCK_P, BLOCK_COLS], dtype=acc_dtype)
@@ -98,6 +106,35 @@ def _reduce_update_kernel(
         tl.store(out_ptr + cols, grad, mask=mask_c)
 
 
+@triton.jit
+def _reduce_update_kernel(
+    partials_ptr, n_partials, stride_partials, scale, grad_output_ptr,
+    a_col_start, a_n_cols, a_out_ptr, a_buf_ptr, a_lr, a_momentum, a_weight_decay, a_buf_decay, a_grad_weight,
+    b_col_start, b_n_cols, b_out_ptr, b_buf_ptr, b_lr, b_momentum, b_weight_decay, b_buf_decay, b_grad_weight,
+    loss_column, loss_scale, loss_ptr,
+    HAS_GRAD_OUTPUT: tl.constexpr, A_UPDATE: tl.constexpr, A_FLAGS: tl.constexpr,
+    B_UPDATE: tl.constexpr, B_FLAGS: tl.constexpr, WRITE_LOSS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_COLS: tl.constexpr,
+):
+    # Two targets (weight and bias) in one launch: the first programs take A's
+    # columns, the rest B's; program 0 also sums the loss column if asked.
+    pid = tl.program_id(0)
+    a_blocks = tl.cdiv(a_n_cols, BLOCK_COLS)
+    if pid < a_blocks:
+        _finish_columns(partials_ptr, n_partials, stride_partials, pid, a_col_start, a_n_cols,
+                        scale, grad_output_ptr, a_out_ptr, a_buf_ptr,
+                        a_lr, a_momentum, a_weight_decay, a_buf_decay, a_grad_weight,
+                        HAS_GRAD_OUTPUT, A_UPDATE, A_FLAGS, BLOCK_P, BLOCK_COLS)
+    else:
+        _finish_columns(partials_ptr, n_partials, stride_partials, pid - a_blocks, b_col_start, b_n_cols,
+                        scale, grad_output_ptr, b_out_ptr, b_buf_ptr,
+                        b_lr, b_momentum, b_weight_decay, b_buf_decay, b_grad_weight,
+                        HAS_GRAD_OUTPUT, B_UPDATE, B_FLAGS, BLOCK_P, BLOCK_COLS)
+    if WRITE_LOSS:
+        if pid == 0:
+            tl.store(loss_ptr, _sum_column(partials_ptr, n_partials, stride_partials, loss_column, BLOCK_P) * loss_scale)
+
+
 def sum_column(partials: torch.Tensor, column: int, scale: float, out: torch.Tensor) -> torch.Tensor:
     """out (0-d) = scale · Σ_p partials[p, column]."""
     cfg = reduce_config(partials.shape[0], partials.device)
@@ -105,54 +142,46 @@ def sum_column(partials: torch.Tensor, column: int, scale: float, out: torch.Ten
     return out
 
 
-def _launch(partials, col_start, n_cols, scale, grad_output, out, buf, init_buffer, hyper, update, config):
-    cfg = config or reduce_config(partials.shape[0], partials.device)
-    h = hyper or SGDHyper(lr=0.0)
-    buf_decay, grad_weight = (0.0, 1.0) if init_buffer else (h.momentum, 1.0 - h.dampening)
-    grid = (triton.cdiv(n_cols, cfg.block_cols),)
-    _reduce_update_kernel[grid](
-        partials, partials.shape[0], partials.stride(0), col_start, n_cols,
-        scale, grad_output if grad_output is not None else partials, out,
-        buf if buf is not None else out,
-        h.lr, h.momentum, h.weight_decay, buf_decay, grad_weight,
-        HAS_GRAD_OUTPUT=grad_output is not None, UPDATE=update, FLAGS=h.flags,
-        BLOCK_P=cfg.block_p, BLOCK_COLS=cfg.block_cols, num_warps=cfg.num_warps,
-    )
+def _target_args(target: ColumnTarget | None, fallback: torch.Tensor) -> tuple[list, bool, int]:
+    """(runtime args, UPDATE, FLAGS) of one target slot; an absent target has no columns."""
+    if target is None:
+        return [0, 0, fallback, fallback, 0.0, 0.0, 0.0, 0.0, 0.0], False, 0
+    h = target.hyper or SGDHyper(lr=0.0)
+    buf_decay, grad_weight = (0.0, 1.0) if target.init_buffer else (h.momentum, 1.0 - h.dampening)
+    buf = target.momentum_buffer if target.momentum_buffer is not None else target.out
+    args = [target.col_start, target.out.numel(), target.out, buf, h.lr, h.momentum, h.weight_decay, buf_decay,
+            grad_weight]
+    return args, target.hyper is not None, h.flags
 
 
-def reduce_columns(
+def reduce_update_(
     partials: torch.Tensor,
-    col_start: int,
-    out: torch.Tensor,
+    targets: list[ColumnTarget],
     *,
     scale: float,
     grad_output: torch.Tensor | None = None,
-    config: ReduceConfig | None = None,
-) -> torch.Tensor:
-    """out (contiguous, n_cols elements) = scale · grad_output · Σ_p partials[p, col_start : col_start + n_cols]."""
-    _launch(partials, col_start, out.numel(), scale, grad_output, out, None, False, None, False, config)
-    return out
-
-
-def reduce_and_sgd_update_(
-    partials: torch.Tensor,
-    col_start: int,
-    param: torch.Tensor,
-    momentum_buffer: torch.Tensor | None,
-    hyper: SGDHyper,
-    *,
-    init_buffer: bool,
-    scale: float,
-    grad_output: torch.Tensor | None = None,
+    loss_out: torch.Tensor | None = None,
+    loss_column: int = 0,
+    loss_scale: float = 1.0,
     config: ReduceConfig | None = None,
 ) -> None:
-    """Apply SGD in place to ``param`` (contiguous) with gradient
-    scale · grad_output · Σ_p partials[p, col_start : col_start + param.numel()].
+    """Finish up to two column runs of ``partials`` (P, K) in one launch.
 
-    momentum_buffer: same shape as param; required when hyper.momentum != 0.
-    init_buffer: the buffer is new (zero-filled) and is set to the gradient (SGD's first step).
+    For each target: g = scale · grad_output · Σ_p partials[p, cols]; then
+    write g to target.out, or apply SGD to the parameter target.out in place.
+    loss_out (0-d), if given, receives loss_scale · Σ_p partials[p, loss_column].
     """
-    if hyper.momentum != 0 and momentum_buffer is None:
-        raise ValueError("momentum != 0 needs a momentum buffer")
-    _launch(partials, col_start, param.numel(), scale, grad_output, param, momentum_buffer, init_buffer, hyper,
-            True, config)
+    if not 1 <= len(targets) <= 2:
+        raise ValueError(f"one launch takes one or two targets, got {len(targets)}")
+    cfg = config or reduce_config(partials.shape[0], partials.device)
+    a, a_update, a_flags = _target_args(targets[0], partials)
+    b, b_update, b_flags = _target_args(targets[1] if len(targets) == 2 else None, partials)
+    grid = (triton.cdiv(a[1], cfg.block_cols) + triton.cdiv(b[1], cfg.block_cols),)
+    _reduce_update_kernel[grid](
+        partials, partials.shape[0], partials.stride(0), scale,
+        grad_output if grad_output is not None else partials,
+        *a, *b, loss_column, loss_scale, loss_out if loss_out is not None else partials,
+        HAS_GRAD_OUTPUT=grad_output is not None, A_UPDATE=a_update, A_FLAGS=a_flags,
+        B_UPDATE=b_update, B_FLAGS=b_flags, WRITE_LOSS=loss_out is not None,
+        BLOCK_P=cfg.block_p, BLOCK_COLS=cfg.block_cols, num_warps=cfg.num_warps,
+    )

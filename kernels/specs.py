@@ -69,3 +69,24 @@ class SGDHyper:
             | MOMENTUM * (self.momentum != 0)
             | NESTEROV * self.nesterov
         )
+
+
+@dataclass(frozen=True)
+class ColumnTarget:
+    """Where a run of partial-buffer columns goes once summed and scaled.
+
+    out: contiguous, n_cols = out.numel() elements; the gradient is written
+    there (hyper None), or out is a parameter that SGD updates in place.
+    momentum_buffer: like out, needed where hyper.momentum != 0;
+    init_buffer: it is new (zero-filled) and the step sets it to the gradient.
+    """
+
+    col_start: int
+    out: torch.Tensor
+    hyper: SGDHyper | None = None
+    momentum_buffer: torch.Tensor | None = None
+    init_buffer: bool = False
+
+    def __post_init__(self) -> None:
+        if self.hyper is not None and self.hyper.momentum != 0 and self.momentum_buffer is None:
+            raise ValueError("momentum != 0 needs a momentum buffer")

@@ -14,10 +14,11 @@ import functools
 import importlib.util
 import os
 import sys
+from dataclasses import replace
 
 import torch
 
-from .kernels.specs import GradPartials, SGDHyper
+from .kernels.specs import ColumnTarget, GradPartials
 from .reference import TORCH_OPS, TorchOps
 
 BACKENDS = ("auto", "triton", "torch")
@@ -105,31 +106,32 @@ class TritonOps:
         out = torch.empty((), device=partials.buffer.device, dtype=dtype)
         return self._reduce.sum_column(partials.buffer, partials.loss_column, scale, out)
 
-    def reduce_grads(self, partials: GradPartials, grad_output: torch.Tensor, scale: float, *, bias: bool):
-        buffer = partials.buffer
-        start, n = partials.weight_columns
-        grad_w = torch.empty((partials.out_features, partials.in_features), device=buffer.device, dtype=buffer.dtype)
-        self._reduce.reduce_columns(buffer, start, grad_w, scale=scale, grad_output=grad_output)
-        grad_b = None
-        if bias:
-            start, n = partials.bias_columns
-            grad_b = torch.empty(n, device=buffer.device, dtype=buffer.dtype)
-            self._reduce.reduce_columns(buffer, start, grad_b, scale=scale, grad_output=grad_output)
-        return grad_w, grad_b
-
-    def sgd_update_(self, source, col_start, param, momentum_buffer, hyper: SGDHyper, *, init_buffer, scale,
-                    grad_output) -> None:
-        # The kernel walks flat columns: give it contiguous storage, and copy back if it had to make some.
-        target = param if param.is_contiguous() else param.contiguous()
-        self._reduce.reduce_and_sgd_update_(source, col_start, target.detach(), momentum_buffer, hyper,
-                                            init_buffer=init_buffer, scale=scale, grad_output=grad_output)
-        if target is not param:
-            with torch.no_grad():
-                param.copy_(target)
-        else:
-            # The kernel wrote through a pointer: tell autograd the tensor changed, so a graph
-            # that saved the old value raises instead of silently using the new one.
-            torch.autograd.graph.increment_version(param)
+    def reduce_update_(self, source: torch.Tensor, targets: list[ColumnTarget], *, scale: float,
+                       grad_output: torch.Tensor | None, loss_column: int | None = None, loss_scale: float = 1.0,
+                       loss_dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        # The kernel walks flat columns: give it contiguous storage, and copy back where it had to make some.
+        launch, copied = [], []
+        for t in targets:
+            out = t.out.detach()
+            if not out.is_contiguous():
+                copied.append((t.out, out := out.contiguous()))
+            launch.append(replace(t, out=out))
+        loss = None
+        if loss_column is not None:
+            loss = torch.empty((), device=source.device, dtype=loss_dtype)
+        for i in range(0, len(launch), 2):  # two targets per launch (weight and bias)
+            self._reduce.reduce_update_(source, launch[i : i + 2], scale=scale, grad_output=grad_output,
+                                        loss_out=loss if i == 0 else None, loss_column=loss_column or 0,
+                                        loss_scale=loss_scale)
+        with torch.no_grad():
+            for param, out in copied:
+                param.copy_(out)
+        for t in targets:
+            if t.hyper is not None and not any(t.out is param for param, _ in copied):
+                # The kernel wrote through a pointer: tell autograd the tensor changed, so a graph
+                # that saved the old value raises instead of silently using the new one.
+                torch.autograd.graph.increment_version(t.out)
+        return loss
 
     def fit_small_supported(self, batch_size: int, in_features: int, out_features: int) -> bool:
         return self._fused_fit.fit_small_supported(batch_size, in_features, out_features)

@@ -17,6 +17,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .backend import select_ops
+from .kernels.specs import ColumnTarget, GradPartials
 
 REDUCTIONS = ("mean", "sum")
 PRECISIONS = ("ieee", "tf32")
@@ -131,10 +132,22 @@ class LinearMSEFunction(torch.autograd.Function):
         if plan.update is not None:
             plan.update.apply_(plan.ops, partials, grad_loss, grad_scale)
         elif need_w or need_b:
-            grad_w, grad_b = plan.ops.reduce_grads(partials, grad_loss, grad_scale, bias=need_b)
+            grad_w, grad_b = _reduce_grads(plan.ops, partials, grad_loss, grad_scale, need_w, need_b)
             grad_w = grad_w.to(weight.dtype) if need_w else None
             grad_b = grad_b.to(weight.dtype) if need_b else None
         return grad_x, grad_w, grad_b, grad_t, None
+
+
+def _reduce_grads(ops, partials: GradPartials, grad_output: torch.Tensor, scale: float, need_w: bool,
+                  need_b: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """dW (O, D) and db (O,) in the accumulator dtype, in one launch: scale · grad_output · Σ partials."""
+    buffer = partials.buffer
+    grad_w = torch.empty((partials.out_features, partials.in_features), device=buffer.device, dtype=buffer.dtype)
+    grad_b = torch.empty(partials.out_features, device=buffer.device, dtype=buffer.dtype)
+    targets = [ColumnTarget(partials.weight_columns[0], grad_w)] if need_w else []
+    targets += [ColumnTarget(partials.bias_columns[0], grad_b)] if need_b else []
+    ops.reduce_update_(buffer, targets, scale=scale, grad_output=grad_output)
+    return grad_w, grad_b
 
 
 def linear_mse(
@@ -191,9 +204,9 @@ def fused_sgd_step(
     partials = ops.grad_partials(x, weight, bias, target, row_index=row_index, store_residual=False,
                                  input_precision=input_precision)
     scale = loss_scale(reduction, partials.n_rows, partials.out_features)
-    loss = ops.sum_loss(partials, scale, torch.promote_types(x.dtype, weight.dtype))
-    optimizer.fused_update(weight, bias).apply_(ops, partials, None, 2.0 * scale)
-    return loss
+    # One launch finishes the loss and updates weight and bias: two launches per step in all.
+    return optimizer.fused_update(weight, bias).apply_(ops, partials, None, 2.0 * scale, loss_scale=scale,
+                                                        loss_dtype=torch.promote_types(x.dtype, weight.dtype))
 
 
 # ---------------------------------------------------------------- linear

@@ -1,5 +1,5 @@
-"""FusedSGD: torch.optim.SGD with its update done by one kernel per parameter,
-and able to run inside the fused loss's backward (optimizer-in-backward)."""
+"""FusedSGD: torch.optim.SGD with its update done by one kernel, and able to
+run inside the fused loss's backward (optimizer-in-backward)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Iterable
 import torch
 
 from .backend import BACKENDS, select_ops
-from .kernels.specs import GradPartials, SGDHyper
+from .kernels.specs import ColumnTarget, GradPartials, SGDHyper
 
 
 def group_hyper(group: dict) -> SGDHyper:
@@ -88,8 +88,8 @@ class FusedSGD(torch.optim.SGD):
                     raise RuntimeError("FusedSGD does not support sparse gradients")
                 buf, is_new = self.momentum_buffer(p, hyper)
                 grad = p.grad.reshape(1, -1)  # a gradient is a partial buffer with one row
-                select_ops(self.backend, p.device).sgd_update_(
-                    grad, 0, p, buf, hyper, init_buffer=is_new, scale=1.0, grad_output=None)
+                select_ops(self.backend, p.device).reduce_update_(
+                    grad, [ColumnTarget(0, p, hyper, buf, is_new)], scale=1.0, grad_output=None)
         return loss
 
     def fused_update(self, weight: torch.Tensor, bias: torch.Tensor | None) -> "FusedUpdate":
@@ -106,14 +106,32 @@ class FusedUpdate:
     def __init__(self, optimizer: FusedSGD, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.optimizer, self.weight, self.bias = optimizer, weight, bias
 
-    def apply_(self, ops, partials: GradPartials, grad_output: torch.Tensor | None, scale: float) -> None:
-        """grad = scale · grad_output · Σ partials; then the SGD update, in place."""
+    def apply_(
+        self,
+        ops,
+        partials: GradPartials,
+        grad_output: torch.Tensor | None,
+        scale: float,
+        *,
+        loss_scale: float | None = None,
+        loss_dtype: torch.dtype | None = None,
+    ) -> torch.Tensor | None:
+        """grad = scale · grad_output · Σ partials; then the SGD update of weight
+        and bias in place, in one launch. With loss_scale, the same launch also
+        returns the loss (loss_scale · Σ R², a 0-d tensor of loss_dtype)."""
+        targets = []
         for param, (col_start, _) in ((self.weight, partials.weight_columns), (self.bias, partials.bias_columns)):
             if param is None or not param.requires_grad:
                 continue
             hyper = group_hyper(self.optimizer.group_of(param))
             buf, is_new = self.optimizer.momentum_buffer(param, hyper)
-            ops.sgd_update_(partials.buffer, col_start, param, buf, hyper, init_buffer=is_new, scale=scale,
-                            grad_output=grad_output)
+            targets.append(ColumnTarget(col_start, param, hyper, buf, is_new))
+        want_loss = loss_scale is not None
+        if not targets:  # everything frozen: nothing to update
+            return ops.sum_loss(partials, loss_scale, loss_dtype) if want_loss else None
+        loss = ops.reduce_update_(partials.buffer, targets, scale=scale, grad_output=grad_output,
+                                  loss_column=partials.loss_column if want_loss else None,
+                                  loss_scale=loss_scale if want_loss else 1.0, loss_dtype=loss_dtype)
         # LR schedulers look for this flag (set by their wrapper of step()) to know a step happened.
         self.optimizer._opt_called = True
+        return loss

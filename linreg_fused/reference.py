@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .kernels.specs import GradPartials, SGDHyper, accumulator_dtype
+from .kernels.specs import ColumnTarget, GradPartials, SGDHyper, accumulator_dtype
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -102,31 +102,31 @@ class TorchOps:
     def sum_loss(self, partials: GradPartials, scale: float, dtype: torch.dtype) -> torch.Tensor:
         return (partials.buffer[:, partials.loss_column].sum() * scale).to(dtype)
 
-    def reduce_grads(
-        self, partials: GradPartials, grad_output: torch.Tensor, scale: float, *, bias: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        sums = partials.buffer.sum(0) * (grad_output.to(partials.buffer.dtype) * scale)
-        start, n = partials.weight_columns
-        grad_w = sums[start : start + n].view(partials.out_features, partials.in_features)
-        start, n = partials.bias_columns
-        return grad_w, (sums[start : start + n] if bias else None)
-
-    def sgd_update_(
+    @torch.no_grad()
+    def reduce_update_(
         self,
         source: torch.Tensor,
-        col_start: int,
-        param: torch.Tensor,
-        momentum_buffer: torch.Tensor | None,
-        hyper: SGDHyper,
+        targets: list[ColumnTarget],
         *,
-        init_buffer: bool,
         scale: float,
         grad_output: torch.Tensor | None,
-    ) -> None:
-        grad = source[:, col_start : col_start + param.numel()].sum(0) * scale
+        loss_column: int | None = None,
+        loss_scale: float = 1.0,
+        loss_dtype: torch.dtype | None = None,
+    ) -> torch.Tensor | None:
+        sums = source.sum(0) * scale
         if grad_output is not None:
-            grad = grad * grad_output.to(grad.dtype)
-        sgd_update_(param, grad.view_as(param), momentum_buffer, hyper, init_buffer=init_buffer)
+            sums = sums * grad_output.to(sums.dtype)
+        loss = None
+        if loss_column is not None:
+            loss = (source[:, loss_column].sum() * loss_scale).to(loss_dtype)
+        for t in targets:
+            grad = sums[t.col_start : t.col_start + t.out.numel()].view_as(t.out)
+            if t.hyper is None:
+                t.out.copy_(grad)
+            else:
+                sgd_update_(t.out, grad, t.momentum_buffer, t.hyper, init_buffer=t.init_buffer)
+        return loss
 
     def fit_small_supported(self, batch_size: int, in_features: int, out_features: int) -> bool:
         return True
@@ -166,9 +166,9 @@ class TorchOps:
                 scale = 1.0 / (rows.numel() * weight.shape[0]) if mean else 1.0
                 losses.append(partials.buffer[0, partials.loss_column] * scale)
                 first = epoch == 0 and batch == 0
-                for (param, buf, hyper, init), (col, _) in zip(params, (partials.weight_columns, partials.bias_columns)):
-                    self.sgd_update_(partials.buffer, col, param, buf, hyper, init_buffer=first and init,
-                                     scale=2.0 * scale, grad_output=None)
+                targets = [ColumnTarget(col, param, hyper, buf, first and init) for (param, buf, hyper, init), (col, _)
+                           in zip(params, (partials.weight_columns, partials.bias_columns))]
+                self.reduce_update_(partials.buffer, targets, scale=2.0 * scale, grad_output=None)
             history[epoch] = torch.stack(losses).mean()
             # The kernel keeps this flag on the device; the reference reads it once per epoch.
             all_finite = all_finite and bool(torch.isfinite(history[epoch]))

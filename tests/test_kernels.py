@@ -10,7 +10,7 @@ from oracle import TOLERANCE, assert_close, random_problem
 
 from linreg_fused.backend import select_ops
 from linreg_fused.kernels.config import TileConfig, ReduceConfig
-from linreg_fused.kernels.specs import SGDHyper
+from linreg_fused.kernels.specs import ColumnTarget, SGDHyper
 from linreg_fused.reference import TORCH_OPS
 
 
@@ -70,19 +70,29 @@ def test_partial_sums(shape, gather, use_dot, kernels, poisoned):
 
 
 def test_reduce_is_deterministic_and_scaled(kernels, poisoned):
+    """Two gradient targets and the loss in one launch; bitwise the same twice."""
     _, reduce_update, _, _ = kernels
     # Positive sums (like Σ R²): no cancellation, so the fp32 bound holds per column.
     partials = torch.rand(37, 300, device=DEVICE) + 0.5
     grad_output = torch.tensor(0.5, device=DEVICE)
     cfg = ReduceConfig(block_p=4, block_cols=64)
-    out1 = reduce_update.reduce_columns(partials, 13, torch.empty(250, device=DEVICE), scale=3.0,
-                                        grad_output=grad_output, config=cfg)
-    out2 = reduce_update.reduce_columns(partials, 13, torch.empty(250, device=DEVICE), scale=3.0,
-                                        grad_output=grad_output, config=cfg)
-    assert torch.equal(out1, out2)
-    assert_close(out1, partials.double()[:, 13:263].sum(0) * 1.5, TOLERANCE[torch.float32], "reduce")
-    loss = reduce_update.sum_column(partials, 7, 0.25, torch.empty((), device=DEVICE))
-    assert_close(loss, partials.double()[:, 7].sum() * 0.25, TOLERANCE[torch.float32], "loss column")
+    runs = []
+    for _ in range(2):
+        a, b, loss = torch.empty(250, device=DEVICE), torch.empty(30, device=DEVICE), torch.empty((), device=DEVICE)
+        reduce_update.reduce_update_(partials, [ColumnTarget(13, a), ColumnTarget(263, b)], scale=3.0,
+                                     grad_output=grad_output, loss_out=loss, loss_column=299, loss_scale=0.25,
+                                     config=cfg)
+        runs.append((a, b, loss))
+    assert all(torch.equal(u, v) for u, v in zip(*runs))
+    a, b, loss = runs[0]
+    ref = partials.double()
+    assert_close(a, ref[:, 13:263].sum(0) * 1.5, TOLERANCE[torch.float32], "first target")
+    assert_close(b, ref[:, 263:293].sum(0) * 1.5, TOLERANCE[torch.float32], "second target")
+    assert_close(loss, ref[:, 299].sum() * 0.25, TOLERANCE[torch.float32], "loss column")
+    single = reduce_update.sum_column(partials, 7, 0.25, torch.empty((), device=DEVICE))
+    assert_close(single, ref[:, 7].sum() * 0.25, TOLERANCE[torch.float32], "sum_column")
+    with pytest.raises(ValueError, match="one or two targets"):
+        reduce_update.reduce_update_(partials, [], scale=1.0)
 
 
 HYPERS = [
@@ -96,21 +106,25 @@ HYPERS = [
 @pytest.mark.parametrize("hyper", HYPERS, ids=["plain", "dampening", "nesterov-wd", "maximize-wd"])
 @pytest.mark.parametrize("init_buffer", [True, False])
 def test_sgd_update_matches_reference(hyper, init_buffer, kernels):
+    """Weight-like and bias-like targets with different hyper-parameters, one launch."""
     _, reduce_update, _, _ = kernels
     partials = torch.randn(5, 77, device=DEVICE)
-    param = torch.randn(11, 6, device=DEVICE)
-    buf = torch.zeros_like(param) if init_buffer else torch.randn_like(param)
+    params = [torch.randn(11, 6, device=DEVICE), torch.randn(4, device=DEVICE)]
+    hypers = [hyper, SGDHyper(lr=0.2, momentum=0.3)]
+    bufs = [torch.zeros_like(p) if init_buffer else torch.randn_like(p) for p in params]
     grad_output = torch.tensor(2.0, device=DEVICE)
-    ref_param, ref_buf = param.double(), buf.double()
-    grad = partials.double()[:, 3:69].sum(0).view(11, 6) * 0.5 * 2.0
-    TORCH_OPS.sgd_update_(grad.reshape(1, -1), 0, ref_param, ref_buf if hyper.momentum else None, hyper,
-                          init_buffer=init_buffer, scale=1.0, grad_output=None)
-    reduce_update.reduce_and_sgd_update_(partials, 3, param, buf if hyper.momentum else None, hyper,
-                                         init_buffer=init_buffer, scale=0.5, grad_output=grad_output,
-                                         config=ReduceConfig(block_p=2, block_cols=16))
-    assert_close(param, ref_param, TOLERANCE[torch.float32], "param")
-    if hyper.momentum:
-        assert_close(buf, ref_buf, TOLERANCE[torch.float32], "momentum buffer")
+    refs = [(p.double(), b.double()) for p, b in zip(params, bufs)]
+    ref_targets = [ColumnTarget(col, p, h, b if h.momentum else None, init_buffer)
+                   for col, (p, b), h in zip((3, 69), refs, hypers)]
+    TORCH_OPS.reduce_update_(partials.double(), ref_targets, scale=0.5, grad_output=grad_output.double())
+    targets = [ColumnTarget(col, p, h, b if h.momentum else None, init_buffer)
+               for col, p, b, h in zip((3, 69), params, bufs, hypers)]
+    reduce_update.reduce_update_(partials, targets, scale=0.5, grad_output=grad_output,
+                                 config=ReduceConfig(block_p=2, block_cols=16))
+    for i, ((param, buf), (ref_param, ref_buf), h) in enumerate(zip(zip(params, bufs), refs, hypers)):
+        assert_close(param, ref_param, TOLERANCE[torch.float32], f"param {i}")
+        if h.momentum:
+            assert_close(buf, ref_buf, TOLERANCE[torch.float32], f"momentum buffer {i}")
 
 
 @pytest.mark.parametrize("shape", [(9, 70, 1), (33, 5, 70)], ids=str)
