@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from typing import Callable, Iterable
 
 import torch
@@ -145,6 +146,7 @@ def fit(
     log_every: int | None = None,
     progress: bool | None = None,
     check_finite: bool = True,
+    cuda_graph: bool = True,
     print_fn: Callable[[str], None] = print,
 ) -> list[float]:
     """Train ``model`` (a FusedLinearRegressor) for ``epochs`` epochs.
@@ -162,6 +164,9 @@ def fit(
     progress: a progress bar on stderr (default: on for long runs in a terminal).
     check_finite: check tensor inputs for NaN/inf once up front (one read of
     the data and one sync; turn off for repeated short fits on clean data).
+    cuda_graph: on CUDA, with tensor inputs, FusedSGD and the Triton kernels,
+    capture an epoch of per-batch steps in a CUDA graph after the first epoch
+    and replay it (launch overhead is most of a small step's cost).
     Raises TrainingDivergedError if an epoch's loss is not finite.
     """
     if not isinstance(epochs, int) or epochs < 1:
@@ -211,6 +216,8 @@ def fit(
         and ops.fit_small_supported(batch_size, x.shape[1], model.out_features)
     )
 
+    per_batch = _PerBatchEpochs(model, optimizer, x, t, data, batch_size, reduction, device,
+                                use_graph=cuda_graph and not persistent and _graph_capture_possible(ops, optimizer, x, device))
     history: list[float] = []
     epoch = 0
     while epoch < epochs:
@@ -220,12 +227,7 @@ def fit(
             _fit_chunk_persistent(ops, model, optimizer, x, t, perms, history_dev[epoch:stop], batch_size, reduction)
         else:
             for e in range(epoch, stop):
-                if x is not None:
-                    perm = perms[e - epoch]
-                    batches = ((None, perm[s : s + batch_size]) for s in range(0, x.shape[0], batch_size))
-                else:
-                    batches = ((b, None) for b in data)
-                history_dev[e] = _run_epoch(model, optimizer, x, t, batches, reduction, device)
+                history_dev[e] = per_batch(perms[e - epoch] if perms is not None else None)
                 last_finite.epoch_end(history_dev[e])
         history.extend(history_dev[epoch:stop].tolist())  # the report point: one sync
         bad = next((i for i in range(epoch, stop) if not math.isfinite(history[i])), None)
@@ -253,6 +255,64 @@ def _prepare_tensors(model, data, targets, device, check_finite):
             row = int((~finite).nonzero()[0, 0])
             raise ValueError(f"{name} contain NaN or inf (first at row {row}); clean the data before fit")
     return x, t
+
+
+def _graph_capture_possible(ops, optimizer, x, device) -> bool:
+    return (x is not None and device.type == "cuda" and ops.name == "triton"
+            and isinstance(optimizer, FusedSGD))
+
+
+class _GraphedEpoch:
+    """An epoch of fused steps captured in a CUDA graph. The batches are views
+    of a static row-order buffer; each replay first copies the epoch's
+    permutation into it. Capturing runs nothing, so the parameters do not move."""
+
+    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], n_rows: int, device: torch.device) -> None:
+        self.rows = torch.empty(n_rows, dtype=torch.int64, device=device)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = run(self.rows)
+
+    def __call__(self, perm: torch.Tensor) -> torch.Tensor:
+        self.rows.copy_(perm)
+        self.graph.replay()
+        return self.loss
+
+
+class _PerBatchEpochs:
+    """Runs one epoch of one step per batch and returns its mean loss (on the
+    device). With ``use_graph``, the first epoch runs eagerly (it compiles the
+    kernels and creates the momentum buffers) and later ones replay a CUDA
+    graph of it; if capture fails, it warns and stays eager."""
+
+    def __init__(self, model, optimizer, x, t, data, batch_size, reduction, device, use_graph: bool) -> None:
+        self.model, self.optimizer, self.x, self.t, self.data = model, optimizer, x, t, data
+        self.batch_size, self.reduction, self.device = batch_size, reduction, device
+        self.use_graph = use_graph
+        self.graphed: _GraphedEpoch | None = None
+
+    def _run(self, perm: torch.Tensor) -> torch.Tensor:
+        batches = ((None, perm[s : s + self.batch_size]) for s in range(0, self.x.shape[0], self.batch_size))
+        return _run_epoch(self.model, self.optimizer, self.x, self.t, batches, self.reduction, self.device)
+
+    def __call__(self, perm: torch.Tensor | None) -> torch.Tensor:
+        if perm is None:  # an iterable of batches
+            return _run_epoch(self.model, self.optimizer, None, None, ((b, None) for b in self.data),
+                              self.reduction, self.device)
+        if self.graphed is not None:
+            return self.graphed(perm)
+        loss = self._run(perm)
+        if self.use_graph:
+            self.use_graph = False
+            try:
+                self.graphed = graphed_epoch(self._run, self.x.shape[0], self.device)
+            except RuntimeError as err:
+                warnings.warn(f"fit: capturing an epoch in a CUDA graph failed ({err}); continuing without it",
+                              RuntimeWarning, stacklevel=3)
+        return loss
+
+
+graphed_epoch = _GraphedEpoch  # the factory fit uses; tests swap in a stand-in on machines without CUDA
 
 
 def _run_epoch(model, optimizer, x, t, batches, reduction, device) -> torch.Tensor:

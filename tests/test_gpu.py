@@ -106,3 +106,17 @@ def test_tutorial_fit_on_gpu():
     h_ref = ref.fit(x, y, epochs=100, batch_size=5, lr=1e-5, seed=0)
     assert_close(torch.tensor(h), torch.tensor(h_ref), 1e-5, "history")
     assert_close(model.weight, ref.weight, 1e-5, "weight")
+
+
+def test_cuda_graph_epochs_match_eager_epochs():
+    """fit's graphed per-batch path replays the same kernels in the same order."""
+    x, y = random_problem(8192, 256, 16, device=CUDA)[::3]
+    runs = []
+    for graph in (False, True):
+        torch.manual_seed(0)
+        model = FusedLinearRegressor(256, 16, device=CUDA)
+        opt = FusedSGD(model.parameters(), lr=0.01, momentum=0.9)
+        history = model.fit(x, y, epochs=4, batch_size=1024, optimizer=opt, seed=0, cuda_graph=graph)
+        runs.append((history, model.weight.detach().clone(), opt.state[model.weight]["momentum_buffer"].clone()))
+    assert runs[0][0] == runs[1][0]
+    assert torch.equal(runs[0][1], runs[1][1]) and torch.equal(runs[0][2], runs[1][2])
