@@ -676,6 +676,9 @@ def regimes() -> list[Regime]:
     out = [Regime("tutorial", "fit", 15, 3, 2, 5, FP32, 1e-5, epochs=pick(100, 2))]
     for dt in (FP32, BF16):
         out.append(Regime("minibatch", "step", *mb, dt, 0.05))
+    # Several shuffled epochs per call: fit's CUDA-graph replay (captured after the first epoch) against
+    # eager and CUDA-graphed PyTorch over the same number of steps.
+    out.append(Regime("minibatch-fit", "fit", *mb, FP32, 0.05, epochs=pick(10, 3)))
     for dt in (FP32, BF16):
         out += [Regime(name, "step", n, d, o, None, dt, 0.1) for name, n, d, o in full]
     out += [Regime(f"inference-{name}", "inference", n, d, o, None, FP32, 0.0) for name, n, d, o in full]

@@ -164,9 +164,10 @@ def fit(
     progress: a progress bar on stderr (default: on for long runs in a terminal).
     check_finite: check tensor inputs for NaN/inf once up front (one read of
     the data and one sync; turn off for repeated short fits on clean data).
-    cuda_graph: on CUDA, with tensor inputs, FusedSGD and the Triton kernels,
-    capture an epoch of per-batch steps in a CUDA graph after the first epoch
-    and replay it (launch overhead is most of a small step's cost).
+    cuda_graph: on CUDA, with tensor inputs, FusedSGD, the Triton kernels and
+    at least 3 epochs, capture an epoch of per-batch steps in a CUDA graph
+    after the first epoch and replay it (launch overhead is most of a small
+    step's cost).
     Raises TrainingDivergedError if an epoch's loss is not finite.
     """
     if not isinstance(epochs, int) or epochs < 1:
@@ -216,8 +217,9 @@ def fit(
         and ops.fit_small_supported(batch_size, x.shape[1], model.out_features)
     )
 
-    per_batch = _PerBatchEpochs(model, optimizer, x, t, data, batch_size, reduction, device,
-                                use_graph=cuda_graph and not persistent and _graph_capture_possible(ops, optimizer, x, device))
+    # A graph is captured after the first epoch; with fewer than 3 epochs it would not pay for its capture.
+    use_graph = cuda_graph and epochs >= 3 and not persistent and _graph_capture_possible(ops, optimizer, x, device)
+    per_batch = _PerBatchEpochs(model, optimizer, x, t, data, batch_size, reduction, device, use_graph)
     history: list[float] = []
     epoch = 0
     while epoch < epochs:
