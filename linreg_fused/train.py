@@ -209,13 +209,15 @@ def fit(
     reporter = _Reporter(epochs, log_every, progress, print_fn)
     acc = accumulator_dtype(model.weight.dtype)
     history_dev = torch.empty(epochs, device=device, dtype=acc)
-    last_finite = _LastFinite(params, optimizer)
     ops = select_ops(model.backend, device)
     persistent = (
         x is not None and isinstance(optimizer, FusedSGD)
         and all(p.is_contiguous() for p in params)
         and ops.fit_small_supported(batch_size, x.shape[1], model.out_features)
     )
+    # The persistent kernel keeps its own copy of the last finite epoch's state on chip.
+    last_finite = None if persistent else _LastFinite(params, optimizer)
+    had_buffer = [optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in params]
 
     # A graph is captured after the first epoch; with fewer than 3 epochs it would not pay for its capture.
     use_graph = cuda_graph and epochs >= 3 and not persistent and _graph_capture_possible(ops, optimizer, x, device)
@@ -234,11 +236,11 @@ def fit(
         history.extend(history_dev[epoch:stop].tolist())  # the report point: one sync
         bad = next((i for i in range(epoch, stop) if not math.isfinite(history[i])), None)
         if bad is not None:
-            if not persistent:
+            if last_finite is not None:
                 last_finite.restore(diverged_in_first_epoch=bad == 0)
             elif bad == 0:  # the kernel kept the pre-fit values; buffers it created did not exist then
-                for p, buf in zip(params, last_finite.before_fit):
-                    if buf is None:
+                for p, had in zip(params, had_buffer):
+                    if not had:
                         optimizer.state.get(p, {}).pop("momentum_buffer", None)
             raise _diverged(bad, epochs, history[: bad + 1], optimizer)
         epoch = stop
@@ -247,14 +249,17 @@ def fit(
 
 
 def _prepare_tensors(model, data, targets, device, check_finite):
-    check_inputs(data, model.weight, model.bias, targets.to(device=data.device))
-    x = data.to(device).reshape(-1, data.shape[-1])
-    t = targets.to(device).reshape(-1, targets.shape[-1])
-    # One check of the data up front (one sync), so a NaN in the inputs is not reported as a divergence.
-    for name, tensor in (("inputs", x), ("targets", t)) if check_finite else ():
-        finite = torch.isfinite(tensor).all(dim=1)
-        if not bool(finite.all()):
-            row = int((~finite).nonzero()[0, 0])
+    """The data on the model's device as (N, D), (N, O), checked once."""
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    x, t = data.to(device), targets.to(device)
+    check_inputs(x, model.weight, model.bias, t)
+    x, t = x.reshape(-1, x.shape[-1]), t.reshape(-1, t.shape[-1])
+    if check_finite:  # one sync up front, so a NaN in the data is not reported as a divergence
+        finite = [torch.isfinite(v).all(dim=1) for v in (x, t)]
+        if not bool(torch.stack([f.all() for f in finite]).all()):
+            name, f = next((n, f) for n, f in zip(("inputs", "targets"), finite) if not bool(f.all()))
+            row = int((~f).nonzero()[0, 0])
             raise ValueError(f"{name} contain NaN or inf (first at row {row}); clean the data before fit")
     return x, t
 

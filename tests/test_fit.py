@@ -219,6 +219,8 @@ def test_fit_bad_arguments():
         model.fit(x, y, epochs=1, lr=0.1, batch_size=0)
     with pytest.raises(ValueError, match="targets"):
         model.fit(x, epochs=1, lr=0.1)
+    with pytest.raises(TypeError, match="targets must be a torch.Tensor"):
+        model.fit(x, y.tolist(), epochs=1, lr=0.1)
     with pytest.raises(ValueError, match="target has shape"):
         model.fit(x, y[:, :1], epochs=1, lr=0.1)
     bad = x.clone()

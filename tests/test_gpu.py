@@ -120,3 +120,10 @@ def test_cuda_graph_epochs_match_eager_epochs():
         runs.append((history, model.weight.detach().clone(), opt.state[model.weight]["momentum_buffer"].clone()))
     assert runs[0][0] == runs[1][0]
     assert torch.equal(runs[0][1], runs[1][1]) and torch.equal(runs[0][2], runs[1][2])
+
+
+def test_fit_moves_cpu_data_to_the_model_device():
+    x, y = crop_yields()  # CPU tensors, as a DataLoader or NumPy would give them
+    model = FusedLinearRegressor(3, 2, device=CUDA)
+    history = model.fit(x, y, epochs=5, batch_size=5, lr=1e-5, seed=0)
+    assert len(history) == 5 and history[-1] < history[0]
