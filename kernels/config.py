@@ -1,6 +1,6 @@
 """Block sizes and grid sizes, chosen per shape, dtype and device.
 
-These are heuristics, not autotuned yet: the GPU numbers are starting points
+These are heuristics (cached per shape key), not autotuned yet: the GPU numbers are starting points
 that wait for a measurement on an H100/H200 (bench/NOTES.md). On the CPU the
 kernels run in Triton's interpreter, where small row blocks keep the test
 shapes exercising several tiles and several programs.
@@ -60,6 +60,7 @@ def _fma_blocks(in_features: int, block_o: int, block_n: int | None) -> tuple[in
     return block_n, block_d
 
 
+@functools.lru_cache(maxsize=1024)
 def grad_config(in_features: int, out_features: int, device: torch.device, acc_dtype: torch.dtype,
                 input_precision: str) -> TileConfig:
     """Blocks of the single-pass gradient kernel; BLOCK_O always covers O."""
@@ -79,6 +80,7 @@ def grad_config(in_features: int, out_features: int, device: torch.device, acc_d
                       num_warps=8 if block_d * block_o >= 4096 else 4)
 
 
+@functools.lru_cache(maxsize=1024)
 def forward_config(in_features: int, out_features: int, device: torch.device, acc_dtype: torch.dtype,
                    input_precision: str) -> TileConfig:
     """Blocks of the inference kernel (O is tiled by the grid, so BLOCK_O may be < O)."""

@@ -119,7 +119,7 @@ class TritonOps:
         loss = None
         if loss_column is not None:
             loss = torch.empty((), device=source.device, dtype=loss_dtype)
-        for i in range(0, len(launch), 2):  # two targets per launch (weight and bias)
+        for i in range(0, max(len(launch), 1), 2):  # two targets per launch (weight and bias); none is an error
             self._reduce.reduce_update_(source, launch[i : i + 2], scale=scale, grad_output=grad_output,
                                         loss_out=loss if i == 0 else None, loss_column=loss_column or 0,
                                         loss_scale=loss_scale)

@@ -219,19 +219,26 @@ def fit(
     last_finite = None if persistent else _LastFinite(params, optimizer)
     had_buffer = [optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in params]
 
-    # A graph is captured after the first epoch; with fewer than 3 epochs it would not pay for its capture.
-    use_graph = cuda_graph and epochs >= 3 and not persistent and _graph_capture_possible(ops, optimizer, x, device)
+    full_batch = x is not None and batch_size >= x.shape[0] and not persistent  # row order cannot matter
+    # A graph is captured after the first epoch; with fewer than 3 epochs, or one step
+    # per epoch, it would not pay for its capture.
+    use_graph = (cuda_graph and epochs >= 3 and not persistent and not full_batch
+                 and _graph_capture_possible(ops, optimizer, x, device))
     per_batch = _PerBatchEpochs(model, optimizer, x, t, data, batch_size, reduction, device, use_graph)
     history: list[float] = []
     epoch = 0
     while epoch < epochs:
         stop = reporter.chunk_end(epoch)
-        perms = epoch_permutations(x.shape[0], stop - epoch, shuffle, generator, device) if x is not None else None
+        perms = None
+        if x is not None and not full_batch:
+            # The row orders of a chunk are drawn at once; cap their memory (int64, epochs × N).
+            stop = min(stop, epoch + max(1, _PERMUTATION_BUDGET // x.shape[0]))
+            perms = epoch_permutations(x.shape[0], stop - epoch, shuffle, generator, device)
         if persistent:
             _fit_chunk_persistent(ops, model, optimizer, x, t, perms, history_dev[epoch:stop], batch_size, reduction)
         else:
             for e in range(epoch, stop):
-                history_dev[e] = per_batch(perms[e - epoch] if perms is not None else None)
+                history_dev[e] = per_batch(perms[e - epoch] if perms is not None else None, full_batch)
                 last_finite.epoch_end(history_dev[e])
         history.extend(history_dev[epoch:stop].tolist())  # the report point: one sync
         bad = next((i for i in range(epoch, stop) if not math.isfinite(history[i])), None)
@@ -246,6 +253,9 @@ def fit(
         epoch = stop
         reporter.report(epoch, history)
     return history
+
+
+_PERMUTATION_BUDGET = 1 << 22  # row indices per chunk of epochs (32 MiB of int64)
 
 
 def _prepare_tensors(model, data, targets, device, check_finite):
@@ -302,10 +312,13 @@ class _PerBatchEpochs:
         batches = ((None, perm[s : s + self.batch_size]) for s in range(0, self.x.shape[0], self.batch_size))
         return _run_epoch(self.model, self.optimizer, self.x, self.t, batches, self.reduction, self.device)
 
-    def __call__(self, perm: torch.Tensor | None) -> torch.Tensor:
-        if perm is None:  # an iterable of batches
+    def __call__(self, perm: torch.Tensor | None, full_batch: bool = False) -> torch.Tensor:
+        if self.x is None:  # an iterable of batches
             return _run_epoch(self.model, self.optimizer, None, None, ((b, None) for b in self.data),
                               self.reduction, self.device)
+        if full_batch:  # one step over all rows in storage order: no gather
+            return _run_epoch(self.model, self.optimizer, self.x, self.t, [(None, None)], self.reduction,
+                              self.device)
         if self.graphed is not None:
             return self.graphed(perm)
         loss = self._run(perm)

@@ -144,7 +144,10 @@ def test_paths_agree_and_seed_reproduces(backend, monkeypatch):
     assert other != runs[0][0]
 
 
-def test_no_shuffle_and_full_batch(backend):
+@pytest.mark.parametrize("path", ["persistent", "per-step"])
+def test_no_shuffle_and_full_batch(path, backend, monkeypatch):
+    if path == "per-step":
+        _per_step_only(monkeypatch, backend)
     x, y = _problem(seed=3)
     linear = nn.Linear(4, 3).to(DEVICE)
     model = FusedLinearRegressor.from_linear(linear, backend=backend)
@@ -301,3 +304,19 @@ def test_failed_capture_warns_and_stays_eager(backend, monkeypatch):
     with pytest.warns(RuntimeWarning, match="CUDA graph failed"):
         history = model.fit(x, y, epochs=3, batch_size=8, lr=0.01, seed=0)
     assert len(history) == 3 and all(math.isfinite(v) for v in history)
+
+
+def test_permutations_drawn_in_bounded_chunks(backend, monkeypatch):
+    """Row orders are drawn per chunk of epochs, capped in memory; the batches
+    are still each epoch's permutation from the seeded generator."""
+    import linreg_fused.train as train
+
+    monkeypatch.setattr(train, "_PERMUTATION_BUDGET", 80)  # 2 epochs of 37 rows per draw
+    x, y = _problem(seed=7)
+    linear = nn.Linear(4, 3).to(DEVICE)
+    model = FusedLinearRegressor.from_linear(linear, backend=backend)
+    model.fit(x, y, epochs=5, batch_size=8, lr=0.02, seed=9)
+    g = torch.Generator(device=DEVICE).manual_seed(9)
+    perms = torch.cat([epoch_permutations(37, k, True, g, DEVICE) for k in (2, 2, 1)])
+    ref, _, _ = _eager_fit(linear, x, y, perms, 8, dict(lr=0.02))
+    assert_close(model.weight, ref.weight, TRAJECTORY_TOL, "weight")
