@@ -354,6 +354,21 @@ class Runner:
             yield self.data.x[idx], self.data.t[idx]
 
 
+def eager_step(module: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor, mode: str,
+               zero_grad: bool = True) -> torch.Tensor:
+    """The step a user writes: nn.Linear + F.mse_loss + backward + optim.SGD (under autocast in "autocast" mode)."""
+    if zero_grad:
+        opt.zero_grad(set_to_none=True)
+    if mode == "autocast":
+        with torch.autocast(xb.device.type, dtype=BF16, cache_enabled=False):  # caching is unsafe in graph capture
+            loss = F.mse_loss(module(xb), yb)
+    else:
+        loss = F.mse_loss(module(xb), yb)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
 class StepLoopRunner(Runner):
     """Any per-batch step function: eager variants, compiled eager, and the fused train_step."""
 
@@ -379,15 +394,7 @@ class StepLoopRunner(Runner):
         return self.module.weight, self.module.bias
 
     def _eager_step(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        self.opt.zero_grad(set_to_none=True)
-        if self.peer.eager_mode == "autocast":
-            with torch.autocast(xb.device.type, dtype=BF16):
-                loss = F.mse_loss(self.module(xb), yb)
-        else:
-            loss = F.mse_loss(self.module(xb), yb)
-        loss.backward()
-        self.opt.step()
-        return loss.detach()
+        return eager_step(self.module, self.opt, xb, yb, self.peer.eager_mode)
 
     def _fused_step(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         return self.module.train_step(xb, yb, self.opt)
@@ -447,16 +454,7 @@ class GraphRunner(Runner):
         self.reset()
 
     def _step(self, xb: torch.Tensor, yb: torch.Tensor, zero_grad: bool = True) -> torch.Tensor:
-        if zero_grad:
-            self.opt.zero_grad(set_to_none=True)
-        if self.peer.eager_mode == "autocast":
-            with torch.autocast("cuda", dtype=BF16, cache_enabled=False):  # caching is unsafe in capture
-                loss = F.mse_loss(self.module(xb), yb)
-        else:
-            loss = F.mse_loss(self.module(xb), yb)
-        loss.backward()
-        self.opt.step()
-        return loss.detach()
+        return eager_step(self.module, self.opt, xb, yb, self.peer.eager_mode, zero_grad)
 
     def parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.module.weight, self.module.bias
