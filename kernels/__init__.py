@@ -8,5 +8,6 @@ itself, so ``specs`` can be used without Triton.
 - linear_forward:  inference, Y = X·Wᵀ + b
 - fused_fit:       many SGD steps of a small problem in one launch
 - specs:           plain data the kernels share (no Triton)
+- tiles:           jit helpers shared by the kernels (loads, the two tile products)
 - config:          block and grid sizes
 """

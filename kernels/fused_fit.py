@@ -152,6 +152,9 @@ def fit_small(
     n_rows, in_features = x.shape
     out_features = weight.shape[0]
     acc = history.dtype
+    block_n, block_d, block_o = (triton.next_power_of_2(v) for v in (batch_size, in_features, out_features))
+    elements = block_n * block_d * block_o  # the largest per-step temporary: 1 warp for the tutorial, up to 8
+    num_warps = 1 if elements <= 1024 else (4 if elements <= 4096 else 8)
     w_buf = weight_buffer if weight_buffer is not None else weight
     b_buf = bias_buffer if bias_buffer is not None else w_buf
     _fit_small_kernel[(1,)](
@@ -163,6 +166,5 @@ def fit_small(
         HAS_BIAS=bias is not None, MEAN=mean, INIT_W_BUFFER=init_weight_buffer, INIT_B_BUFFER=init_bias_buffer,
         W_FLAGS=weight_hyper.flags, B_FLAGS=bias_hyper.flags,
         ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32,
-        BLOCK_N=triton.next_power_of_2(batch_size), BLOCK_D=triton.next_power_of_2(in_features),
-        BLOCK_O=triton.next_power_of_2(out_features), num_warps=1,
+        BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_O=block_o, num_warps=num_warps,
     )
