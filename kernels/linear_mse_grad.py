@@ -61,6 +61,10 @@ def _linear_mse_partials_kernel(
         dd = d0 + offs_d
         tl.store(partial_row + offs_o[:, None] * D + dd[None, :], tl.zeros([BLOCK_O, BLOCK_D], dtype=acc_dtype),
                  mask=mask_o[:, None] & (dd < D)[None, :])
+    if D > BLOCK_D:  # D-uniform, so every thread takes it
+        # The chunked dW below read-modify-writes this row; the thread that reads an
+        # element need not be the one that wrote it, so order the writes first.
+        tl.debug_barrier()
 
     for tile in range(pid, n_tiles, n_programs):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -103,6 +107,8 @@ def _linear_mse_partials_kernel(
             ptrs = partial_row + offs_o[:, None] * D + dd[None, :]
             mask_od = mask_o[:, None] & md[None, :]
             tl.store(ptrs, tl.load(ptrs, mask=mask_od) + contrib, mask=mask_od)
+        if D > BLOCK_D:
+            tl.debug_barrier()  # this tile's writes land before the next tile reads them
 
     tl.store(partial_row + dw_cols, dw_acc, mask=mask_o[:, None] & mask_d[None, :])
     tl.store(partial_row + O * D + offs_o, db_acc, mask=mask_o)
