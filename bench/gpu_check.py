@@ -963,7 +963,7 @@ def section_timing(run: Run, copy_gbps: float | None) -> None:
         del p
         if DEVICE.type == "cuda":
             torch.cuda.empty_cache()
-    for i, r in enumerate(compile_later):
+    for r in compile_later:
         run.log(f"  -- {r.group}: torch.compile peer")
         try:
             p = Problem(r, seed=1000 + regimes().index(r))

@@ -27,7 +27,7 @@ from typing import Callable, Iterable
 import torch
 
 from .backend import select_ops
-from .functional import check_inputs, fused_sgd_step, loss_scale
+from .functional import check_inputs, fused_sgd_step
 from .kernels.specs import accumulator_dtype
 from .optim import FusedSGD, group_hyper
 
