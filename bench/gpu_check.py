@@ -3,6 +3,8 @@
     python bench/gpu_check.py OUTDIR                 # on a machine with an H100/H200
     python bench/gpu_check.py OUTDIR --cpu-smoke     # dry run of every section on the CPU
                                                      # (Triton interpreter, tiny shapes, no timing claims)
+    python bench/gpu_check.py OUTDIR --sweep         # a second call, if time is left: block configs of
+                                                     # the single-pass kernel, for tuning kernels/config.py
 
 In one run, within a time budget (default 330 s, --budget-s):
 
@@ -54,6 +56,9 @@ _PARSER.add_argument("--budget-s", type=float, default=330.0, help="wall-clock b
 _PARSER.add_argument("--cpu-smoke", action="store_true",
                      help="run every section on the CPU through Triton's interpreter on tiny shapes")
 _PARSER.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile peers")
+_PARSER.add_argument("--sweep", action="store_true",
+                     help="instead of parity and timings: time the single-pass gradient kernel over a grid of "
+                          "block configs per regime (data for tuning kernels/config.py); a second, separate call")
 
 import torch  # noqa: E402  (imports no Triton kernels: TRITON_INTERPRET can still be set below)
 
@@ -975,6 +980,83 @@ def section_timing(run: Run, copy_gbps: float | None) -> None:
         torch.cuda.empty_cache()
 
 
+# =============================================================== 4b. block sweep (--sweep)
+def sweep_configs(d: int, o: int) -> list[tuple[str, Any, str]]:
+    """(label, TileConfig, input_precision): the heuristic, programs-per-SM variants of it,
+    FMA-product blocks (O < 16) and tl.dot blocks in IEEE and TF32."""
+    from dataclasses import replace
+
+    from triton import next_power_of_2 as p2
+
+    from linreg_fused.kernels.config import TileConfig, grad_config
+
+    base = grad_config(d, o, DEVICE, FP32, "ieee")
+    sms = base.max_programs // 2 if DEVICE.type == "cuda" else 2
+    out = [("heuristic", base, "ieee")]
+    out += [(f"heuristic, {k} programs/SM", replace(base, max_programs=k * sms), "ieee") for k in (1, 4, 8)]
+    if o < 16:
+        for bn, bd, warps in pick([(16, 64, 4), (32, 64, 4), (64, 64, 8), (32, 128, 8), (16, 128, 4)], [(8, 8, 4)]):
+            bd = min(bd, p2(d))
+            if bn * bd * p2(o) <= 16384:
+                out.append((f"fma n{bn} d{bd} w{warps}", TileConfig(bn, bd, p2(o), False, base.max_programs, warps),
+                            "ieee"))
+    for bn, bd, warps in pick([(32, 64, 4), (64, 128, 4), (64, 256, 8), (128, 64, 8)], [(16, 16, 4)]):
+        cfg = TileConfig(bn, max(16, min(bd, p2(d))), max(16, p2(o)), True, base.max_programs, warps)
+        out += [(f"dot-{prec} n{bn} d{cfg.block_d} w{warps}", cfg, prec) for prec in ("ieee", "tf32")]
+    seen, unique = set(), []
+    for label, cfg, prec in out:
+        if (cfg, prec) not in seen:
+            seen.add((cfg, prec))
+            unique.append((label, cfg, prec))
+    return unique
+
+
+def section_sweep(run: Run, copy_gbps: float | None) -> None:
+    """The single-pass kernel alone (it dominates a full-batch step) over block configs; every
+    config's column sums are checked against the heuristic's before it is timed."""
+    from linreg_fused.kernels.linear_mse_grad import linear_mse_partials
+
+    shapes = pick([("tall", 4_194_304, 64, 4, FP32), ("wide", 1_048_576, 256, 16, FP32),
+                   ("deep", 262_144, 1024, 8, FP32), ("wide", 1_048_576, 256, 16, BF16),
+                   ("tall", 4_194_304, 64, 4, BF16)], [("small", 256, 16, 4, FP32)])
+    best: list[tuple[str, str, float, float]] = []
+    for i, (name, n, d, o, dtype) in enumerate(shapes):
+        group = f"{name} {dn(dtype)} {n}x{d}->{o}"
+        run.log(f"  -- {group}")
+        try:
+            gen = generator(2000 + i)
+            x, t = make_xt(n, d, o, dtype, gen)
+            w, b = init_params(o, d, gen)
+            ref = linear_mse_partials(x, w, b, t).buffer.double().sum(0)
+        except Exception as err:  # noqa: BLE001
+            run.record(run._error("sweep", group, err))
+            continue
+        n_bytes = n * (d + o) * x.element_size()
+        results = []
+        for label, cfg, prec in sweep_configs(d, o):
+            def one(cfg=cfg, prec=prec, label=label) -> dict[str, Any]:
+                sums = linear_mse_partials(x, w, b, t, config=cfg, input_precision=prec).buffer.double().sum(0)
+                err = rel_err(sums, ref)
+                ms = bench_ms(lambda: linear_mse_partials(x, w, b, t, config=cfg, input_precision=prec), rep_ms=100)
+                gbps = n_bytes / (ms * 1e-3) / 1e9
+                results.append((label, ms, gbps))
+                frac = f", {100 * gbps / copy_gbps:.1f}% of copy" if copy_gbps else ""
+                return {"errors": {"sums vs heuristic": (err, TOL["tf32"] if prec == "tf32" else TOL["ieee"])},
+                        "group": group, "config": repr(cfg), "precision": prec, "ms": ms, "gbps": gbps,
+                        "note": f"{ms:.4f} ms, {gbps:,.0f} GB/s{frac}"}
+            run.check("sweep", f"{group} :: {label}", one, need_s=4.0)
+        if results:
+            label, ms, gbps = min(results, key=lambda r: r[1])
+            best.append((group, label, ms, gbps))
+        del x, t
+        if DEVICE.type == "cuda":
+            torch.cuda.empty_cache()
+    run.log("\nfastest config per regime (single-pass kernel only):")
+    for group, label, ms, gbps in best:
+        frac = f"{100 * gbps / copy_gbps:5.1f}% of copy" if copy_gbps else ""
+        run.log(f"  {group:32s} {label:36s} {ms:9.4f} ms {gbps:9,.0f} GB/s {frac}")
+
+
 # =============================================================== 5. summary
 def summary(run: Run) -> int:
     path = run.write()
@@ -1020,6 +1102,11 @@ def main() -> int:
     with run.section("2. copy ceiling", need_s=2.0) as ok:
         if ok:
             copy_gbps = section_copy(run)
+    if ARGS.sweep:
+        with run.section("4b. block sweep of the single-pass kernel", need_s=10.0) as ok:
+            if ok:
+                section_sweep(run, copy_gbps)
+        return summary(run)
     run.section_deadline = PARITY_SHARE * ARGS.budget_s
     with run.section("3. parity against float64 and PyTorch", need_s=10.0) as ok:
         if ok:
