@@ -1011,11 +1011,33 @@ def sweep_configs(d: int, o: int) -> list[tuple[str, Any, str]]:
     return unique
 
 
+def _sweep_regime(run: Run, group: str, tensors: tuple[torch.Tensor, ...], copy_gbps: float | None,
+                  d: int, o: int) -> tuple[str, float, float] | None:
+    """Every config of one regime, checked then timed; returns the fastest (label, ms, GB/s)."""
+    from linreg_fused.kernels.linear_mse_grad import linear_mse_partials
+
+    x, w, b, t = tensors
+    ref = linear_mse_partials(x, w, b, t).buffer.double().sum(0)
+    n_bytes = x.shape[0] * (d + o) * x.element_size()
+    results: list[tuple[str, float, float]] = []
+    for label, cfg, prec in sweep_configs(d, o):
+        def one(label: str = label, cfg: Any = cfg, prec: str = prec) -> dict[str, Any]:
+            sums = linear_mse_partials(x, w, b, t, config=cfg, input_precision=prec).buffer.double().sum(0)
+            err = rel_err(sums, ref)
+            ms = bench_ms(lambda: linear_mse_partials(x, w, b, t, config=cfg, input_precision=prec), rep_ms=100)
+            gbps = n_bytes / (ms * 1e-3) / 1e9
+            results.append((label, ms, gbps))
+            frac = f", {100 * gbps / copy_gbps:.1f}% of copy" if copy_gbps else ""
+            return {"errors": {"sums vs heuristic": (err, TOL["tf32"] if prec == "tf32" else TOL["ieee"])},
+                    "group": group, "config": repr(cfg), "precision": prec, "ms": ms, "gbps": gbps,
+                    "note": f"{ms:.4f} ms, {gbps:,.0f} GB/s{frac}"}
+        run.check("sweep", f"{group} :: {label}", one, need_s=4.0)
+    return min(results, key=lambda r: r[1]) if results else None
+
+
 def section_sweep(run: Run, copy_gbps: float | None) -> None:
     """The single-pass kernel alone (it dominates a full-batch step) over block configs; every
     config's column sums are checked against the heuristic's before it is timed."""
-    from linreg_fused.kernels.linear_mse_grad import linear_mse_partials
-
     shapes = pick([("tall", 4_194_304, 64, 4, FP32), ("wide", 1_048_576, 256, 16, FP32),
                    ("deep", 262_144, 1024, 8, FP32), ("wide", 1_048_576, 256, 16, BF16),
                    ("tall", 4_194_304, 64, 4, BF16)], [("small", 256, 16, 4, FP32)])
@@ -1027,28 +1049,12 @@ def section_sweep(run: Run, copy_gbps: float | None) -> None:
             gen = generator(2000 + i)
             x, t = make_xt(n, d, o, dtype, gen)
             w, b = init_params(o, d, gen)
-            ref = linear_mse_partials(x, w, b, t).buffer.double().sum(0)
-        except Exception as err:  # noqa: BLE001
+            fastest = _sweep_regime(run, group, (x, w, b, t), copy_gbps, d, o)
+        except Exception as err:  # noqa: BLE001 -- recorded, and the run goes on
             run.record(run._error("sweep", group, err))
             continue
-        n_bytes = n * (d + o) * x.element_size()
-        results = []
-        for label, cfg, prec in sweep_configs(d, o):
-            def one(cfg=cfg, prec=prec, label=label) -> dict[str, Any]:
-                sums = linear_mse_partials(x, w, b, t, config=cfg, input_precision=prec).buffer.double().sum(0)
-                err = rel_err(sums, ref)
-                ms = bench_ms(lambda: linear_mse_partials(x, w, b, t, config=cfg, input_precision=prec), rep_ms=100)
-                gbps = n_bytes / (ms * 1e-3) / 1e9
-                results.append((label, ms, gbps))
-                frac = f", {100 * gbps / copy_gbps:.1f}% of copy" if copy_gbps else ""
-                return {"errors": {"sums vs heuristic": (err, TOL["tf32"] if prec == "tf32" else TOL["ieee"])},
-                        "group": group, "config": repr(cfg), "precision": prec, "ms": ms, "gbps": gbps,
-                        "note": f"{ms:.4f} ms, {gbps:,.0f} GB/s{frac}"}
-            run.check("sweep", f"{group} :: {label}", one, need_s=4.0)
-        if results:
-            label, ms, gbps = min(results, key=lambda r: r[1])
-            best.append((group, label, ms, gbps))
-        del x, t
+        if fastest:
+            best.append((group, *fastest))
         if DEVICE.type == "cuda":
             torch.cuda.empty_cache()
     run.log("\nfastest config per regime (single-pass kernel only):")
