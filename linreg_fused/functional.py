@@ -10,6 +10,7 @@ of producing .grad: the backward + SGD-update op.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,8 +134,8 @@ class LinearMSEFunction(torch.autograd.Function):
             plan.update.apply_(plan.ops, partials, grad_loss, grad_scale)
         elif need_w or need_b:
             grad_w, grad_b = _reduce_grads(plan.ops, partials, grad_loss, grad_scale, need_w, need_b)
-            grad_w = grad_w.to(weight.dtype) if need_w else None
-            grad_b = grad_b.to(weight.dtype) if need_b else None
+            grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
+            grad_b = grad_b.to(weight.dtype) if grad_b is not None else None
         return grad_x, grad_w, grad_b, grad_t, None
 
 
@@ -142,10 +143,11 @@ def _reduce_grads(ops, partials: GradPartials, grad_output: torch.Tensor, scale:
                   need_b: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """dW (O, D) and db (O,) in the accumulator dtype, in one launch: scale · grad_output · Σ partials."""
     buffer = partials.buffer
-    grad_w = torch.empty((partials.out_features, partials.in_features), device=buffer.device, dtype=buffer.dtype)
-    grad_b = torch.empty(partials.out_features, device=buffer.device, dtype=buffer.dtype)
-    targets = [ColumnTarget(partials.weight_columns[0], grad_w)] if need_w else []
-    targets += [ColumnTarget(partials.bias_columns[0], grad_b)] if need_b else []
+    new = functools.partial(torch.empty, device=buffer.device, dtype=buffer.dtype)
+    grad_w = new((partials.out_features, partials.in_features)) if need_w else None
+    grad_b = new(partials.out_features) if need_b else None
+    targets = [ColumnTarget(col, out) for (col, _), out in ((partials.weight_columns, grad_w),
+                                                            (partials.bias_columns, grad_b)) if out is not None]
     ops.reduce_update_(buffer, targets, scale=scale, grad_output=grad_output)
     return grad_w, grad_b
 
