@@ -7,8 +7,9 @@ from typing import Iterable
 
 import torch
 
-from .backend import BACKENDS, select_ops
+from .backend import BACKENDS
 from .kernels.specs import ColumnTarget, GradPartials, SGDHyper
+from .ops import RegisteredOps
 
 
 def group_hyper(group: dict) -> SGDHyper:
@@ -88,7 +89,7 @@ class FusedSGD(torch.optim.SGD):
                     raise RuntimeError("FusedSGD does not support sparse gradients")
                 buf, is_new = self.momentum_buffer(p, hyper)
                 grad = p.grad.reshape(1, -1)  # a gradient is a partial buffer with one row
-                select_ops(self.backend, p.device).reduce_update_(
+                RegisteredOps(self.backend, p.device).reduce_update_(
                     grad, [ColumnTarget(0, p, hyper, buf, is_new)], scale=1.0, grad_output=None)
         return loss
 

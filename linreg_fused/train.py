@@ -14,6 +14,10 @@ small unit of its own:
   of the first.
 - ``EagerPath``: any other torch optimizer, or an iterable of batches:
   ``loss.backward(); optimizer.step()`` per batch (FusedSGD steps fused).
+- ``DistributedPath``: FusedSGD and tensors under torch.distributed (a
+  process group of several ranks): each step's rows are split across the
+  ranks, and one all-reduce per step makes it the step on all of them
+  (linreg_fused.distributed).
 
 Row orders are DataLoader's: with ``seed=``/``generator=`` (a CPU generator)
 or the global RNG, the batches are exactly those of
@@ -36,10 +40,12 @@ from collections.abc import Iterator
 from typing import Any, Callable, Iterable
 
 import torch
+import torch.distributed as dist
 
-from .backend import select_ops
+from . import distributed
 from .functional import REDUCTIONS, check_inputs, fused_sgd_step
 from .kernels.specs import accumulator_dtype
+from .ops import RegisteredOps
 from .optim import FusedSGD, group_hyper
 
 
@@ -289,7 +295,8 @@ class PerBatchPath(_EpochRunner):
     def _steps(self, order: torch.Tensor | None) -> torch.Tensor:
         m = self.model
         losses = [fused_sgd_step(x, m.weight, m.bias, t, self.optimizer, reduction=self.reduction, row_index=rows,
-                                 backend=m.backend, input_precision=m.input_precision, validate=False)
+                                 backend=m.backend, input_precision=m.input_precision, validate=False,
+                                 process_group=False)
                   for x, t, rows in self._tensor_batches(order)]
         return _mean_loss(losses, accumulator_dtype(m.weight.dtype))
 
@@ -309,7 +316,14 @@ class PerBatchPath(_EpochRunner):
 
 class EagerPath(_EpochRunner):
     """``loss.backward(); optimizer.step()`` per batch, for any torch optimizer
-    and for iterables of batches (FusedSGD steps run fused: no .grad)."""
+    and for iterables of batches (FusedSGD steps run fused: no .grad). With a
+    process group (FusedSGD only), each rank iterates its own batches (e.g. a
+    DataLoader over a DistributedSampler: the same number on every rank) and
+    each step is the step on all ranks' batches."""
+
+    def __init__(self, model, optimizer, source, reduction: str, group: Any = None) -> None:
+        super().__init__(model, optimizer, source, reduction)
+        self.process_group = group if group is not None else False
 
     def epoch(self, order: torch.Tensor | None) -> torch.Tensor:
         m, device = self.model, self.model.weight.device
@@ -318,7 +332,8 @@ class EagerPath(_EpochRunner):
         else:
             batches = ((x.index_select(0, rows), t.index_select(0, rows)) if rows is not None else (x, t)
                        for x, t, rows in self._tensor_batches(order))
-        losses = [m.train_step(xb, yb, self.optimizer, self.reduction) for xb, yb in batches]
+        losses = [m.train_step(xb, yb, self.optimizer, self.reduction, process_group=self.process_group)
+                  for xb, yb in batches]
         return _mean_loss(losses, accumulator_dtype(m.weight.dtype))
 
     def _checked_batch(self, batch, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,10 +344,61 @@ class EagerPath(_EpochRunner):
         return xb, yb
 
 
-def choose_path(model, optimizer, source, reduction: str, epochs: int, cuda_graph: bool):
-    """The one place that decides how fit runs (see the module docstring)."""
+class DistributedPath(_EpochRunner):
+    """Data parallel over a process group, one fused step per global batch and
+    one all-reduce per step. Every rank holds the same data and the same row
+    orders (drawn from the same seed or generator state; drawn from the
+    global RNG, the first rank's are broadcast). A step's global batch is
+    world·batch_size consecutive rows of the epoch's order, split across the
+    ranks as DistributedSampler splits an epoch, so each rank reads only its
+    rows; with one step per epoch each rank reads a contiguous share of the
+    rows in storage order. Epoch losses are means over global batches, the
+    same on every rank; no one-launch kernel and no CUDA graph here."""
+
+    def __init__(self, model, optimizer: FusedSGD, source: TensorSource, reduction: str, group: Any,
+                 epochs: int) -> None:
+        super().__init__(model, optimizer, source, reduction)
+        self.group, self.rank, self.world = group, dist.get_rank(group), dist.get_world_size(group)
+        self.step_rows = source.batch_size * self.world
+        self.reads_orders = source.n_rows > self.step_rows
+        # One sync up front: ranks that disagree on the data would hang or train on garbage.
+        distributed.check_same_on_every_rank(
+            {"the number of rows": source.n_rows, "in_features": source.x.shape[1],
+             "out_features": source.t.shape[1], "batch_size": source.batch_size, "epochs": epochs},
+            group, source.x.device)
+
+    def run(self, orders: torch.Tensor | None, history: torch.Tensor) -> None:
+        if orders is not None and self.source.shuffle and self.source.generator is None:
+            distributed.broadcast_(orders, self.group)
+        super().run(orders, history)
+
+    def epoch(self, order: torch.Tensor | None) -> torch.Tensor:
+        m, s = self.model, self.source
+        if order is None:
+            share = distributed.rank_slice(s.n_rows, self.rank, self.world)
+            steps = [(s.x[share], s.t[share], None)]
+        else:
+            steps = [(s.x, s.t, rows) for rows in distributed.rank_rows(order, self.step_rows, self.rank, self.world)]
+        losses = [fused_sgd_step(x, m.weight, m.bias, t, self.optimizer, reduction=self.reduction, row_index=rows,
+                                 backend=m.backend, input_precision=m.input_precision, validate=False,
+                                 process_group=self.group)
+                  for x, t, rows in steps]
+        return _mean_loss(losses, accumulator_dtype(m.weight.dtype))
+
+
+def choose_path(model, optimizer, source, reduction: str, epochs: int, cuda_graph: bool, group: Any = None):
+    """The one place that decides how fit runs (see the module docstring).
+    group: the resolved process group (distributed.resolve_group), or None."""
     device = model.weight.device
-    ops = select_ops(model.backend, device)
+    ops = RegisteredOps(model.backend, device)
+    if group is not None:
+        if not isinstance(optimizer, FusedSGD):
+            raise ValueError(f"fit under torch.distributed runs FusedSGD's fused steps; with "
+                             f"{type(optimizer).__name__}, wrap the model in DistributedDataParallel and write the "
+                             f"loop, or pass process_group=False to train each rank on its own")
+        if isinstance(source, TensorSource):
+            return DistributedPath(model, optimizer, source, reduction, group, epochs)
+        return EagerPath(model, optimizer, source, reduction, group)
     if OneLaunchPath.applies(model, optimizer, source, ops):
         return OneLaunchPath(model, optimizer, source, reduction, ops)
     if isinstance(source, TensorSource) and isinstance(optimizer, FusedSGD):
@@ -401,6 +467,7 @@ def fit(
     check_finite: bool = True,
     cuda_graph: bool = True,
     print_fn: Callable[[str], None] = print,
+    process_group: Any = None,
 ) -> list[float]:
     """Train ``model`` (a FusedLinearRegressor) for ``epochs`` epochs; returns each epoch's mean batch loss.
 
@@ -426,6 +493,15 @@ def fit(
     cuda_graph: on CUDA, with tensor inputs, FusedSGD, the Triton kernels and
     at least 3 epochs of several batches, capture an epoch of fused steps in
     a CUDA graph after the first epoch and replay it.
+    process_group: under torch.distributed (by default the world group once
+    it is initialised; False trains each rank on its own; see
+    linreg_fused.distributed), data parallel with FusedSGD: every rank
+    passes the same data, batch_size is per rank (each step trains on
+    world·batch_size rows, as with a DataLoader over a DistributedSampler:
+    the same steps as one process with batch_size·world), each rank reads
+    its share of the rows, and one all-reduce per step gives every rank the
+    same update and the global mean loss. An iterable of batches is each
+    rank's own (the same number of batches on every rank).
     Raises TrainingDivergedError if an epoch's loss is not finite (the
     parameters and momentum buffers are restored to the last finite epoch).
     """
@@ -434,7 +510,8 @@ def fit(
     source = _source(model, data, targets, batch_size, shuffle, seed, generator, check_finite, epochs)
     if progress is None:
         progress = sys.stderr.isatty() and epochs * source.batches_per_epoch >= 20_000
-    path = choose_path(model, optimizer, source, reduction, epochs, cuda_graph)
+    path = choose_path(model, optimizer, source, reduction, epochs, cuda_graph,
+                       distributed.resolve_group(process_group))
     reporter = _Reporter(epochs, log_every, progress, print_fn)
     try:
         return _run(path, source, epochs, reporter, optimizer, model.weight)
