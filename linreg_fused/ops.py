@@ -28,7 +28,7 @@ with or without grad). Mutating ops declare what they write.
 
 The partial-sum buffer has one row per program of the gradient kernel, a
 number the launch helper picks: its fake size is an unbacked symbolic size,
-so nothing downstream specialises on it.
+so nothing downstream specialises on it (one row on meta tensors).
 
 ``RegisteredOps`` offers the backend primitive interface (TritonOps /
 TorchOps) on top of these ops: what functional, optim and train call.
@@ -78,6 +78,14 @@ def _n_columns(weight: Tensor) -> int:
     return out_features * in_features + out_features + 1
 
 
+def _fake_partials(x: Tensor, weight: Tensor) -> Tensor:
+    """The (P, K) partial buffer of a fake implementation. P is the launch
+    helper's choice: an unbacked size under FakeTensorMode (torch.compile,
+    export); on meta tensors, where nothing will ever run, one row."""
+    n_programs = 1 if x.device.type == "meta" else torch.library.get_ctx().new_dynamic_size()
+    return x.new_empty((n_programs, _n_columns(weight)), dtype=accumulator_dtype(weight.dtype))
+
+
 def _define(name: str, schema: str):
     """Define linreg_fused::<name> and register the decorated function as its
     implementation for every device (it asks backend.py what runs there, and
@@ -113,8 +121,7 @@ def _linear_mse_partials(x, weight, bias, target, row_index, *, input_precision=
 
 @torch.library.register_fake(f"{NAMESPACE}::linear_mse_partials")
 def _(x, weight, bias, target, row_index, *, input_precision="ieee", backend="auto"):
-    n_programs = torch.library.get_ctx().new_dynamic_size()
-    return x.new_empty((n_programs, _n_columns(weight)), dtype=accumulator_dtype(weight.dtype))
+    return _fake_partials(x, weight)
 
 
 @_define("linear_mse", "(Tensor x, Tensor weight, Tensor? bias, Tensor target, *, str reduction='mean', "
@@ -138,11 +145,8 @@ def _linear_mse(x, weight, bias, target, *, reduction="mean", keep_residual=Fals
 
 @torch.library.register_fake(f"{NAMESPACE}::linear_mse")
 def _(x, weight, bias, target, *, reduction="mean", keep_residual=False, input_precision="ieee", backend="auto"):
-    acc = accumulator_dtype(weight.dtype)
-    n_programs = torch.library.get_ctx().new_dynamic_size()
-    return (x.new_empty((), dtype=torch.promote_types(x.dtype, weight.dtype)),
-            x.new_empty((n_programs, _n_columns(weight)), dtype=acc),
-            x.new_empty((x.shape[0] if keep_residual else 0, weight.shape[0]), dtype=acc))
+    return (x.new_empty((), dtype=torch.promote_types(x.dtype, weight.dtype)), _fake_partials(x, weight),
+            x.new_empty((x.shape[0] if keep_residual else 0, weight.shape[0]), dtype=accumulator_dtype(weight.dtype)))
 
 
 # ---------------------------------------------------------------- reduce and update
