@@ -118,10 +118,13 @@ class LinearMSEFunction(torch.autograd.Function):
         # x and target are saved only for a double backward (create_graph=True); saving costs no memory.
         ctx.save_for_backward(x, weight, bias, target, partials, residual)
         ctx.plan, ctx.grad_scale = plan, 2.0 * loss_scale(plan.reduction, x.shape[0], weight.shape[0])
-        return loss
+        # The partial sums are returned too (not differentiable; callers drop them): a tracer wants the
+        # buffer whose row count the kernel's launch helper picks among a traced function's outputs.
+        ctx.mark_non_differentiable(partials, residual)
+        return loss, partials, residual
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_partials, _grad_residual):
         x, weight, bias, target, buffer, residual = ctx.saved_tensors
         plan, grad_scale = ctx.plan, ctx.grad_scale
         if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
@@ -219,7 +222,8 @@ def linear_mse(
     else:
         update, group = optimizer.fused_update(weight, bias), distributed.resolve_group(process_group)
     plan = _LossPlan(RegisteredOps(backend, x.device), reduction, input_precision, update, group)
-    return LinearMSEFunction.apply(_rows(x), weight, bias, _rows(target), plan)
+    loss, _, _ = LinearMSEFunction.apply(_rows(x), weight, bias, _rows(target), plan)
+    return loss
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ where the library runs kernels, instead of opaque Python:
                                       *, str input_precision, str backend) -> Tensor
     linreg_fused::reduce_update_(Tensor source, Tensor(a!) out, Tensor(b!)? momentum_buffer, Tensor(c!)? out2,
                                  Tensor(d!)? momentum_buffer2, Tensor? grad_output, *, int[] col_starts,
-                                 float[] sgd, float[] sgd2, float scale, int? loss_column, float loss_scale,
+                                 float[] sgd, float[] sgd2, Scalar scale, int? loss_column, Scalar loss_scale,
                                  ScalarType? loss_dtype, str backend) -> Tensor
     linreg_fused::fit_small_(Tensor x, Tensor target, Tensor(a!) weight, Tensor(b!)? bias,
                              Tensor(c!)? weight_momentum, Tensor(d!)? bias_momentum, Tensor orders,
@@ -33,7 +33,9 @@ so nothing downstream specialises on it (one row on meta tensors).
 ``RegisteredOps`` offers the backend primitive interface (TritonOps /
 TorchOps) on top of these ops: what functional, optim and train call.
 
-SGD settings travel as a float list ``sgd``: empty means "write the
+Scales are ``Scalar``s, not ``float``s: under torch.compile a mean's 1/N is
+symbolic in a dynamic batch size, and a Scalar argument takes it without
+specialising the graph to one N. SGD settings travel as a float list ``sgd``: empty means "write the
 gradient" (no update); otherwise [lr, momentum, dampening, weight_decay,
 nesterov, maximize, init_buffer], the last three 0 or 1 (``pack_sgd``).
 """
@@ -152,7 +154,7 @@ def _(x, weight, bias, target, *, reduction="mean", keep_residual=False, input_p
 # ---------------------------------------------------------------- reduce and update
 @_define("reduce_update_", "(Tensor source, Tensor(a!) out, Tensor(b!)? momentum_buffer, Tensor(c!)? out2, "
                            "Tensor(d!)? momentum_buffer2, Tensor? grad_output, *, int[] col_starts, float[] sgd, "
-                           "float[] sgd2, float scale, int? loss_column=None, float loss_scale=1., "
+                           "float[] sgd2, Scalar scale, int? loss_column=None, Scalar loss_scale=1., "
                            "ScalarType? loss_dtype=None, str backend='auto') -> Tensor")
 def _reduce_update_(source, out, momentum_buffer, out2, momentum_buffer2, grad_output, *, col_starts, sgd, sgd2,
                     scale, loss_column=None, loss_scale=1.0, loss_dtype=None, backend="auto"):
