@@ -59,8 +59,10 @@ class FusedSGD(torch.optim.SGD):
     (any value) changes nothing, the update is one kernel per parameter either
     way; ``fused=True`` requires the Triton kernels to run (an error on the
     reference backend); ``differentiable=True`` is refused. Complex parameters
-    are updated as their real view (torch.view_as_real), as SGD does. Sparse
-    gradients go through torch.optim.SGD's own for-loop update (no kernel).
+    are updated as their real view (torch.view_as_real), as SGD does. A sparse
+    gradient is an index-add into the touched rows for plain SGD (torch.optim.SGD's
+    own for-loop update); with momentum or weight decay, which move every
+    element, it is made dense and goes through the kernel.
     """
 
     def __init__(
@@ -196,13 +198,19 @@ class FusedSGD(torch.optim.SGD):
                 if p.grad is None:
                     continue
                 ops = self._ops(group, p.device)
-                if p.grad.is_sparse:
-                    self._sparse_step(group, p)
-                    continue
+                grad = p.grad
+                if grad.layout != torch.strided:  # a sparse gradient
+                    if group.get("fused"):
+                        raise RuntimeError("FusedSGD: fused=True does not support sparse gradients (torch.optim.SGD"
+                                           "(fused=True) refuses them too); use fused=None")
+                    if grad.is_sparse and group["momentum"] == 0 and group["weight_decay"] == 0:
+                        self._sparse_step(group, p)
+                        continue
+                    grad = grad.to_dense()  # momentum and weight decay move every element anyway
                 if hyper is None:
                     hyper = group_hyper(group)
                 buf, is_new = self.momentum_buffer(p, hyper)
-                param, grad = p, p.grad
+                param = p
                 if p.is_complex():  # SGD on a complex tensor is SGD on its real view
                     param, grad = torch.view_as_real(p), torch.view_as_real(grad)
                     buf = None if buf is None else torch.view_as_real(buf)
@@ -218,19 +226,12 @@ class FusedSGD(torch.optim.SGD):
         return loss
 
     def _sparse_step(self, group: dict, param: torch.Tensor) -> None:
-        """A sparse gradient (e.g. nn.Embedding(sparse=True)) through
-        torch.optim.SGD's for-loop update: an index-add into the parameter."""
-        if group.get("fused"):
-            raise RuntimeError("FusedSGD: fused=True does not support sparse gradients (the fused kernels read dense "
-                               "gradients; torch.optim.SGD(fused=True) refuses them too); use fused=None")
-        state = self.state[param]
-        buffers = [state.get("momentum_buffer")] if group["momentum"] != 0 else []
-        sgd_functional([param], [param.grad], buffers, has_sparse_grad=True, foreach=False, fused=False,
-                        weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
-                        dampening=group["dampening"], nesterov=group["nesterov"],
-                        maximize=group.get("maximize", False))
-        if buffers:
-            state["momentum_buffer"] = buffers[0]
+        """Plain SGD (no momentum, no weight decay) on a sparse gradient, e.g.
+        from nn.Embedding(sparse=True): torch.optim.SGD's own for-loop update,
+        an index-add into the rows the gradient touches."""
+        sgd_functional([param], [param.grad], [], has_sparse_grad=True, foreach=False, fused=False,
+                       weight_decay=0.0, momentum=0.0, lr=group["lr"], dampening=group["dampening"],
+                       nesterov=group["nesterov"], maximize=group.get("maximize", False))
 
     def has_step_hooks(self) -> bool:
         """Whether step pre/post hooks are registered (on this optimizer or
