@@ -281,14 +281,15 @@ class FusedUpdate:
     def __init__(self, optimizer: FusedSGD, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.optimizer, self.weight, self.bias = optimizer, weight, bias
         params = (weight, bias)
-        self.trained = tuple(optimizer.trains(p) for p in params)
-        self.left_out = tuple(p is not None and p.requires_grad and not t for p, t in zip(params, self.trained))
-        if any(self.left_out) and not any(self.trained):  # fail now, not inside backward
+        # The group of each parameter the step updates (None: frozen, absent, or outside the optimizer).
+        self.groups = tuple(optimizer.group_of(p) if p is not None and p.requires_grad else None for p in params)
+        self.left_out = tuple(p is not None and p.requires_grad and g is None for p, g in zip(params, self.groups))
+        if any(self.left_out) and not any(self.groups):  # fail now, not inside backward
             raise ValueError("the weight and bias that require grad are not in the optimizer, so its step would "
                              "update nothing; build FusedSGD from the model's parameters (model.parameters())")
-        for p, t in zip(params, self.trained):
-            if t:
-                _check_flags(optimizer.group_of(p), "FusedSGD")
+        for group in self.groups:
+            if group is not None:
+                _check_flags(group, "FusedSGD")
 
     def apply_(
         self,
@@ -309,11 +310,10 @@ class FusedUpdate:
         optimizer = self.optimizer
         optimizer._pre_step_hooks()
         targets, new_buffers = [], []
-        for param, trained, (col_start, _) in zip((self.weight, self.bias), self.trained,
-                                                  (partials.weight_columns, partials.bias_columns)):
-            if not trained:
+        for param, group, (col_start, _) in zip((self.weight, self.bias), self.groups,
+                                                (partials.weight_columns, partials.bias_columns)):
+            if group is None:
                 continue
-            group = optimizer.group_of(param)
             if group.get("fused") and ops.name != "triton":
                 raise RuntimeError("FusedSGD: fused=True asks for the fused Triton kernels, but the model's "
                                    "backend runs the PyTorch reference")
