@@ -89,6 +89,9 @@ class FusedSGD(torch.optim.SGD):
         # In defaults, which Optimizer.__getstate__ keeps (deepcopy, pickle, torch.save), but not in the
         # param groups: the backend belongs to the optimizer, not to a group, and a state_dict does not carry it.
         self.defaults["backend"] = backend
+        # SGD(fused=True) tells GradScaler that its step unscales the gradients and skips on inf itself;
+        # FusedSGD's step does not, so GradScaler must do both, as for any other optimizer.
+        self._step_supports_amp_scaling = False
         for i, group in enumerate(self.param_groups):
             self._check_group(group, f"param group {i}")
 
