@@ -33,8 +33,8 @@ from torch.testing._internal.common_optimizers import (  # noqa: E402
     optim_db,
 )
 
-if not _flags_were_frozen:
-    setattr(torch.backends, "__allow_nonbracketed_mutation_flag", True)
+if not _flags_were_frozen:  # the flag lives in torch/backends/__init__.py's globals (the module is wrapped)
+    torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
 
 from linreg_fused import FusedSGD  # noqa: E402
 
@@ -113,6 +113,10 @@ def record_hooks(optimizer: torch.optim.Optimizer, calls: list) -> None:
 
     optimizer.register_step_pre_hook(pre)
     optimizer.register_step_post_hook(post)
+
+
+def test_importing_the_helpers_left_backend_flags_as_they_were():
+    assert torch.backends.flags_frozen() == _flags_were_frozen
 
 
 # ---------------------------------------------------------------- the trajectory matrix
@@ -562,3 +566,26 @@ def test_schedulers_like_sgd(schedulers, backend):
                     s.step(loss.detach()) if isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau) else s.step()
             assert fused.param_groups[0]["lr"] == pytest.approx(sgd.param_groups[0]["lr"], rel=1e-12)
     assert_tracks(weight, weight_c.double(), torch.float32, "weight")
+
+
+# ---------------------------------------------------------------- GradScaler
+@pytest.mark.parametrize("fused", [None, True], ids=["default", "fused"])
+def test_grad_scaler_unscales_and_skips(fused):
+    """With a GradScaler, FusedSGD (fused=True included, where SGD's own fused
+    step does the unscaling) steps on the unscaled gradients, and a step with
+    an inf gradient is skipped, as with torch.optim.SGD."""
+    weight, bias = make_params(torch.float32, seed=3)
+    bias = nn.Parameter(bias.detach().clone())
+    weight_c, bias_c = (nn.Parameter(t.detach().clone()) for t in (weight, bias))
+    x = torch.randn(3, device=DEVICE)
+    fused_opt = FusedSGD([weight, bias], lr=0.01, momentum=0.9, fused=fused, backend="triton")
+    sgd = torch.optim.SGD([weight_c, bias_c], lr=0.01, momentum=0.9)
+    for opt, w, b in ((fused_opt, weight, bias), (sgd, weight_c, bias_c)):
+        scaler = torch.amp.GradScaler(DEVICE.type, init_scale=1024.0)
+        for step in range(3):
+            opt.zero_grad()
+            scaler.scale((w.mv(x) + b).pow(2).sum() * (float("inf") if step == 1 else 1.0)).backward()
+            scaler.step(opt)
+            scaler.update()
+    assert_tracks(weight, weight_c.double(), torch.float32, "weight")
+    assert_tracks(bias, bias_c.double(), torch.float32, "bias")
