@@ -312,7 +312,7 @@ class FusedUpdate:
         schedulers see it."""
         optimizer = self.optimizer
         optimizer._pre_step_hooks()
-        targets, new_buffers = [], []
+        targets, new_buffers, hypers = [], [], {}
         for param, group, (col_start, _) in zip((self.weight, self.bias), self.groups,
                                                 (partials.weight_columns, partials.bias_columns)):
             if group is None:
@@ -320,7 +320,9 @@ class FusedUpdate:
             if group.get("fused") and ops.name != "triton":
                 raise RuntimeError("FusedSGD: fused=True asks for the fused Triton kernels, but the model's "
                                    "backend runs the PyTorch reference")
-            hyper = group_hyper(group)
+            if id(group) not in hypers:  # read once per group (a CUDA tensor lr costs a sync to read)
+                hypers[id(group)] = group_hyper(group)
+            hyper = hypers[id(group)]
             buf, is_new = optimizer.momentum_buffer(param, hyper)
             new_buffers.append((param, is_new))
             targets.append(ColumnTarget(col_start, param, hyper, buf, is_new))
