@@ -519,6 +519,7 @@ def time_peer(run: Run, harness: ModuleType, regime: Regime, peer: Any, copy_gbp
                "frac_copy": gbps / copy_gbps if copy_gbps else None,
                "speedup_vs_eager": base / per_step_ms if base else None, "peak_mem_bytes": peak,
                "peak_extra_bytes": peak_extra, "first_call_s": round(first_call_s, 3),
+               "timer": "do_bench median" if run.device.type == "cuda" else "perf_counter median of 3",
                "seconds": round(time.monotonic() - t0, 2), **check}
         if not finite:
             row["error"] = "non-finite output after timing"
