@@ -281,7 +281,7 @@ class LaunchSignatures:
 
 
 # =============================================================== 1. versions
-def section_versions(run: Run, import_how: str) -> None:
+def section_versions(run: Run, import_how: str, commit: str | None) -> None:
     import triton
 
     import linreg_fused
@@ -296,6 +296,7 @@ def section_versions(run: Run, import_how: str) -> None:
         "linreg_fused_path": str(Path(linreg_fused.__file__).parent), "triton_cache_dir": str(triton_cache_dir()),
         "triton_kernels_in_cache_at_start": compiled_kernel_count(), "budget_s": run.budget_s,
     }
+    meta["commit_given"] = commit  # --commit: for a copy of the tree that travels without .git
     for key, cmd in (("git_commit", ["git", "rev-parse", "HEAD"]), ("git_status", ["git", "status", "--porcelain"])):
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=ROOT)
@@ -626,6 +627,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=None,
                    help="processes for parity and pre-compilation (default: 8 on a GPU, 2 with --cpu-smoke; "
                         "0: parity in this process, nothing pre-compiled)")
+    p.add_argument("--commit", help="the commit this tree is, recorded in the JSON (where .git does not travel)")
     p.add_argument("--compile-only", action="store_true",
                    help="no GPU: write the run's launch shapes and hand them to bench/compile_report.py")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # "i/k": this process is worker i of k
@@ -660,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
             f"budget {args.budget_s:.0f} s")
     with run.section("1. versions", need_s=1.0) as ok:
         if ok:
-            section_versions(run, import_how)
+            section_versions(run, import_how, args.commit)
     copy_gbps = None
     with run.section("2. copy ceiling", need_s=2.0) as ok:
         if ok:

@@ -98,7 +98,7 @@ def _gpu_check_rows(doc: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
     cpu = meta.get("mode") != "gpu"
     machine = {"device": meta.get("gpu") or f"CPU ({meta.get('cpu', '?')})", "torch": meta.get("torch"),
                "triton": meta.get("triton"), "cuda": meta.get("cuda_runtime"), "cpu": cpu,
-               "date": meta.get("date_utc"), "commit": meta.get("git_commit")}
+               "date": meta.get("date_utc"), "commit": meta.get("commit_given") or meta.get("git_commit")}
     return rows, machine
 
 
