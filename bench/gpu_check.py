@@ -43,6 +43,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -363,14 +364,25 @@ def prewarm_cases(on_gpu: bool, with_compile: bool = True) -> list[tuple[Regime,
     return [(r, p.name) for r, p in cases]
 
 
-def worker_jobs(smoke: bool, device: torch.device, with_compile: bool) -> list[tuple[str, int]]:
-    """Every job of the worker phase, in the order they are dealt: ("prewarm", i) indexes
-    prewarm_cases, ("parity", i) indexes parity_checks. torch.compile first (longest), then
-    parity, then the fused peers' first calls."""
+# Rough costs (s) of a job on a cold cache, to balance the workers: a torch.compile of a training
+# step tens of seconds; a parity check or a fused peer's first call a few Triton compiles.
+JOB_COST_S = {"compile": 40.0, "parity": 4.0, "fused": 4.0}
+JOB_ORDER = ("parity", "fused", "compile")  # within a worker: correctness first
+
+
+def worker_shares(smoke: bool, device: torch.device, with_compile: bool, n_workers: int) -> list[list[tuple[str, int]]]:
+    """The jobs of each worker: ("parity", i) indexes parity_checks, ("fused" | "compile", i)
+    indexes prewarm_cases. Dealt longest first to the least loaded worker (so the torch.compile
+    jobs spread out); each worker runs its parity checks first and its torch.compile jobs last."""
     cases = prewarm_cases(device.type == "cuda", with_compile)
-    n_compile = sum(1 for r, name in cases if name.endswith("compile"))
-    return ([("prewarm", i) for i in range(n_compile)] + [("parity", i) for i in range(len(parity_checks(smoke, device)))]
-            + [("prewarm", i) for i in range(n_compile, len(cases))])
+    jobs = [("parity", i) for i in range(len(parity_checks(smoke, device)))]
+    jobs += [("compile" if name.endswith("compile") else "fused", i) for i, (_, name) in enumerate(cases)]
+    loads, shares = [0.0] * n_workers, [[] for _ in range(n_workers)]
+    for job in sorted(jobs, key=lambda job: -JOB_COST_S[job[0]]):
+        k = loads.index(min(loads))
+        shares[k].append(job)
+        loads[k] += JOB_COST_S[job[0]]
+    return [sorted(share, key=lambda job: JOB_ORDER.index(job[0])) for share in shares]
 
 
 def prewarm(run: Run, harness: ModuleType, regime: Regime, peer_name: str) -> None:
@@ -394,13 +406,13 @@ def prewarm(run: Run, harness: ModuleType, regime: Regime, peer_name: str) -> No
 
 def worker_main(args: argparse.Namespace, device: torch.device, harness: ModuleType,
                 signatures: LaunchSignatures | None) -> int:
-    """One worker process: its share of the jobs (every k-th), rows and log in its own folder."""
+    """One worker process: its share of the jobs (worker_shares), rows and log in its own folder."""
     shard, n_shards = (int(v) for v in args.worker.split("/"))
     run = Run(args.outdir, args.deadline_epoch - time.time(), device, reserve_s=1.0)
     checks = parity_checks(args.cpu_smoke, device)
     with_compile = not args.skip_compile
     cases = prewarm_cases(device.type == "cuda", with_compile)
-    for kind, index in worker_jobs(args.cpu_smoke, device, with_compile)[shard::n_shards]:
+    for kind, index in worker_shares(args.cpu_smoke, device, with_compile, n_shards)[shard]:
         if kind == "parity":
             check = checks[index]
             poison_allocator(device)
@@ -433,7 +445,8 @@ class Workers:
                    *([] if with_compile else ["--skip-compile"])]
             out = open(folder / "stdout.txt", "w")
             self.procs.append((subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT), folder))
-        run.log(f"  {n_workers} worker(s), {len(worker_jobs(smoke, run.device, with_compile))} jobs, until t={deadline_s:.0f} s "
+        n_jobs = sum(len(share) for share in worker_shares(smoke, run.device, with_compile, n_workers))
+        run.log(f"  {n_workers} worker(s), {n_jobs} jobs, until t={deadline_s:.0f} s "
                 f"(folders under {self.tmp})")
 
     def join(self) -> set[str]:
@@ -466,6 +479,7 @@ class Workers:
                 self.run.log(f"  ERROR worker {i}: exit code {proc.returncode}; the end of its output:")
                 for line in tail.splitlines()[-5:]:
                     self.run.log(f"    {line}")
+        shutil.rmtree(self.tmp, ignore_errors=True)  # what mattered is merged into this run's rows and log
         return signature_keys
 
 
