@@ -11,9 +11,10 @@ with bench/gpu_check.py through bench/harness.py.
 Timing: one benchmark call runs ``steps_per_call`` steps and ends with
 torch.cuda.synchronize() on a GPU, so queued launches are not mistaken for
 finished work; report.py divides the median call by steps_per_call. Every
-peer is warmed up before timing (JIT, autotuning, graph capture, compile),
-then checked against float64 over one shuffled epoch (bench/harness.py): a
-broken kernel fails the run. When one input set is smaller than three times
+peer is warmed up before timing on a GPU (JIT, autotuning, graph capture,
+compile), then checked against float64 over one shuffled epoch
+(bench/harness.py; on the CPU that epoch is the warm-up): a broken kernel
+fails the run. When one input set is smaller than three times
 the last-level cache (the GPU's L2; on the CPU a nominal 32 MiB), up to 8
 sets are made and successive calls cycle through them, so a call does not
 read what the previous one left in cache (on a GPU this applies to the
@@ -72,7 +73,8 @@ def test_bench(benchmark, case: Case, bench_env: BenchEnv, copy_gbps: float,
     data = data_for(regime, bench_env.device)
     runner = make_runner(data, peer)
 
-    runner.call()  # warm-up: JIT and compile, cuBLAS handles, allocator
+    if bench_env.on_gpu:
+        runner.call()  # warm-up: JIT and compile, cuBLAS handles, allocator (on the CPU the check epoch is)
     check = check_against_reference(runner)
     peak, peak_extra = peak_extra_bytes(runner)
 
