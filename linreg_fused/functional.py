@@ -143,7 +143,9 @@ class LinearMSEFunction(torch.autograd.Function):
         partials = GradPartials(buffer, None, x.shape[0], weight.shape[0], weight.shape[1])
         if plan.update is not None:
             _step_in_backward(plan, partials, grad_loss, grad_scale)
-        elif need_w or need_b:
+            # A parameter outside the optimizer gets its .grad, as loss.backward() would give it.
+            need_w, need_b = need_w and plan.update.left_out[0], need_b and plan.update.left_out[1]
+        if need_w or need_b:
             grad_w, grad_b = _reduce_grads(plan.ops, partials, grad_loss, grad_scale, need_w, need_b)
             grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
             grad_b = grad_b.to(weight.dtype) if grad_b is not None else None
