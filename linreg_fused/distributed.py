@@ -126,6 +126,18 @@ def broadcast_(tensor: torch.Tensor, group: Any) -> None:
     dist.broadcast(tensor, src=dist.get_global_rank(group, 0), group=group)
 
 
+@torch.no_grad()
+def broadcast_parameters_(module: torch.nn.Module, process_group: Any = None) -> None:
+    """Give every rank the first rank's parameters (as DistributedDataParallel
+    does when it wraps a module): the fused steps keep replicas identical
+    only if they start identical. No-op without a group (see resolve_group)."""
+    group = resolve_group(process_group)
+    if group is None:
+        return
+    for p in module.parameters():
+        broadcast_(p.data, group)
+
+
 def rank_rows(order: torch.Tensor, step_rows: int, rank: int, world: int) -> list[torch.Tensor]:
     """This rank's row indices of each step of an epoch with row order ``order`` (N,).
 

@@ -343,8 +343,9 @@ class DistributedPath(_EpochRunner):
     world·batch_size consecutive rows of the epoch's order, split across the
     ranks as DistributedSampler splits an epoch, so each rank reads only its
     rows; with one step per epoch each rank reads a contiguous share of the
-    rows in storage order. Epoch losses are means over global batches, the
-    same on every rank; no one-launch kernel and no CUDA graph here."""
+    rows in storage order. The first rank's parameters are broadcast at the
+    start. Epoch losses are means over global batches, the same on every
+    rank; no one-launch kernel and no CUDA graph here."""
 
     def __init__(self, model, optimizer: FusedSGD, source: TensorSource, reduction: str, group: Any,
                  epochs: int) -> None:
@@ -357,6 +358,7 @@ class DistributedPath(_EpochRunner):
             {"the number of rows": source.n_rows, "in_features": source.x.shape[1],
              "out_features": source.t.shape[1], "batch_size": source.batch_size, "epochs": epochs},
             group, source.x.device)
+        distributed.broadcast_parameters_(model, group)  # replicas start equal, as DDP makes them
 
     def run(self, orders: torch.Tensor | None, history: torch.Tensor) -> None:
         if orders is not None and self.source.shuffle and self.source.generator is None:
@@ -490,9 +492,11 @@ def fit(
     passes the same data, batch_size is per rank (each step trains on
     world·batch_size rows, as with a DataLoader over a DistributedSampler:
     the same steps as one process with batch_size·world), each rank reads
-    its share of the rows, and one all-reduce per step gives every rank the
+    its share of the rows, the first rank's parameters are broadcast to the
+    others at the start, and one all-reduce per step gives every rank the
     same update and the global mean loss. An iterable of batches is each
-    rank's own (the same number of batches on every rank).
+    rank's own (the same number of batches on every rank; the replicas must
+    start equal: see distributed.broadcast_parameters_).
     Raises TrainingDivergedError if an epoch's loss is not finite (the
     parameters and momentum buffers are restored to the last finite epoch).
     """

@@ -85,9 +85,14 @@ def loss_with_optimizer(s: Shard):
     return state(m, opt)
 
 
-def fit(s: Shard, *, batch_size: int | None, seed: int | None = 0, rng_seed: int = 0, n: int = 25):
-    """Every rank passes the whole data; with world ranks each step takes world·batch_size rows."""
+def fit(s: Shard, *, batch_size: int | None, seed: int | None = 0, rng_seed: int = 0, n: int = 25,
+        perturb: bool = False):
+    """Every rank passes the whole data; with world ranks each step takes world·batch_size rows.
+    perturb: the ranks start from different parameters (fit broadcasts the first rank's)."""
     m = model()
+    if perturb:
+        with torch.no_grad():
+            m.weight.add_(0.1 * s.rank)
     opt = FusedSGD(m.parameters(), lr=0.05, momentum=0.9)
     x, t = data(n, seed=20)
     if batch_size is not None and s.reference:
@@ -119,6 +124,7 @@ SCENARIOS = {
     "fit_batches": lambda s: fit(s, batch_size=2),
     "fit_full_batch": lambda s: fit(s, batch_size=None),
     "fit_global_rng": lambda s: fit(s, batch_size=3, seed=None, rng_seed=s.rank),  # ranks' RNGs differ
+    "fit_different_starts": lambda s: fit(s, batch_size=3, perturb=True),
     "ddp": ddp,
 }
 
