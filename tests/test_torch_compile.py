@@ -117,6 +117,34 @@ def test_compiled_forward_and_backward_with_torch_sgd(backend):
     assert rec.graphs == 1 and rec.calls("linear_mse") and rec.calls("reduce_update_")
 
 
+def test_compiled_whole_step_with_fused_sgd(backend):
+    """FusedSGD.step(), unlike torch.optim.SGD.step(), traces: loss, backward and step in one graph."""
+    compiled, eager = _pair(backend)
+    opts = [FusedSGD(m.parameters(), lr=0.1, momentum=0.9, backend=backend) for m in (compiled, eager)]
+    rec = _Recorder()
+
+    def whole_step(x, t):
+        loss = compiled.loss(x, t)
+        loss.backward()
+        opts[0].step()
+        return loss.detach()
+
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        step = torch.compile(whole_step, backend=rec, fullgraph=True)
+        for n in (9, *SIZES):
+            x, t = _batch(n)
+            opts[0].zero_grad()
+            loss = step(x, t)
+            opts[1].zero_grad()
+            expected = eager.loss(x, t)
+            expected.backward()
+            opts[1].step()
+            assert torch.equal(loss, expected.detach()), n
+            _assert_same(compiled, eager)
+    assert rec.graphs == 2  # before and after the momentum buffers exist
+    assert rec.calls("linear_mse") and rec.calls("reduce_update_")
+
+
 def test_compiled_fused_train_step(backend):
     compiled, eager = _pair(backend)
     opts = [FusedSGD(m.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01, backend=backend)
