@@ -21,10 +21,10 @@ kernels or the PyTorch reference) at run time; each fake implementation
 (torch.library.register_fake) gives the output shapes without running
 anything. The ops are defined with torch.library.define/impl rather than
 torch.library.custom_op, and carry no autograd formula of their own: the
-thin autograd Functions of functional.py differentiate them. Both choices
-keep the per-call dispatcher cost of the fused step a few times lower
-(custom_op's checks and a registered autograd wrapper run on every call,
-with or without grad). Mutating ops declare what they write.
+thin autograd Functions of functional.py differentiate them. custom_op's
+checks and a registered autograd wrapper run in Python on every call, with
+or without grad: about twice the time per call of a small op (README).
+Mutating ops declare what they write.
 
 The partial-sum buffer has one row per program of the gradient kernel, a
 number the launch helper picks: its fake size is an unbacked symbolic size,
@@ -35,9 +35,10 @@ TorchOps) on top of these ops: what functional, optim and train call.
 
 Scales are ``Scalar``s, not ``float``s: under torch.compile a mean's 1/N is
 symbolic in a dynamic batch size, and a Scalar argument takes it without
-specialising the graph to one N. SGD settings travel as a float list ``sgd``: empty means "write the
-gradient" (no update); otherwise [lr, momentum, dampening, weight_decay,
-nesterov, maximize, init_buffer], the last three 0 or 1 (``pack_sgd``).
+specialising the graph to one N. SGD settings travel as a float list
+``sgd``: empty means "write the gradient" (no update); otherwise [lr,
+momentum, dampening, weight_decay, nesterov, maximize, init_buffer], the
+last three 0 or 1 (``pack_sgd``).
 """
 
 from __future__ import annotations
