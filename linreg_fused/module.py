@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import functional, train
+from .stats import LinearStats
 from .backend import BACKENDS
 from .functional import PRECISIONS
 from .optim import FusedSGD
@@ -132,6 +133,48 @@ class FusedLinearRegressor(nn.Module):
         """Train on tensors or on an iterable of batches; see linreg_fused.train.fit."""
         return train.fit(self, data, targets, **kwargs)
 
+    @torch.no_grad()
+    def solve(
+        self,
+        inputs: torch.Tensor | LinearStats | Iterable[tuple[torch.Tensor, torch.Tensor]],
+        targets: torch.Tensor | None = None,
+        *,
+        alpha: float = 0.0,
+    ) -> torch.Tensor:
+        """Set weight and bias to the least-squares (alpha = 0) or ridge solution and return
+        the training loss there (mean squared error, a 0-d fp64 tensor).
+
+        inputs, targets: tensors (..., in_features), (..., out_features), moved to the
+        model's device; or inputs: a LinearStats, or an iterable of (x, t) chunks streamed
+        through LinearStats.from_batches (data larger than the device's memory), with
+        targets=None. The intercept is not penalised (scikit-learn's Ridge); a model
+        without bias fits none. See LinearStats.solve for the method and its accuracy.
+        """
+        stats = _statistics_of(self, inputs, targets)
+        if (stats.in_features, stats.out_features) != (self.in_features, self.out_features):
+            raise ValueError(f"the statistics are of {stats.in_features}→{stats.out_features} but the model is "
+                             f"{self.in_features}→{self.out_features}")
+        weight, bias = stats.solve(alpha, fit_intercept=self.bias is not None)
+        self.weight.copy_(weight.to(self.weight))
+        if self.bias is not None:
+            self.bias.copy_(bias.to(self.bias))
+        return stats.loss(self.weight, self.bias)
+
     def extra_repr(self) -> str:
         extra = "" if self.backend == "auto" else f", backend={self.backend!r}"
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{extra}"
+
+
+def _statistics_of(model: FusedLinearRegressor, inputs, targets) -> LinearStats:
+    device = model.weight.device
+    if isinstance(inputs, LinearStats):
+        if targets is not None:
+            raise ValueError("solve(stats): the targets are in the statistics; pass targets=None")
+        return inputs
+    if isinstance(inputs, torch.Tensor):
+        if not isinstance(targets, torch.Tensor):
+            raise TypeError(f"solve(inputs, targets): targets must be a torch.Tensor, got {type(targets).__name__}")
+        return LinearStats.from_tensors(inputs.to(device), targets.to(device), backend=model.backend)
+    if targets is not None:
+        raise ValueError("solve(chunks): pass the targets inside the (x, t) chunks, not as a second argument")
+    return LinearStats.from_batches(inputs, device=device, backend=model.backend)
