@@ -78,3 +78,15 @@ REGIMES: list[Regime] = [
     *(Regime("small", "step", 256, 16, 4, None, dt, 0.1, gpu=False) for dt in (FP32, BF16)),
     Regime("inference-small", "inference", 256, 16, 4, None, FP32, 0.0, gpu=False),
 ]
+
+
+# ---------------------------------------------------------------- statistics (linreg_fused.stats)
+# Full-batch training from sufficient statistics: one pass over X and T, then `epochs`
+# epochs on the (D+1)² statistics. bench/test_bench_stats.py times these against a pass
+# per epoch and eager PyTorch; bench/compile_stats.py compiles their kernels for sm_90.
+STATS_REGIMES: list[Regime] = [
+    *(Regime(f"stats-{name}", "statistics", n, d, o, None, dt, 0.1, gpu=True, epochs=100)
+      for dt in (FP32, BF16)
+      for name, n, d, o in (("tall", 4_194_304, 64, 4), ("wide", 1_048_576, 256, 16), ("deep", 262_144, 1024, 8))),
+    Regime("stats-small", "statistics", 256, 16, 4, None, FP32, 0.1, gpu=False, epochs=10),
+]

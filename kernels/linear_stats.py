@@ -484,6 +484,15 @@ def _stats_sgd_kernel(
 
 
 _EPOCH_BUDGET = 4096  # fp64 elements of the W·M_xx broadcast temporary
+EPOCH_WARPS = 4
+
+
+def epoch_blocks(in_features: int, out_features: int) -> dict[str, int]:
+    """Blocks of the epochs kernel: BLOCK_O covers O; W·M_xx in BLOCK_K × BLOCK_J tiles."""
+    block_o = p2(out_features)
+    block_k = max(1, min(p2(in_features), 32))
+    block_j = max(1, min(p2(in_features), _EPOCH_BUDGET // (block_o * block_k)))
+    return dict(BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_J=block_j, BLOCK_COPY=1024)
 
 
 def stats_sgd_supported(in_features: int, out_features: int) -> bool:
@@ -532,9 +541,6 @@ def stats_sgd_epochs(
         w_buf_state[0].zero_()
     if MOMENTUM & b_flags and init_bias_buffer:
         b_buf_state[0].zero_()
-    block_o = p2(out_features)
-    block_k = max(1, min(p2(in_features), 32))
-    block_j = max(1, min(p2(in_features), _EPOCH_BUDGET // (block_o * block_k)))
     _stats_sgd_kernel[(1,)](
         mean_x, mean_t, m_xx, m_tx, m_tt, hyper, history,
         weight, bias if bias is not None else weight,
@@ -545,5 +551,5 @@ def stats_sgd_epochs(
         HAS_BIAS=bias is not None, UPDATE_W=weight_hyper is not None,
         UPDATE_B=bias is not None and bias_hyper is not None, MEAN=mean,
         W_FLAGS=w_flags, B_FLAGS=b_flags, INIT_W_BUFFER=init_weight_buffer, INIT_B_BUFFER=init_bias_buffer,
-        BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_J=block_j, BLOCK_COPY=1024, num_warps=4,
+        **epoch_blocks(in_features, out_features), num_warps=EPOCH_WARPS,
     )
