@@ -367,7 +367,9 @@ def _as_tensor(v: Any) -> torch.Tensor:
     if isinstance(v, np.ndarray):
         if not v.flags.c_contiguous:
             v = np.ascontiguousarray(v)
-        return torch.from_numpy(v)  # no copy: a memory-mapped chunk is read when it is used
+        with warnings.catch_warnings():  # read-only (memory-mapped) arrays are only ever read here
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            return torch.from_numpy(v)  # no copy: a memory-mapped chunk is read when it is used
     raise TypeError(f"a chunk must be a (x, t) pair of tensors or NumPy arrays, got {type(v).__name__}")
 
 
