@@ -467,7 +467,8 @@ def _stats_sgd_kernel(
             tl.store(b_state_ptr + dst_b + offs_o, new_b, mask=mask_o)
 
         sse = tl.where(mask_o, n * e * e + quad + m_tt, 0.0)
-        loss = tl.sum(sse, axis=0) * loss_scale
+        # Judged as stored: a loss that overflows history's dtype is a divergence, as it is for a pass per epoch.
+        loss = (tl.sum(sse, axis=0) * loss_scale).to(history_ptr.dtype.element_ty)
         tl.store(history_ptr + epoch, loss)
         all_finite = all_finite & (tl.abs(loss) < float("inf"))  # False for NaN too
         cur = tl.where(all_finite, 1 - cur, cur)  # keep this epoch's update only while finite
@@ -521,7 +522,8 @@ def stats_sgd_epochs(
     moments: (mean_x (D), mean_t (O), M_xx (D, D), M_tx (O, D), M_tt (O, O)), fp64,
     contiguous. weight (O, D), bias (O,) or None: contiguous, updated in place, as are the
     momentum buffers (needed where that parameter's momentum != 0). A hyper of None:
-    that parameter is frozen. history: (epochs,) fp64, each epoch's loss before its step.
+    that parameter is frozen. history: (epochs,) fp32/fp64, each epoch's loss before its step
+    (computed in fp64; an epoch whose loss overflows history's dtype counts as diverged).
     The hyper-parameters travel as an fp64 tensor, so the kernel sees their exact values.
     """
     mean_x, mean_t, m_xx, m_tx, m_tt = moments

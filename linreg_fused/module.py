@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
+from typing import Iterable
+
 import torch
 from torch import nn
 
 from . import functional, train
-from .stats import LinearStats
 from .backend import BACKENDS
 from .functional import PRECISIONS
 from .optim import FusedSGD
+from .stats import LinearStats
 
 
 class FusedLinearRegressor(nn.Module):

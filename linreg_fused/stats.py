@@ -22,6 +22,7 @@ loss near zero is formed from them.)
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from typing import Any, Iterable, Iterator
 
@@ -30,6 +31,7 @@ import torch
 
 from .backend import BACKENDS, select_ops
 from .functional import REDUCTIONS, loss_scale
+from .optim import FusedSGD, group_hyper
 from .reference import Moments, merge_moments
 
 PRECISIONS = ("fp32", "fp64")
@@ -453,3 +455,96 @@ class _PinnedUploader:
             compute.wait_event(slot["copied"])
             yield dev_x, dev_t
             slot["consumed"].record(compute)
+
+
+# ---------------------------------------------------------------- fit's full-batch path
+# The cost model of choose_path, in seconds on a nominal H100 (these are assumptions, not
+# measurements; only their ratios steer the choice). A pass per epoch reads X and T each
+# epoch; the statistics path reads them once, takes the Gram's multiply-adds (split TF32:
+# three tensor-core products each), then runs each epoch as O·(D+1)² fp64 multiply-adds in
+# one program.
+_SECONDS_PER_BYTE = 1 / 3.0e12
+_SECONDS_PER_GRAM_MAC = 3 / 2.5e14
+_SECONDS_PER_EPOCH_MAC = 1 / 1.0e11
+_SECONDS_PER_EPOCH = 1e-6  # the epoch loop's own overhead
+_SECONDS_PER_LAUNCH = 5e-6
+_STATS_LAUNCHES = 15  # the pass, its assembly into moments, the epochs
+
+
+def statistics_cost(n_rows: int, in_features: int, out_features: int, epochs: int, element_size: int,
+                    one_launch: bool) -> tuple[float, float]:
+    """(statistics path, pass per epoch): modelled seconds of ``epochs`` full-batch epochs.
+
+    one_launch: the pass-per-epoch path runs every epoch in one launch (small problems)."""
+    n, d, o = n_rows, in_features, out_features
+    read = n * (d + o) * element_size * _SECONDS_PER_BYTE
+    gram = n * (d + 16) ** 2 * _SECONDS_PER_GRAM_MAC  # padded blocks
+    per_epoch = o * (d + 1) ** 2 * _SECONDS_PER_EPOCH_MAC + _SECONDS_PER_EPOCH
+    statistics = max(read, gram) + _STATS_LAUNCHES * _SECONDS_PER_LAUNCH + epochs * per_epoch
+    passes = epochs * read + (_SECONDS_PER_LAUNCH if one_launch else 2 * epochs * _SECONDS_PER_LAUNCH)
+    return statistics, passes
+
+
+def statistics_memory_problem(in_features: int, out_features: int, device: torch.device) -> str | None:
+    """Why the statistics of this shape do not fit on ``device`` (None if they do)."""
+    need = 8 * 6 * (in_features + out_features + 1) ** 2  # fp64 moments, partial sums and their assembly
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    if need <= free // 2:
+        return None
+    return (f"the statistics of in_features={in_features} need about {need / 2**30:.1f} GiB ((D+1)² float64 "
+            f"values and their workspace) and {device} has {free / 2**30:.1f} GiB free")
+
+
+class StatisticsPath:
+    """fit's full-batch path for FusedSGD: one statistics pass over X and T (on the first chunk
+    of epochs), then each chunk's epochs in one launch on the statistics (a loop of small
+    device ops where D is wide), no host sync. The epoch loss is the loss before the step, as
+    a pass per epoch reports it; the kernel keeps the state of the last finite epoch, so a
+    divergence leaves the parameters and momentum buffers there. Parameters outside
+    ``trained`` (frozen, or not held by the optimizer) are left untouched."""
+
+    reads_orders = False  # a full batch: the row order cannot change the step
+
+    def __init__(self, model, optimizer, x: torch.Tensor, t: torch.Tensor, reduction: str, ops,
+                 trained: list[torch.Tensor]) -> None:
+        self.model, self.optimizer, self.x, self.t, self.reduction, self.ops = model, optimizer, x, t, reduction, ops
+        self.trained = trained
+        self.params = [p for p in (model.weight, model.bias) if p is not None]
+        self.had_buffer = [optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in self.params]
+        self.moments: Moments | None = None
+
+    @staticmethod
+    def applies(optimizer, source) -> bool:
+        """Tensor inputs, a full batch and FusedSGD (the step is then a function of the statistics)."""
+        return getattr(source, "full_batch", False) and isinstance(optimizer, FusedSGD)
+
+    def run(self, orders: torch.Tensor | None, history: torch.Tensor) -> None:
+        if self.moments is None:
+            fp64 = self.x.dtype == torch.float64
+            self.moments = self.ops.linear_moments(self.x, self.t, fp64=fp64)
+        state = {}
+        for name, p in (("weight", self.model.weight), ("bias", self.model.bias)):
+            hyper = buf = None
+            is_new = False
+            if p is not None and any(p is q for q in self.trained):
+                hyper = group_hyper(self.optimizer.group_of(p))
+                buf, is_new = self.optimizer.momentum_buffer(p, hyper)
+            state.update({f"{name}_hyper": hyper, f"{name}_buffer": buf, f"init_{name}_buffer": is_new})
+        with torch.no_grad():
+            self.ops.stats_sgd_epochs(self.moments[0], self.moments[1:], self.model.weight, self.model.bias,
+                                      state.pop("weight_buffer"), state.pop("bias_buffer"), history,
+                                      mean=self.reduction == "mean", **state)
+        self.optimizer._opt_called = True  # LR schedulers look for this flag
+
+    def restore(self, bad_epoch: int) -> None:
+        # The epochs kept the last finite epoch's values; buffers created after the fit began did not exist then.
+        if bad_epoch == 0:
+            for p, had in zip(self.params, self.had_buffer):
+                if not had:
+                    self.optimizer.state.get(p, {}).pop("momentum_buffer", None)
