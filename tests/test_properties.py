@@ -97,18 +97,51 @@ def test_linear_mse_matches_float64_on_random_problems(backend, p):
     f64 = [None if v is None else v.detach().double() for v in (x_leaf, t_leaf, weight, bias)]
     ref_loss, ref_x, ref_t, ref_w, ref_b = run(*f64, fused=False)
 
+    # Random problems include sums that cancel (db with O = 1 is one sum of N residuals), where no
+    # float32 code is close to float64 relative to the result; the bound that holds is relative to the
+    # same sums taken over absolute values (|fl(Σ v) − Σ v| ≤ γ_n Σ |v|). scale[...] are those sums.
+    scale = _absolute_sums(*f64, p)
     # Half inputs with fp32 weights are computed in fp32 from the exact half values: fp32's tolerance.
     tol = TOLERANCE[param_dtype]
     assert loss.dtype == torch.promote_types(dtype, param_dtype)
-    assert_close(loss, ref_loss, tol, "loss")
-    assert_close(weight.grad, ref_w.grad, tol, "dW")
+    _assert_within(loss, ref_loss, scale["loss"], tol, "loss")
+    _assert_within(weight.grad, ref_w.grad, scale["weight"], tol, "dW")
     if bias is not None:
-        assert_close(bias.grad, ref_b.grad, tol, "db")
+        _assert_within(bias.grad, ref_b.grad, scale["bias"], tol, "db")
     # dX and dT come back in x's dtype: rounded to it once.
     if p["x_grad"]:
-        assert_close(x_leaf.grad, ref_x.grad, TOLERANCE[dtype], "dX")
+        _assert_within(x_leaf.grad, ref_x.grad, scale["x"], TOLERANCE[dtype], "dX")
     if p["t_grad"]:
-        assert_close(t_leaf.grad, ref_t.grad, TOLERANCE[dtype], "dT")
+        _assert_within(t_leaf.grad, ref_t.grad, scale["target"], TOLERANCE[dtype], "dT")
+
+
+def _absolute_sums(x_leaf, t_leaf, weight, bias, p) -> dict[str, torch.Tensor]:
+    """The loss and gradient formulas evaluated on absolute values (float64): the scale of each result's
+    rounding error. a = |X|·|W|ᵀ + |b| + |T| bounds each residual's terms."""
+    n = p["n"]
+    x = _view(x_leaf, p["layout"], n).reshape(n, -1).abs()
+    t = _view(t_leaf, "3-D" if p["layout"] == "3-D" else "contiguous", n).reshape(n, -1).abs()
+    a = x @ weight.abs().t() + t + (bias.abs() if bias is not None else 0)
+    k = 2.0 / a.numel() if p["reduction"] == "mean" else 2.0
+    out = {"loss": (a * a).sum() * k / 2, "weight": k * a.t() @ x, "bias": k * a.sum(0)}
+    out["x"] = _leaf_grad_of_view(k * a @ weight.abs(), x_leaf, p["layout"], n)
+    out["target"] = (k * a).reshape(t_leaf.shape)
+    return out
+
+
+def _leaf_grad_of_view(v: torch.Tensor, leaf: torch.Tensor, layout: str, n: int) -> torch.Tensor:
+    """What autograd leaves on ``leaf`` when ``v`` (N, D) is the gradient of its view."""
+    base = leaf.detach().clone().requires_grad_()
+    view = _view(base, layout, n)
+    view.backward(v.reshape(view.shape))
+    return base.grad
+
+
+def _assert_within(out: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor, tol: float, what: str) -> None:
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{what}: not finite"
+    err = float((out.detach().double() - ref.detach().double()).norm() / scale.double().norm().clamp_min(1e-300))
+    assert err <= tol, f"{what}: error {err:.3g} of the absolute-value scale > {tol:.3g}"
 
 
 @st.composite
