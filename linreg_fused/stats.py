@@ -506,23 +506,23 @@ class StatisticsPath:
     of epochs), then each chunk's epochs in one launch on the statistics (a loop of small
     device ops where D is wide), no host sync. The epoch loss is the loss before the step, as
     a pass per epoch reports it; the kernel keeps the state of the last finite epoch, so a
-    divergence leaves the parameters and momentum buffers there. Parameters outside
-    ``trained`` (frozen, or not held by the optimizer) are left untouched."""
+    divergence leaves the parameters and momentum buffers there. Parameters the optimizer does
+    not train (frozen, or not held by it) are left untouched."""
 
     reads_orders = False  # a full batch: the row order cannot change the step
 
-    def __init__(self, model, optimizer, x: torch.Tensor, t: torch.Tensor, reduction: str, ops,
-                 trained: list[torch.Tensor]) -> None:
+    def __init__(self, model, optimizer: FusedSGD, x: torch.Tensor, t: torch.Tensor, reduction: str, ops) -> None:
         self.model, self.optimizer, self.x, self.t, self.reduction, self.ops = model, optimizer, x, t, reduction, ops
-        self.trained = trained
         self.params = [p for p in (model.weight, model.bias) if p is not None]
         self.had_buffer = [optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in self.params]
         self.moments: Moments | None = None
 
     @staticmethod
     def applies(optimizer, source) -> bool:
-        """Tensor inputs, a full batch and FusedSGD (the step is then a function of the statistics)."""
-        return getattr(source, "full_batch", False) and isinstance(optimizer, FusedSGD)
+        """Tensor inputs, a full batch and FusedSGD (the step is then a function of the statistics),
+        without step hooks (one launch of many steps cannot fire them per step)."""
+        return (getattr(source, "full_batch", False) and isinstance(optimizer, FusedSGD)
+                and not optimizer.has_step_hooks())
 
     def run(self, orders: torch.Tensor | None, history: torch.Tensor) -> None:
         if self.moments is None:
@@ -532,7 +532,7 @@ class StatisticsPath:
         for name, p in (("weight", self.model.weight), ("bias", self.model.bias)):
             hyper = buf = None
             is_new = False
-            if p is not None and any(p is q for q in self.trained):
+            if self.optimizer.trains(p):
                 hyper = group_hyper(self.optimizer.group_of(p))
                 buf, is_new = self.optimizer.momentum_buffer(p, hyper)
             state.update({f"{name}_hyper": hyper, f"{name}_buffer": buf, f"init_{name}_buffer": is_new})
@@ -540,7 +540,7 @@ class StatisticsPath:
             self.ops.stats_sgd_epochs(self.moments[0], self.moments[1:], self.model.weight, self.model.bias,
                                       state.pop("weight_buffer"), state.pop("bias_buffer"), history,
                                       mean=self.reduction == "mean", **state)
-        self.optimizer._opt_called = True  # LR schedulers look for this flag
+        self.optimizer._mark_stepped()
 
     def restore(self, bad_epoch: int) -> None:
         # The epochs kept the last finite epoch's values; buffers created after the fit began did not exist then.

@@ -332,8 +332,7 @@ def choose_path(model, optimizer, source, reduction: str, epochs: int, cuda_grap
     ops = select_ops(model.backend, device)
     one_launch = OneLaunchPath.applies(model, optimizer, source, ops)
     if statistics is not False and _statistics_chosen(model, optimizer, source, epochs, one_launch, statistics):
-        return StatisticsPath(model, optimizer, source.x, source.t, reduction, ops,
-                              _trained_parameters(model, optimizer))
+        return StatisticsPath(model, optimizer, source.x, source.t, reduction, ops)
     if one_launch:
         return OneLaunchPath(model, optimizer, source, reduction, ops)
     if isinstance(source, TensorSource) and isinstance(optimizer, FusedSGD):
@@ -351,9 +350,9 @@ def _statistics_chosen(model, optimizer, source, epochs: int, one_launch: bool, 
         if statistics:
             got = ("an iterable of batches" if not isinstance(source, TensorSource) else
                    f"batch_size={source.batch_size} < {source.n_rows} rows" if not source.full_batch else
-                   f"{type(optimizer).__name__}")
+                   f"{type(optimizer).__name__}" if not isinstance(optimizer, FusedSGD) else "step hooks")
             raise ValueError(f"statistics=True needs tensor inputs, a full batch (batch_size=None or >= the number "
-                             f"of rows) and FusedSGD; this fit has {got}")
+                             f"of rows) and FusedSGD without step hooks; this fit has {got}")
         return False
     d, o = source.x.shape[1], source.t.shape[1]
     problem = statistics_memory_problem(d, o, model.weight.device)

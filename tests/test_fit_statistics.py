@@ -179,6 +179,10 @@ def test_statistics_true_errors(backend):
         model.fit(x, y, epochs=2, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), statistics=True)
     with pytest.raises(ValueError, match="iterable of batches"):
         model.fit([(x, y)], epochs=2, lr=0.1, statistics=True)
+    hooked = FusedSGD(model.parameters(), lr=0.1, backend=backend)
+    hooked.register_step_post_hook(lambda *args: None)  # one launch of many steps cannot call it per step
+    with pytest.raises(ValueError, match="without step hooks; this fit has step hooks"):
+        model.fit(x, y, epochs=2, optimizer=hooked, statistics=True)
     with pytest.raises(TypeError, match="statistics must be"):
         model.fit(x, y, epochs=2, lr=0.1, statistics="yes")
     wide = FusedLinearRegressor(300_000, 1, backend=backend).to(DEVICE)  # (D+1)² float64: ~700 GB
