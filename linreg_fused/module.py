@@ -136,6 +136,7 @@ class FusedLinearRegressor(nn.Module):
         targets: torch.Tensor | None = None,
         *,
         alpha: float = 0.0,
+        precision: str | None = None,
     ) -> torch.Tensor:
         """Set weight and bias to the least-squares (alpha = 0) or ridge solution and return
         the training loss there (mean squared error, a 0-d fp64 tensor).
@@ -144,9 +145,11 @@ class FusedLinearRegressor(nn.Module):
         model's device; or inputs: a LinearStats, or an iterable of (x, t) chunks streamed
         through LinearStats.from_batches (data larger than the device's memory), with
         targets=None. The intercept is not penalised (scikit-learn's Ridge); a model
-        without bias fits none. See LinearStats.solve for the method and its accuracy.
+        without bias fits none. precision: of the statistics pass, "fp32" | "fp64" | None
+        (the data's); fp64 is worth its cost when the fit is tight or the features nearly
+        collinear. See LinearStats.solve for the method and its accuracy.
         """
-        stats = _statistics_of(self, inputs, targets)
+        stats = _statistics_of(self, inputs, targets, precision)
         if (stats.in_features, stats.out_features) != (self.in_features, self.out_features):
             raise ValueError(f"the statistics are of {stats.in_features}→{stats.out_features} but the model is "
                              f"{self.in_features}→{self.out_features}")
@@ -161,7 +164,7 @@ class FusedLinearRegressor(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{extra}"
 
 
-def _statistics_of(model: FusedLinearRegressor, inputs, targets) -> LinearStats:
+def _statistics_of(model: FusedLinearRegressor, inputs, targets, precision: str | None) -> LinearStats:
     device = model.weight.device
     if isinstance(inputs, LinearStats):
         if targets is not None:
@@ -170,7 +173,8 @@ def _statistics_of(model: FusedLinearRegressor, inputs, targets) -> LinearStats:
     if isinstance(inputs, torch.Tensor):
         if not isinstance(targets, torch.Tensor):
             raise TypeError(f"solve(inputs, targets): targets must be a torch.Tensor, got {type(targets).__name__}")
-        return LinearStats.from_tensors(inputs.to(device), targets.to(device), backend=model.backend)
+        return LinearStats.from_tensors(inputs.to(device), targets.to(device), precision=precision,
+                                        backend=model.backend)
     if targets is not None:
         raise ValueError("solve(chunks): pass the targets inside the (x, t) chunks, not as a second argument")
-    return LinearStats.from_batches(inputs, device=device, backend=model.backend)
+    return LinearStats.from_batches(inputs, device=device, precision=precision, backend=model.backend)

@@ -223,6 +223,8 @@ def test_model_solve(backend):
     assert torch.equal(other.weight, model.weight)
     other.solve(row_chunks(x, t, 50))
     assert_close(other.weight, model.weight, 1e-5, "from chunks")
+    other.solve(x, t, precision="fp64")
+    assert_close(torch.cat([other.weight, other.bias[:, None]], 1), ref, 1e-6, "fp64 statistics")
     no_bias = FusedLinearRegressor(5, 2, bias=False, backend=backend).to(DEVICE)
     no_bias.solve(x, t, alpha=2.0)
     xd, td = x.double(), t.double()
