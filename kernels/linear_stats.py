@@ -94,7 +94,10 @@ def stats_config(in_features: int, out_features: int, device: torch.device, fp64
         block_o = p2(out_features)
         block_d = max(1, min(p2(in_features), 32, _FMA_BUDGET // (8 * block_o)))
         block_n = max(1, min(32, _FMA_BUDGET // (block_d * max(block_d, block_o))))
-        return StatsConfig(block_n, block_d, block_o, "fma", group_rows=4 * block_n if not on_gpu else 1024)
+        if not on_gpu:
+            return StatsConfig(block_n, block_d, block_o, "fma", group_rows=4 * block_n)
+        # sm_90: 8 warps keep the fp64 broadcast temporaries of the diagonal program unspilled.
+        return StatsConfig(block_n, block_d, block_o, "fma", num_warps=8)
     block_o = max(16, p2(out_features))
     if not on_gpu:  # the interpreter: small blocks, several of them in the test shapes
         return StatsConfig(16, 16, block_o, "tf32x3", group_rows=32)

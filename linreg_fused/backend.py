@@ -156,8 +156,10 @@ class TritonOps:
                          weight_buffer: torch.Tensor | None, bias_buffer: torch.Tensor | None,
                          history: torch.Tensor, **kwargs) -> None:
         """Full-batch epochs on the statistics: one launch while W·M_xx takes a few blocks; a wider
-        problem runs the reference's loop of small matrix products on the device (no sync either way)."""
-        if not self._stats.stats_sgd_supported(*reversed(weight.shape)):
+        problem (or non-contiguous parameters) runs the reference's loop of small matrix products
+        on the device (no sync either way)."""
+        contiguous = all(t is None or t.is_contiguous() for t in (weight, bias, weight_buffer, bias_buffer))
+        if not contiguous or not self._stats.stats_sgd_supported(*reversed(weight.shape)):
             TORCH_OPS.stats_sgd_epochs(n_rows, moments, weight, bias, weight_buffer, bias_buffer, history, **kwargs)
             return
         self._stats.stats_sgd_epochs(n_rows, moments, weight.detach(), None if bias is None else bias.detach(),
