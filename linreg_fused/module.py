@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Iterable
 
 import torch
@@ -131,6 +132,22 @@ class FusedLinearRegressor(nn.Module):
     ) -> list[float]:
         """Train on tensors or on an iterable of batches; see linreg_fused.train.fit."""
         return train.fit(self, data, targets, **kwargs)
+
+    def save(self, path: str | os.PathLike, **metadata) -> None:
+        """Write the model to a safetensors file, atomically; metadata: feature_names,
+        target_names, input_mean, input_scale (see linreg_fused.serialization.save)."""
+        from . import serialization
+
+        serialization.save(self, path, **metadata)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: torch.device | str | None = None,
+             backend: str = "auto", input_precision: str = "ieee") -> "FusedLinearRegressor":
+        """A model read from a file written by ``save`` (or any safetensors file of
+        nn.Linear's weight and bias); its metadata: linreg_fused.serialization.read_info."""
+        from . import serialization
+
+        return serialization.load(path, device=device, backend=backend, input_precision=input_precision)
 
     def extra_repr(self) -> str:
         extra = "" if self.backend == "auto" else f", backend={self.backend!r}"
