@@ -7,7 +7,7 @@ CSV files have a header row and comma-separated numbers (quoted or not).
 Two parsers read them, both compiled code and both correctly rounded:
 
 - ``engine="pyarrow"``: pyarrow's multi-threaded CSV reader (the ``arrow``
-  extra: ``pip install 'linreg-fused[arrow]'``), the fastest;
+  extra, or ``pip install pyarrow``), the fastest;
 - ``engine="numpy"``: ``numpy.loadtxt``'s C parser, always available;
 
 ``engine="auto"`` (the default) takes pyarrow when it is installed. Only the
@@ -38,7 +38,7 @@ import numpy as np
 
 ENGINES = ("auto", "pyarrow", "numpy")
 SUFFIXES = (".csv", ".npy", ".npz", ".parquet", ".pq")
-ARROW_HINT = "pip install 'linreg-fused[arrow]'"
+ARROW_HINT = "pip install pyarrow (the arrow extra)"
 
 
 class DataError(ValueError):

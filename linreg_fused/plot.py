@@ -1,4 +1,4 @@
-"""Training plots with matplotlib (the ``plot`` extra: ``pip install 'linreg-fused[plot]'``).
+"""Training plots with matplotlib (the ``plot`` extra; or ``pip install matplotlib``).
 
     history = model.fit(inputs, targets, epochs=100, batch_size=5, lr=1e-5)
     training_plot("loss.png", history, predicted=model(inputs), actual=targets,
@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-PLOT_HINT = "pip install 'linreg-fused[plot]'"
+PLOT_HINT = "pip install matplotlib (the plot extra)"
 MAX_POINTS = 2000  # per target in the predicted-vs-actual panel
 
 

@@ -1,4 +1,4 @@
-"""scikit-learn estimators (the ``sklearn`` extra: ``pip install 'linreg-fused[sklearn]'``).
+"""scikit-learn estimators (the ``sklearn`` extra; or ``pip install scikit-learn``).
 
     from linreg_fused.sklearn import FusedSGDRegressor, FusedLinearRegression
     est = FusedSGDRegressor(epochs=100, batch_size=32, random_state=0).fit(X, y)   # lr="auto"
@@ -32,7 +32,7 @@ try:
     from sklearn.utils import check_random_state
     from sklearn.utils.validation import check_is_fitted, validate_data
 except ImportError as err:  # pragma: no cover - depends on the environment
-    raise ImportError("linreg_fused.sklearn needs scikit-learn >= 1.6: pip install 'linreg-fused[sklearn]'") from err
+    raise ImportError("linreg_fused.sklearn needs scikit-learn >= 1.6: pip install scikit-learn (the sklearn extra)") from err
 
 from .module import FusedLinearRegressor
 from .optim import FusedSGD

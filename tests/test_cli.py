@@ -323,7 +323,7 @@ def test_plot_without_matplotlib_says_how_to_install_before_training(monkeypatch
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # importlib finds no matplotlib
     code, out, err = cli(capsys, "train", CROP_CSV, "--target", "apples", "--plot", "loss.png")
     assert code == 2 and out == ""
-    assert err == "linreg-fused: error: plotting needs matplotlib: pip install 'linreg-fused[plot]'\n"
+    assert err == "linreg-fused: error: plotting needs matplotlib: pip install matplotlib (the plot extra)\n"
 
 
 @pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")  # the interpreter's NumPy

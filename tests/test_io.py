@@ -98,10 +98,10 @@ def test_file_type_and_existence_errors(tmp_path):
 def test_pyarrow_engine_without_pyarrow_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(io, "_has_pyarrow", lambda: False)
     path = write(tmp_path, "a\n1\n")
-    with pytest.raises(DataError, match=r"pip install 'linreg-fused\[arrow\]'"):
+    with pytest.raises(DataError, match=r"needs pyarrow: pip install pyarrow \(the arrow extra\)"):
         read_columns(path, engine="pyarrow")
     np.testing.assert_array_equal(read_columns(path), [[1.0]])  # auto falls back to numpy
-    with pytest.raises(DataError, match=r"reading Parquet needs pyarrow: pip install 'linreg-fused\[arrow\]'"):
+    with pytest.raises(DataError, match=r"reading Parquet needs pyarrow: pip install pyarrow \(the arrow extra\)"):
         (tmp_path / "d.parquet").write_bytes(b"PAR1")
         read_columns(tmp_path / "d.parquet")
 
