@@ -46,9 +46,10 @@ def training_plot(
 ) -> None:
     """Write a PNG of size[0]·dpi × size[1]·dpi pixels to ``path``.
 
-    Left panel: the loss per epoch (``history``: fit's per-epoch mean batch
-    loss; ``val_history``: the validation MSE at each epoch's end), on a log
-    scale when every value is positive. Right panel (when ``predicted`` and
+    Left panel (when ``history`` is not empty): the loss per epoch
+    (``history``: fit's per-epoch mean batch loss; ``val_history``: the
+    validation MSE at each epoch's end), on a log scale when every value is
+    positive. Right panel (when ``predicted`` and
     ``actual``, both (N, O) or (N,), are given): predicted against actual
     values, one colour per target, with the line y = x; at most 2000 evenly
     spaced rows per target are drawn; ``rows_label`` says which rows they are
@@ -59,22 +60,26 @@ def training_plot(
     from matplotlib.figure import Figure
 
     scatter = predicted is not None and actual is not None
+    curves = len(history) > 0  # an exact solve has no epochs: the scatter alone
+    if not (scatter or curves):
+        raise ValueError("nothing to plot: give a loss history, or predicted and actual values")
     fig = Figure(figsize=size, dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2 if scatter else 1, squeeze=False)[0]
+    axes = list(fig.subplots(1, curves + scatter, squeeze=False)[0])
 
-    ax = axes[0]
-    epochs = np.arange(1, len(history) + 1)
-    ax.plot(epochs, history, label="train (epoch mean of batch losses)")
-    if val_history is not None:
-        ax.plot(np.arange(1, len(val_history) + 1), val_history, label="validation (MSE at epoch end)")
-    values = [v for v in (*history, *(val_history or ())) if math.isfinite(v)]
-    if values and min(values) > 0:
-        ax.set_yscale("log")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("MSE loss")
-    ax.set_title("Loss")
-    ax.legend()
+    if curves:
+        ax = axes.pop(0)
+        epochs = np.arange(1, len(history) + 1)
+        ax.plot(epochs, history, label="train (epoch mean of batch losses)")
+        if val_history is not None:
+            ax.plot(np.arange(1, len(val_history) + 1), val_history, label="validation (MSE at epoch end)")
+        values = [v for v in (*history, *(val_history or ())) if math.isfinite(v)]
+        if values and min(values) > 0:
+            ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("MSE loss")
+        ax.set_title("Loss")
+        ax.legend()
 
     if scatter:
         pred, true = (_as_2d_numpy(a) for a in (predicted, actual))
@@ -82,7 +87,7 @@ def training_plot(
             raise ValueError(f"predicted {pred.shape} and actual {true.shape} differ in shape")
         names = list(target_names) if target_names is not None else [f"target {i}" for i in range(pred.shape[1])]
         rows = np.unique(np.linspace(0, len(pred) - 1, min(len(pred), MAX_POINTS)).astype(np.int64))
-        ax = axes[1]
+        ax = axes.pop(0)
         for i, name in enumerate(names):
             ax.scatter(true[rows, i], pred[rows, i], s=8, alpha=0.6, label=name)
         lo, hi = float(np.nanmin(true[rows])), float(np.nanmax(true[rows]))
