@@ -68,11 +68,15 @@ def write_csv(path, names, values, fmt="%.17g"):
 # ---------------------------------------------------------------- the tutorial run
 
 def test_no_arguments_is_the_seeded_tutorial_run_every_time():
-    first, second = run([]), run([])
-    assert first.returncode == 0, first.stderr
-    assert first.stdout == second.stdout  # seeded by default: the same lines every run
-    assert "100 epochs, batch 5, lr 1e-05, seed 0" in first.stdout
-    assert "Epoch [100/100], Loss:" in first.stdout and "new region (temp 75" in first.stdout
+    # Twice in one fresh interpreter, as a user's shell runs it: an unseeded run would draw
+    # other initial weights and batches the second time.
+    code = "from linreg_fused.cli import main; main([]); print('@@'); main([])"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=USER_ENV)
+    assert proc.returncode == 0, proc.stderr
+    first, second = proc.stdout.split("@@\n")
+    assert first == second  # seeded by default: the same lines every run
+    assert "100 epochs, batch 5, lr 1e-05, seed 0" in first
+    assert "Epoch [100/100], Loss:" in first and "new region (temp 75" in first
 
 
 def test_the_seed_option_changes_the_run(capsys):
@@ -311,12 +315,14 @@ def test_errors_in_a_fresh_process_have_no_traceback(tmp_path, bad_csv):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_cuda_and_triton_where_they_cannot_run():
-    proc = run(["--device", "cuda"])
-    assert proc.returncode == 2 and proc.stderr.startswith("linreg-fused: error: --device cuda: CUDA is not available")
-    proc = run(["train", CROP_CSV, "--target", "apples", "--backend", "triton"])  # interpreter off
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-    assert "backend='triton' cannot run here" in proc.stderr and "TRITON_INTERPRET=1" in proc.stderr
+def test_cuda_and_triton_where_they_cannot_run(monkeypatch, capsys):
+    code, out, err = cli(capsys, "--device", "cuda")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("linreg-fused: error: --device cuda: CUDA is not available")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the backend reads it when it chooses
+    code, out, err = cli(capsys, "train", CROP_CSV, "--target", "apples", "--backend", "triton")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "backend='triton' cannot run here" in err and "TRITON_INTERPRET=1" in err
 
 
 def test_plot_without_matplotlib_says_how_to_install_before_training(monkeypatch, capsys):
