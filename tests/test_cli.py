@@ -94,14 +94,17 @@ def test_tutorial_quiet_and_log_every_zero(capsys):
 # ---------------------------------------------------------------- train / predict
 
 def test_train_on_a_million_row_csv_then_predict(tmp_path):
-    """The CLI end to end on a generated CSV of 10⁶ rows × (4 features + 2 targets), 66 MB:
-    train with --standardize, 10 % validation, --save and --plot (2 epochs of batch 4096,
-    the PyTorch reference backend), then predict all rows.
+    """The CLI end to end on a generated CSV of 10⁶ rows × (4 features + 2 targets), about
+    60 MB: train with --standardize, 10 % validation, --save and --plot (2 epochs of batch
+    50000 on the PyTorch reference backend, so the interpreter is not what is timed), then
+    predict every row to a CSV.
 
-    Measured on the 2-core development machine (torch 2.13.0 CPU, numpy 2.4, pyarrow 26,
-    Python 3.11), under a load of about 4 from other work: train 12 s wall, peak RSS
-    1.1 GB; predict 6 s wall, peak RSS 0.9 GB; the whole test 35 s, of which 8 s is writing
-    the CSV. Not asserted: timings on shared machines are noise.
+    Measured on the 2-core development machine (AMD EPYC; torch 2.13.0 CPU, numpy 2.4.6,
+    pyarrow 26.0.1, Python 3.11) while other jobs kept its load average at 6-8: train
+    31-43 s wall, 11-12 s CPU, peak RSS 0.62-0.64 GiB; predict 10-15 s wall, 3-4 s CPU,
+    peak RSS 0.40-0.41 GiB; this test alone under pytest 48-80 s wall, 22.5 s CPU
+    (user + sys, children included). Printed with pytest -s; not asserted: timings on a
+    shared machine are noise.
     """
     rng = np.random.default_rng()
     x, y, w, b = linear_data(1_000_000, 4, 2, noise=0.1, rng=rng)
@@ -142,14 +145,15 @@ def test_train_on_a_million_row_csv_then_predict(tmp_path):
 
 
 def _timed(args, tmp_path) -> subprocess.CompletedProcess:
-    """run(), printing its wall time and peak RSS (shown with pytest -s)."""
+    """run(), printing its wall and CPU time and peak RSS (shown with pytest -s)."""
     out, err = tmp_path / f"{args[0]}.out", tmp_path / f"{args[0]}.err"
     start = time.perf_counter()
     with open(out, "w") as o, open(err, "w") as e:
         proc = subprocess.Popen([sys.executable, "-m", "linreg_fused", *args], stdout=o, stderr=e, env=USER_ENV)
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    print(f"linreg-fused {args[0]}: {time.perf_counter() - start:.1f} s wall, peak RSS {usage.ru_maxrss / 2**20:.2f} GiB")
+    print(f"linreg-fused {args[0]}: {time.perf_counter() - start:.1f} s wall, "
+          f"{usage.ru_utime + usage.ru_stime:.1f} s CPU, peak RSS {usage.ru_maxrss / 2**20:.2f} GiB")
     return subprocess.CompletedProcess(args, proc.returncode, out.read_text(), err.read_text())
 
 
