@@ -317,7 +317,7 @@ def _train(args: argparse.Namespace) -> int:
         if xv is None:
             history = model.fit(x, t, log_every=log_every, **fit_kwargs)
         else:
-            log = _ValidationLog(model, xv, tv, log_every, hp["epochs"])
+            log = _ValidationLog(model, xv, tv, log_every)
             history = model.fit(x, t, log_every=1, print_fn=log, **fit_kwargs)
             val_history = log.history
 
@@ -366,8 +366,8 @@ class _ValidationLog:
 
     _EPOCH = re.compile(r"Epoch \[(\d+)/")
 
-    def __init__(self, model, x: torch.Tensor, t: torch.Tensor, log_every: int | None, epochs: int) -> None:
-        self.model, self.x, self.t, self.log_every, self.epochs = model, x, t, log_every, epochs
+    def __init__(self, model, x: torch.Tensor, t: torch.Tensor, log_every: int | None) -> None:
+        self.model, self.x, self.t, self.log_every = model, x, t, log_every
         self.history: list[float] = []
 
     def __call__(self, line: str) -> None:

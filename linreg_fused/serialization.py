@@ -32,10 +32,13 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .module import FusedLinearRegressor
 
 FORMAT = "linreg-fused"
 FORMAT_VERSION = 1
@@ -114,7 +117,7 @@ def load(
     device: torch.device | str | None = None,
     backend: str = "auto",
     input_precision: str = "ieee",
-) -> "FusedLinearRegressor":  # noqa: F821
+) -> FusedLinearRegressor:
     """A FusedLinearRegressor with the weights of the file at ``path``, on ``device``."""
     from .module import FusedLinearRegressor
 

@@ -188,8 +188,6 @@ def test_in_a_pipeline_with_cross_validation():
 
 @pytest.mark.skipif(importlib.util.find_spec("pandas") is None, reason="needs pandas")
 def test_feature_names_from_a_dataframe():
-    import pandas as pd
-
     x, y = load_diabetes(return_X_y=True, as_frame=True)
     est = FusedSGDRegressor(epochs=2, backend="torch").fit(x, y)
     assert list(est.feature_names_in_) == list(x.columns)
