@@ -189,5 +189,5 @@ STATS_REGIMES: list[Regime] = [
     *(Regime(f"stats-{name}", "statistics", n, d, o, None, dt, 0.1, gpu=True, epochs=100)
       for dt in (FP32, BF16)
       for name, n, d, o in (("tall", 4_194_304, 64, 4), ("wide", 1_048_576, 256, 16), ("deep", 262_144, 1024, 8))),
-    Regime("stats-small", "statistics", 256, 16, 4, None, FP32, 0.1, gpu=False, epochs=10),
+    Regime("stats-small", "statistics", 128, 8, 2, None, FP32, 0.1, gpu=False, epochs=5),
 ]
