@@ -64,9 +64,10 @@ class LinearStats:
 
     A loss formed from the statistics carries that error times the variance of the
     predictions and targets: on data with mean 1e4, spread 1 and a residual of 1e-2,
-    fp64 statistics give the loss to ~1e-9 relative and fp32 ones to ~1e-2, where the
-    uncentred fp32 sums would be wrong in every digit (tests/test_stats.py measures
-    both). Use precision="fp64" when the fit is tight relative to the data's spread.
+    fp64 statistics gave the loss to 2.5e-12 relative and fp32 ones to 2.5e-3 (Triton's
+    interpreter; expect a few times more on a GPU), where the uncentred fp32 sums are
+    wrong in every digit (tests/test_stats.py). Use precision="fp64" when the fit is
+    tight relative to the data's spread.
     """
 
     def __init__(self, in_features: int, out_features: int, *, device: torch.device | str | None = None,
