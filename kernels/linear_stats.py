@@ -1,9 +1,9 @@
 """Sufficient-statistics kernels: one pass over X and T, then any number of
 full-batch SGD epochs on the statistics alone.
 
-The pass. With A = X − s and B = T − s_t (s, s_t: a shift, the mean of the
-first rows, so the sums below do not cancel when the data sit far from 0),
-a program sums over its rows
+The pass. With A = X − s and B = T − s_t (s, s_t: a shift, the mean of up
+to SHIFT_ROWS leading rows, so the sums below do not cancel when the data
+sit far from 0), a program sums over its rows
 
     AᵀA (D × D)    BᵀA (O × D)    BᵀB (O × O)    Σ A (D)    Σ B (O)
 
@@ -11,33 +11,37 @@ Columns of X are split in blocks of BLOCK_D; AᵀA is tiled in block pairs
 (i, j), i ≤ j. Two launches of one kernel: the diagonal launch, one program
 per (block i, split of the rows), computes AᵀA[i, i], BᵀA[:, i], BᵀB and the
 column sums, reading its X block and T once; the off-diagonal launch (only
-when D > BLOCK_D) computes AᵀA[i, j] for i < j. The splits of the rows give
-the grid its width; each program writes its own row of a partial buffer,
-summed afterwards in a fixed order: no float atomics, bitwise reproducible.
+when D > BLOCK_D) computes AᵀA[i, j] for i < j, its programs of one split
+adjacent in the grid so that their shared rows come from L2. Each program
+owns one row of a partial buffer; the rows are summed afterwards in a fixed
+order: no float atomics, bitwise reproducible.
 
-Accuracy (fp32 / bf16 / fp16 inputs): the centred values are fp32 and each
-tile product is taken in one of three ways (``PRODUCT``):
+Accuracy (fp32 / bf16 / fp16 inputs): the shifted values are fp32 (one
+rounding) and each tile product is taken in one of three ways (PRODUCT):
 
 - TF32X3: a = hi + lo exactly, hi = a rounded to tf32 (11 significant bits),
-  then aᵀb ≈ hiᵀhi' + hiᵀlo' + loᵀhi' as three tensor-core dots. The
-  hardware truncates lo to tf32 too, so each product is within
-  2.5·2⁻²¹ ≈ 1.2e-6 of exact (relative to |a|·|b|), against 2⁻¹⁰ for one
-  tf32 dot; the dot accumulates its BLOCK_N rows in fp32.
+  then aᵀb ≈ hiᵀhi' + hiᵀlo' + loᵀhi' as three tensor-core dots (two on the
+  diagonal: AᵀA = Σ hiᵀhi + S + Sᵀ with S = Σ hiᵀlo). The hardware truncates
+  lo to tf32 too, so each product is within 2.5·2⁻²¹ ≈ 1.2e-6 of exact
+  (relative to |a|·|b|), against 2⁻¹¹ for a single tf32 dot.
 - IEEE: one fp32 dot with IEEE products (CUDA-core FMAs): products exact to
   2⁻²⁴, 3-6× slower than TF32X3 where both are compute-bound.
 - FMA: the broadcast product of tiles.py (any dtype, tiny blocks; fp64).
 
-Tiles are added into the program's accumulators with TwoSum compensation,
-and the partials are stored and summed in fp64: the error is that of a
-single tile's dot, independent of N. fp64 inputs (or precision "fp64")
-take exact fp64 products and fp64 accumulators.
+The dots accumulate in fp32 over at most GROUP_ROWS rows (1024 on a GPU);
+each group is then added to the program's fp64 partial row, and the rows
+are summed in fp64. So an entry of the statistics is within the product
+error plus 1024·2⁻²⁴ ≈ 6e-5 (worst case; √1024·2⁻²⁴ ≈ 2e-6 typical) of
+Σ |a|·|b|, whatever N. fp64 inputs (or precision "fp64") take exact fp64
+products and fp64 sums.
 
-Cost model per row, for the D columns of X and O of T (padded to blocks):
-the Gram is D·(D+1)/2 + O·D + O² multiply-adds, ×3 on tensor cores for
-TF32X3, against D + O elements read. On an H100 (~495 dense TF32 TFLOP/s
-against ~3.3 TB/s) TF32X3 stays under the read time while 6·(Gram MACs)
-< 150·(D+O)·bytes: about D ≲ 100 for fp32 rows; wider D is compute-bound
-(1024 columns: ~5 ms for 262,144 rows), still one pass instead of one per epoch.
+Cost model per row, with D the columns of X and O of T (O padded to 16):
+about 3·(D²/2 + O·D + O²) tensor-core multiply-adds against (D + O)
+elements read. An H100 SXM does ~247 T dense TF32 MAC/s against ~3.35 TB/s,
+~74 MACs per byte: for fp32 rows the pass is memory-bound at D = 64
+(~0.5 of the read time in MACs) and compute-bound beyond D ≈ 200 (D = 1024:
+~5× the read time, ~1.7 ms at peak for 262,144 rows) -- still one pass
+instead of one per epoch. These are data-sheet figures, not measurements.
 
 The epochs. ``_stats_sgd_kernel`` runs many full-batch SGD epochs in one
 launch and one program from the centred statistics (fp64): per epoch
