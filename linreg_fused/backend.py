@@ -152,6 +152,9 @@ class TritonOps:
             return TORCH_OPS.linear_moments(x, target, fp64=fp64)
         return self._stats.linear_moments(x, target, fp64=fp64)
 
+    def stats_epochs_in_one_launch(self, in_features: int, out_features: int) -> bool:
+        return self._stats.stats_sgd_supported(in_features, out_features)
+
     def stats_sgd_epochs(self, n_rows: int, moments: tuple, weight: torch.Tensor, bias: torch.Tensor | None,
                          weight_buffer: torch.Tensor | None, bias_buffer: torch.Tensor | None,
                          history: torch.Tensor, **kwargs) -> None:

@@ -188,8 +188,9 @@ class TorchOps:
             moments = chunk if moments is None else merge_moments(moments, chunk)
         return moments
 
-    def stats_sgd_supported(self, in_features: int, out_features: int) -> bool:
-        return True
+    def stats_epochs_in_one_launch(self, in_features: int, out_features: int) -> bool:
+        """Whether stats_sgd_epochs runs all epochs in one launch; here each epoch is ~20 small ops."""
+        return False
 
     @torch.no_grad()
     def stats_sgd_epochs(

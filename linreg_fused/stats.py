@@ -459,28 +459,31 @@ class _PinnedUploader:
 
 
 # ---------------------------------------------------------------- fit's full-batch path
-# The cost model of choose_path, in seconds on a nominal H100 (these are assumptions, not
+# The cost model of choose_path, in seconds on a nominal H100 (data-sheet assumptions, not
 # measurements; only their ratios steer the choice). A pass per epoch reads X and T each
-# epoch; the statistics path reads them once, takes the Gram's multiply-adds (split TF32:
-# three tensor-core products each), then runs each epoch as O·(D+1)² fp64 multiply-adds in
-# one program.
+# epoch; the statistics path reads them once and takes the Gram's multiply-adds (split TF32:
+# three tensor-core dots each), then runs each epoch as O·(D+1)² fp64 multiply-adds in one
+# program (or as a few small ops per epoch where one launch does not hold the epochs).
 _SECONDS_PER_BYTE = 1 / 3.0e12
-_SECONDS_PER_GRAM_MAC = 3 / 2.5e14
+_SECONDS_PER_GRAM_MAC = 1 / 2.5e14  # one dense TF32 tensor-core multiply-add
 _SECONDS_PER_EPOCH_MAC = 1 / 1.0e11
 _SECONDS_PER_EPOCH = 1e-6  # the epoch loop's own overhead
 _SECONDS_PER_LAUNCH = 5e-6
 _STATS_LAUNCHES = 15  # the pass, its assembly into moments, the epochs
+_LOOP_OPS_PER_EPOCH = 25  # the epochs as small device ops, where one launch does not run them
 
 
 def statistics_cost(n_rows: int, in_features: int, out_features: int, epochs: int, element_size: int,
-                    one_launch: bool) -> tuple[float, float]:
+                    one_launch: bool, epochs_in_one_launch: bool = True) -> tuple[float, float]:
     """(statistics path, pass per epoch): modelled seconds of ``epochs`` full-batch epochs.
 
-    one_launch: the pass-per-epoch path runs every epoch in one launch (small problems)."""
+    one_launch: the pass-per-epoch path runs every epoch in one launch (small problems);
+    epochs_in_one_launch: so does the statistics path (else each epoch is a few small ops)."""
     n, d, o = n_rows, in_features, out_features
     read = n * (d + o) * element_size * _SECONDS_PER_BYTE
-    gram = n * (d + 16) ** 2 * _SECONDS_PER_GRAM_MAC  # padded blocks
-    per_epoch = o * (d + 1) ** 2 * _SECONDS_PER_EPOCH_MAC + _SECONDS_PER_EPOCH
+    gram = n * 1.5 * (d + 16) ** 2 * _SECONDS_PER_GRAM_MAC  # three split-TF32 dots over half of (D+O)², O ≥ 16
+    per_epoch = o * (d + 1) ** 2 * _SECONDS_PER_EPOCH_MAC + (
+        _SECONDS_PER_EPOCH if epochs_in_one_launch else _LOOP_OPS_PER_EPOCH * _SECONDS_PER_LAUNCH)
     statistics = max(read, gram) + _STATS_LAUNCHES * _SECONDS_PER_LAUNCH + epochs * per_epoch
     passes = epochs * read + (_SECONDS_PER_LAUNCH if one_launch else 2 * epochs * _SECONDS_PER_LAUNCH)
     return statistics, passes

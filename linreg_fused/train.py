@@ -362,7 +362,10 @@ def _statistics_chosen(model, optimizer, source, epochs: int, one_launch: bool, 
         return False
     if statistics:
         return True
-    cost, passes = statistics_cost(source.n_rows, d, o, epochs, source.x.element_size(), one_launch)
+    ops = select_ops(model.backend, model.weight.device)
+    one_launch = one_launch and ops.name == "triton"  # the reference's fit_small is small ops per step
+    cost, passes = statistics_cost(source.n_rows, d, o, epochs, source.x.element_size(), one_launch,
+                                   ops.stats_epochs_in_one_launch(d, o))
     return cost < passes
 
 
