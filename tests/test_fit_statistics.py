@@ -143,16 +143,19 @@ def test_divergence_restores_the_last_finite_epoch(backend):
 def test_divergence_in_the_first_epoch_restores_the_start(backend):
     x, y = _problem(n=30, d=3, o=2)
     model = FusedLinearRegressor(3, 2, backend=backend).to(DEVICE)
-    start = copy.deepcopy(model.state_dict())
     opt = FusedSGD(model.parameters(), lr=float("inf"), momentum=0.5, backend=backend)
     with pytest.raises(TrainingDivergedError, match="at epoch 2/"):  # epoch 1's loss is finite; its step is not
         model.fit(x, y, epochs=4, optimizer=opt, statistics=True)
     x = x.clone()
     x[0, 0] = float("nan")
+    start = copy.deepcopy(model.state_dict())
+    opt = FusedSGD(model.parameters(), lr=0.1, momentum=0.5, backend=backend)
     with pytest.raises(TrainingDivergedError, match="at epoch 1/") as info:
-        model.fit(x, y, epochs=4, optimizer=FusedSGD(model.parameters(), lr=0.1, momentum=0.5, backend=backend),
-                  statistics=True, check_finite=False)
+        model.fit(x, y, epochs=4, optimizer=opt, statistics=True, check_finite=False)
     assert "values before fit" in str(info.value)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, start[name]), f"{name} not restored"
+    assert all("momentum_buffer" not in opt.state[p] for p in model.parameters())  # made in the failed epoch
 
 
 def test_cost_model():

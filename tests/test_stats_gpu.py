@@ -3,13 +3,12 @@ interpreter) at sizes the interpreter cannot afford, bitwise determinism,
 64-bit offsets, half inputs, and host chunks streamed through the pinned
 double buffers. Skipped without CUDA."""
 
-import numpy as np
 import pytest
 import torch
 from conftest import requires_cuda
 from oracle import assert_close
 
-from linreg_fused import FusedLinearRegressor, FusedSGD, LinearStats
+from linreg_fused import FusedLinearRegressor, LinearStats
 from linreg_fused.reference import TORCH_OPS
 from linreg_fused.stats import row_chunks
 
