@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+import os
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -12,6 +13,7 @@ from . import functional, train
 from .backend import BACKENDS
 from .functional import PRECISIONS
 from .optim import FusedSGD
+from .stats import LinearStats
 
 
 class FusedLinearRegressor(nn.Module):
@@ -146,6 +148,68 @@ class FusedLinearRegressor(nn.Module):
     # The training loop (linreg_fused.train.fit), as a method: model.fit(inputs, targets, epochs=..., ...).
     fit = train.fit
 
+    def save(self, path: str | os.PathLike, **metadata) -> None:
+        """Write the model to a safetensors file, atomically; metadata: feature_names,
+        target_names, input_mean, input_scale (see linreg_fused.serialization.save)."""
+        from . import serialization
+
+        serialization.save(self, path, **metadata)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: torch.device | str | None = None,
+             backend: str = "auto", input_precision: str = "ieee") -> "FusedLinearRegressor":
+        """A model read from a file written by ``save`` (or any safetensors file of
+        nn.Linear's weight and bias); its metadata: linreg_fused.serialization.read_info."""
+        from . import serialization
+
+        return serialization.load(path, device=device, backend=backend, input_precision=input_precision)
+
+    @torch.no_grad()
+    def solve(
+        self,
+        inputs: torch.Tensor | LinearStats | Iterable[tuple[torch.Tensor, torch.Tensor]],
+        targets: torch.Tensor | None = None,
+        *,
+        alpha: float = 0.0,
+        precision: str | None = None,
+    ) -> torch.Tensor:
+        """Set weight and bias to the least-squares (alpha = 0) or ridge solution and return
+        the training loss there (mean squared error, a 0-d fp64 tensor).
+
+        inputs, targets: tensors (..., in_features), (..., out_features), moved to the
+        model's device; or inputs: a LinearStats, or an iterable of (x, t) chunks streamed
+        through LinearStats.from_batches (data larger than the device's memory), with
+        targets=None. The intercept is not penalised (scikit-learn's Ridge); a model
+        without bias fits none. precision: of the statistics pass, "fp32" | "fp64" | None
+        (the data's); fp64 is worth its cost when the fit is tight or the features nearly
+        collinear. See LinearStats.solve for the method and its accuracy.
+        """
+        stats = _statistics_of(self, inputs, targets, precision)
+        if (stats.in_features, stats.out_features) != (self.in_features, self.out_features):
+            raise ValueError(f"the statistics are of {stats.in_features}→{stats.out_features} but the model is "
+                             f"{self.in_features}→{self.out_features}")
+        weight, bias = stats.solve(alpha, fit_intercept=self.bias is not None)
+        self.weight.copy_(weight.to(self.weight))
+        if self.bias is not None:
+            self.bias.copy_(bias.to(self.bias))
+        return stats.loss(self.weight, self.bias)
+
     def extra_repr(self) -> str:
         extra = "" if self.backend == "auto" else f", backend={self.backend!r}"
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{extra}"
+
+
+def _statistics_of(model: FusedLinearRegressor, inputs, targets, precision: str | None) -> LinearStats:
+    device = model.weight.device
+    if isinstance(inputs, LinearStats):
+        if targets is not None:
+            raise ValueError("solve(stats): the targets are in the statistics; pass targets=None")
+        return inputs
+    if isinstance(inputs, torch.Tensor):
+        if not isinstance(targets, torch.Tensor):
+            raise TypeError(f"solve(inputs, targets): targets must be a torch.Tensor, got {type(targets).__name__}")
+        return LinearStats.from_tensors(inputs.to(device), targets.to(device), precision=precision,
+                                        backend=model.backend)
+    if targets is not None:
+        raise ValueError("solve(chunks): pass the targets inside the (x, t) chunks, not as a second argument")
+    return LinearStats.from_batches(inputs, device=device, precision=precision, backend=model.backend)

@@ -14,6 +14,10 @@ small unit of its own:
   of the first.
 - ``EagerPath``: any other torch optimizer, or an iterable of batches:
   ``loss.backward(); optimizer.step()`` per batch (FusedSGD steps fused).
+- ``StatisticsPath`` (linreg_fused/stats.py): FusedSGD on a full batch, when
+  the cost model says so or ``statistics=True``: one pass over X and T for
+  their sufficient statistics, then every epoch from the (D+1)² statistics
+  alone (``statistics_cost``).
 - ``DistributedPath``: FusedSGD and tensors under torch.distributed (a
   process group of several ranks): each step's rows are split across the
   ranks, and one all-reduce per step makes it the step on all of them
@@ -43,10 +47,12 @@ import torch
 import torch.distributed as dist
 
 from . import distributed
+from .backend import select_ops
 from .functional import REDUCTIONS, check_inputs, fused_sgd_step
 from .kernels.specs import accumulator_dtype
 from .ops import RegisteredOps
 from .optim import FusedSGD, group_hyper
+from .stats import StatisticsPath, statistics_cost, statistics_memory_problem
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -379,7 +385,8 @@ class DistributedPath(_EpochRunner):
         return _mean_loss(losses, accumulator_dtype(m.weight.dtype))
 
 
-def choose_path(model, optimizer, source, reduction: str, epochs: int, cuda_graph: bool, group: Any = None):
+def choose_path(model, optimizer, source, reduction: str, epochs: int, cuda_graph: bool,
+                statistics: bool | None = None, group: Any = None):
     """The one place that decides how fit runs (see the module docstring).
     group: the resolved process group (distributed.resolve_group), or None."""
     device = model.weight.device
@@ -389,10 +396,17 @@ def choose_path(model, optimizer, source, reduction: str, epochs: int, cuda_grap
             raise ValueError(f"fit under torch.distributed runs FusedSGD's fused steps; with "
                              f"{type(optimizer).__name__}, wrap the model in DistributedDataParallel and write the "
                              f"loop, or pass process_group=False to train each rank on its own")
+        if statistics:
+            raise ValueError("statistics=True is not available under torch.distributed yet; pass statistics=False "
+                             "(or process_group=False to train each rank on its own)")
         if isinstance(source, TensorSource):
             return DistributedPath(model, optimizer, source, reduction, group, epochs)
         return EagerPath(model, optimizer, source, reduction, group)
-    if OneLaunchPath.applies(model, optimizer, source, ops):
+    one_launch = OneLaunchPath.applies(model, optimizer, source, ops)
+    if statistics is not False and _statistics_chosen(model, optimizer, source, epochs, one_launch, statistics):
+        # The statistics primitives are the backend's own (not registered ops): fit is not traced.
+        return StatisticsPath(model, optimizer, source.x, source.t, reduction, select_ops(model.backend, device))
+    if one_launch:
         return OneLaunchPath(model, optimizer, source, reduction, ops)
     if isinstance(source, TensorSource) and isinstance(optimizer, FusedSGD):
         # A graph is captured after the first epoch; with fewer than 3 epochs, or one step
@@ -401,6 +415,31 @@ def choose_path(model, optimizer, source, reduction: str, epochs: int, cuda_grap
                      and _graph_capture_possible(ops, optimizer, source, device))
         return PerBatchPath(model, optimizer, source, reduction, use_graph)
     return EagerPath(model, optimizer, source, reduction)
+
+
+def _statistics_chosen(model, optimizer, source, epochs: int, one_launch: bool, statistics: bool | None) -> bool:
+    """statistics=None: when the cost model prefers it and the statistics fit; True: always, or an error."""
+    if not StatisticsPath.applies(optimizer, source):
+        if statistics:
+            got = ("an iterable of batches" if not isinstance(source, TensorSource) else
+                   f"batch_size={source.batch_size} < {source.n_rows} rows" if not source.full_batch else
+                   f"{type(optimizer).__name__}" if not isinstance(optimizer, FusedSGD) else "step hooks")
+            raise ValueError(f"statistics=True needs tensor inputs, a full batch (batch_size=None or >= the number "
+                             f"of rows) and FusedSGD without step hooks; this fit has {got}")
+        return False
+    d, o = source.x.shape[1], source.t.shape[1]
+    problem = statistics_memory_problem(d, o, model.weight.device)
+    if problem is not None:
+        if statistics:
+            raise ValueError(f"statistics=True: {problem}; use statistics=False (a pass over the data per epoch)")
+        return False
+    if statistics:
+        return True
+    ops = select_ops(model.backend, model.weight.device)
+    one_launch = one_launch and ops.name == "triton"  # the reference's fit_small is small ops per step
+    cost, passes = statistics_cost(source.n_rows, d, o, epochs, source.x.element_size(), one_launch,
+                                   ops.stats_epochs_in_one_launch(d, o))
+    return cost < passes
 
 
 # ---------------------------------------------------------------- reporting
@@ -459,6 +498,7 @@ def fit(
     progress: bool | None = None,
     check_finite: bool = True,
     cuda_graph: bool = True,
+    statistics: bool | None = None,
     print_fn: Callable[[str], None] = print,
     process_group: Any = None,
 ) -> list[float]:
@@ -486,6 +526,14 @@ def fit(
     cuda_graph: on CUDA, with tensor inputs, FusedSGD, the Triton kernels and
     at least 3 epochs of several batches, capture an epoch of fused steps in
     a CUDA graph after the first epoch and replay it.
+    statistics: for a full batch with FusedSGD, read the data once for its
+    sufficient statistics and run every epoch from them (O·(D+1)² work per
+    epoch instead of a pass over N rows; linreg_fused.stats). None (default):
+    when the cost model says it is cheaper (one pass + epochs × O·(D+1)²
+    against epochs passes); True: always (an error if the fit is not full
+    batch with FusedSGD or the (D+1)² statistics do not fit in memory);
+    False: a pass per epoch. Same losses and parameters within the
+    statistics' accuracy (see LinearStats).
     process_group: under torch.distributed (by default the world group once
     it is initialised; False trains each rank on its own; see
     linreg_fused.distributed), data parallel with FusedSGD: every rank
@@ -501,11 +549,13 @@ def fit(
     parameters and momentum buffers are restored to the last finite epoch).
     """
     _check_options(epochs, log_every, reduction, seed, generator, print_fn)
+    if statistics not in (None, True, False):
+        raise TypeError(f"statistics must be None, True or False, got {statistics!r}")
     optimizer = _optimizer(model, optimizer, lr)
     source = _source(model, data, targets, batch_size, shuffle, seed, generator, check_finite, epochs)
     if progress is None:
         progress = sys.stderr.isatty() and epochs * source.batches_per_epoch >= 20_000
-    path = choose_path(model, optimizer, source, reduction, epochs, cuda_graph,
+    path = choose_path(model, optimizer, source, reduction, epochs, cuda_graph, statistics,
                        distributed.resolve_group(process_group))
     reporter = _Reporter(epochs, log_every, progress, print_fn)
     try:

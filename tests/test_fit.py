@@ -252,7 +252,7 @@ def test_main_job(capsys):
 @pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")  # the interpreter's NumPy
 def test_main_job_reports_divergence(capsys):
     assert main(["--lr", "1.0", "--epochs", "5"]) == 1
-    assert "smaller learning rate" in capsys.readouterr().out
+    assert "smaller learning rate" in capsys.readouterr().err
 
 
 class _ReplayStandIn:
