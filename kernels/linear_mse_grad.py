@@ -29,7 +29,7 @@ import triton.language as tl
 from .config import TileConfig, device_profile, grad_config
 from .plan import LaunchPlan
 from .specs import GradPartials, accumulator_dtype
-from .tiles import load_rows, rt_times_x, x_times_wt
+from .tiles import accumulate, load_rows, rt_times_x, x_times_wt
 
 
 @triton.jit
@@ -102,7 +102,7 @@ def _linear_mse_partials_kernel(
         # dW += Rᵀ·X. The first chunk is still in registers; later chunks are
         # re-read and summed into this program's own partial row (it alone
         # touches that row, so the read-modify-write needs no atomics).
-        dw_acc += rt_times_x(r, x, INPUT_PRECISION, USE_DOT)
+        dw_acc = accumulate(dw_acc, rt_times_x(r, x, INPUT_PRECISION, USE_DOT), INPUT_PRECISION)
         if not ONE_D_BLOCK:
             for d0 in range(BLOCK_D, D, BLOCK_D):
                 dd = d0 + offs_d

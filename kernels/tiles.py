@@ -68,3 +68,19 @@ def rt_times_x(r, x, INPUT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr):
         return tl.dot(tl.trans(r), x, input_precision=INPUT_PRECISION, out_dtype=x.dtype)
     else:
         return tl.sum(r[:, :, None] * x[:, None, :], axis=0)
+
+
+@triton.jit
+def accumulate(acc, product, INPUT_PRECISION: tl.constexpr):
+    """acc + product, rounded to nearest in registers.
+
+    Triton folds ``acc + tl.dot(...)`` into the dot's accumulator; on tensor
+    cores ("tf32", "tf32x3") that sum is the MMA's, whose additions need not
+    round to nearest, and over the thousands of row tiles of one program a
+    biased rounding would add up. tl.fma keeps the sum out of the MMA. IEEE
+    products run on the FMA units, where the folded sum is already exact FMAs.
+    """
+    if INPUT_PRECISION == "ieee":
+        return acc + product
+    else:
+        return tl.fma(product, 1.0, acc)

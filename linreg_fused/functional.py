@@ -21,7 +21,7 @@ from .backend import select_ops
 from .kernels.specs import ColumnTarget, GradPartials
 
 REDUCTIONS = ("mean", "sum")
-PRECISIONS = ("ieee", "tf32")
+PRECISIONS = ("ieee", "tf32", "tf32x3")
 _HALF = (torch.float16, torch.bfloat16)
 
 
