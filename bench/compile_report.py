@@ -178,7 +178,9 @@ def probe_cases(profile) -> list[Case]:
 def all_cases(arch: Arch) -> list[Case]:
     from linreg_fused.kernels.config import DeviceProfile
 
-    profile = DeviceProfile(gpu=True, multiprocessors=arch.multiprocessors)
+    # What device_profile() reads from a card of this architecture.
+    profile = DeviceProfile(gpu=True, multiprocessors=arch.multiprocessors, shared_per_block=arch.shared_per_block,
+                            shared_per_sm=arch.shared_per_sm)
     cases: list[Case] = []
     fp64_done: set[tuple] = set()
     for regime in (r for r in REGIMES if r.gpu):

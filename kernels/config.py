@@ -11,16 +11,19 @@ GPU rules:
 
 - Row tiles are sized by BYTES (a bf16 tile holds twice the rows of an fp32
   one), and the row-tile loop is software-pipelined (``num_stages``), so a
-  program has up to ``num_stages − 1`` tiles loading while it computes one.
-  Enough programs share an SM to keep ~32 KB of loads in flight there (by
-  Little's law about 25 KB per SM covers the memory latency of an H100/H200).
-- Products use ``tl.dot`` where it pays: O >= 16, or a tensor-core precision
-  ("tf32", "tf32x3") asked for; half-precision inputs are upcast to fp32 first,
-  so they go through the same choice. Below that, and always for fp64, they
-  are exact FMAs over a 3-D broadcast (kernels/tiles.py) whose
-  BLOCK_N·BLOCK_D·BLOCK_O products are kept within a per-thread register budget.
-- D is held in one block whenever the budget allows (``one_d_block``: the
-  kernels then have no chunk loop); otherwise the kernels walk D in chunks.
+  program has ``num_stages − 1`` tiles loading while it computes one; with
+  the programs sharing an SM that keeps ~32 KB of loads in flight per SM
+  (by Little's law about 25 KB covers the memory latency of an H100/H200).
+- Products of fp32 accumulation (fp32 and half-precision inputs) are tl.dot:
+  on tensor cores for "tf32"/"tf32x3", on the FMA units for "ieee" (exact
+  FMAs, each thread summing over K in registers, which the compile report
+  shows is ~1 FMA per multiply-add). fp64 uses FMAs over a 3-D broadcast
+  (kernels/tiles.py) whose BLOCK_N·BLOCK_D·BLOCK_O products are kept within
+  a per-thread register budget.
+- D is held in one block up to MAX_ONE_BLOCK_D (``one_d_block``: the
+  kernels then have no chunk loop); beyond, the kernels walk D in chunks.
+- Warps grow with the x tile and dW so that neither takes more than ~64
+  registers per thread: no launch spills (tests/test_compile.py).
 """
 
 from __future__ import annotations
@@ -35,10 +38,12 @@ from triton import next_power_of_2 as p2
 
 @dataclass(frozen=True)
 class DeviceProfile:
-    """What the block choice needs to know about the device."""
+    """What the block choice needs to know about the device (shared memory in bytes)."""
 
     gpu: bool
     multiprocessors: int = 1
+    shared_per_block: int = 166912  # the opt-in maximum of one program (an A100's, the smallest of sm_80/sm_90)
+    shared_per_sm: int = 167936
 
 
 INTERPRETER = DeviceProfile(gpu=False)
@@ -50,7 +55,11 @@ def device_profile(device: torch.device) -> DeviceProfile:
     if device.type != "cuda":
         return INTERPRETER
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return DeviceProfile(gpu=True, multiprocessors=torch.cuda.get_device_properties(index).multi_processor_count)
+    props = torch.cuda.get_device_properties(index)
+    per_block = getattr(props, "shared_memory_per_block_optin", DeviceProfile.shared_per_block)
+    per_sm = getattr(props, "shared_memory_per_multiprocessor", per_block + 1024)
+    return DeviceProfile(gpu=True, multiprocessors=props.multi_processor_count, shared_per_block=per_block,
+                         shared_per_sm=per_sm)
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,7 @@ class ReduceConfig:
 IN_FLIGHT_PER_SM = 32 * 1024  # bytes of loads each SM should have outstanding (>= ~25 KB, Little's law)
 TILE_BYTES = 16 * 1024  # target bytes of X (+T) per row tile
 MAX_STAGE_BYTES = 160 * 1024  # shared memory for one program's pipeline buffers
-SM_STAGE_BYTES = 200 * 1024  # for all programs of an SM (an H100/H200 has 228 KB, an A100 164 KB)
+SHARED_MARGIN = 8 * 1024  # what the compiler adds besides the estimate (reductions, layout conversions)
 MAX_PROGRAMS_PER_SM = 4
 MAX_STAGES = 6
 MAX_ONE_BLOCK_D = 1024  # larger D is walked in chunks of CHUNK_D
@@ -94,17 +103,25 @@ def _rows_for_bytes(row_bytes: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, p2(max(1, TILE_BYTES // row_bytes))))
 
 
-def _pipeline(tile_bytes: int) -> tuple[int, int]:
+def _pipeline(tile_bytes: int, extra_bytes: int, profile: DeviceProfile) -> tuple[int, int]:
     """(num_stages, programs per SM) for a pipelined row-tile loop: each program keeps
     num_stages − 1 tiles loading (IN_FLIGHT_PER_SM bytes if its buffers allow), and two
-    programs share an SM where their buffers fit, so one computes while the other waits."""
+    programs share an SM where their shared memory fits, so one computes while the other
+    waits. extra_bytes: shared memory a program needs besides its pipeline buffers."""
+    budget = profile.shared_per_block - SHARED_MARGIN
     stages = max(2, min(MAX_STAGES, 1 + cdiv(IN_FLIGHT_PER_SM, tile_bytes)))
-    while stages > 2 and stages * tile_bytes > MAX_STAGE_BYTES:
+    while stages > 2 and stages * tile_bytes + extra_bytes > min(budget, MAX_STAGE_BYTES):
         stages -= 1
+    per_program = stages * tile_bytes + extra_bytes + 1024
     programs = max(2, cdiv(IN_FLIGHT_PER_SM, (stages - 1) * tile_bytes))
-    while programs > 1 and programs * stages * tile_bytes > SM_STAGE_BYTES:
-        programs -= 1
-    return stages, min(MAX_PROGRAMS_PER_SM, programs)
+    programs = min(programs, MAX_PROGRAMS_PER_SM, max(1, profile.shared_per_sm // per_program))
+    return stages, programs
+
+
+def _shared_estimate(block_n: int, block_d: int, tile_bytes: int, stages: int, input_bytes: int) -> int:
+    """Shared memory of a dot-path gradient program, as the compile report measures it: the
+    pipeline buffers plus the fp32 operand tile(s) of the dots (two when inputs are upcast)."""
+    return stages * tile_bytes + (2 if input_bytes < 4 else 1) * block_n * block_d * 4
 
 
 def _fp64_blocks(in_features: int, block_o: int, num_warps: int) -> tuple[int, int]:
@@ -132,19 +149,24 @@ def grad_config(in_features: int, out_features: int, profile: DeviceProfile, acc
         # tf32x3 holds a high and a low part of each operand: chunks of CHUNK_D beyond that.
         one_block_d = CHUNK_D if input_precision == "tf32x3" else MAX_ONE_BLOCK_D
         block_d = max(16, p2(in_features)) if p2(in_features) <= one_block_d else CHUNK_D
-        if input_precision == "tf32x3":  # hi and lo parts of both operands: the fewest rows
-            block_n = 16
-        else:
-            block_n = _rows_for_bytes((min(block_d, in_features) + out_features) * input_bytes, 16, 128)
-        # More warps where the x tile or dW would take >= 64 registers per thread.
-        elements = max(block_n, block_o, 16) * block_d * (2 if input_precision == "tf32x3" else 1)
+        block_n = 16 if input_precision == "tf32x3" else _rows_for_bytes(
+            (min(block_d, in_features) + out_features) * input_bytes, 16, 128)
+        if block_d >= in_features and _shared_estimate(
+                block_n, block_d, block_n * (in_features + out_features) * input_bytes, 2, input_bytes
+        ) > profile.shared_per_block - SHARED_MARGIN:
+            block_d = CHUNK_D  # one block of D does not fit this card's shared memory: chunks
+        # More warps where the x tile or dW would take >= 64 registers per thread (the chunk
+        # loops hold a second x chunk).
+        elements = max(block_n, block_o, 16) * block_d * (2 if input_precision == "tf32x3" or block_d < in_features else 1)
         num_warps = 4 if elements < 8192 else (8 if elements < 32768 else 16)
+        extra = _shared_estimate(block_n, block_d, 0, 0, input_bytes)
     else:
         num_warps = 8 if p2(in_features) * block_o > 2048 else 4
         block_n, block_d = _fp64_blocks(in_features, block_o, num_warps)
+        extra = 0
     one_block = block_d >= in_features
     tile_bytes = block_n * ((in_features + out_features) if one_block else block_d) * input_bytes
-    num_stages, per_sm = _pipeline(tile_bytes)
+    num_stages, per_sm = _pipeline(tile_bytes, extra, profile)
     return TileConfig(block_n, block_d, block_o, use_dot, max_programs=per_sm * profile.multiprocessors,
                       num_warps=num_warps, num_stages=num_stages)
 

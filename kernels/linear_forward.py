@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import TileConfig, device_profile, forward_config
+from .config import DeviceProfile, TileConfig, device_profile, forward_config
 from .plan import LaunchPlan
 from .specs import accumulator_dtype
 from .tiles import load_rows, x_times_wt
@@ -60,9 +60,10 @@ def plan_linear_forward(
     out_dtype: torch.dtype,
     input_precision: str = "ieee",
     config: TileConfig | None = None,
-    profile=None,
+    profile: DeviceProfile | None = None,
 ) -> tuple[LaunchPlan, torch.Tensor]:
-    """The launch of linear_forward and its (not yet written) output; profile: a config.DeviceProfile."""
+    """The launch of linear_forward and its (not yet written) output; profile: the device
+    to plan for (default: x's device; the compile report plans for a GPU on the meta device)."""
     n_rows, in_features = x.shape
     out_features = weight.shape[0]
     acc = accumulator_dtype(weight.dtype)

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import TileConfig, device_profile, grad_config
+from .config import DeviceProfile, TileConfig, device_profile, grad_config
 from .plan import LaunchPlan
 from .specs import GradPartials, accumulator_dtype
 from .tiles import accumulate, load_rows, rt_times_x, x_times_wt
@@ -129,12 +129,12 @@ def plan_linear_mse_partials(
     store_residual: bool = False,
     input_precision: str = "ieee",
     config: TileConfig | None = None,
-    profile=None,
+    profile: DeviceProfile | None = None,
 ) -> tuple[LaunchPlan, GradPartials]:
     """The launch of linear_mse_partials and its (not yet written) outputs.
 
-    profile: a config.DeviceProfile to plan for (default: x's device); the
-    compile report plans for a GPU with tensors on the meta device.
+    profile: the device to plan for (default: x's device); the compile report
+    plans for a GPU with tensors on the meta device.
     """
     n_rows = row_index.numel() if row_index is not None else x.shape[0]
     out_features, in_features = weight.shape

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import specs
-from .config import ReduceConfig, device_profile, reduce_config
+from .config import DeviceProfile, ReduceConfig, device_profile, reduce_config
 from .plan import LaunchPlan
 from .specs import ColumnTarget, SGDHyper, accumulator_dtype
 from .tiles import f64_scalar
@@ -153,8 +153,9 @@ def _acc_of(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(accumulator_dtype(t.dtype) == torch.float64 for t in tensors) else torch.float32
 
 
-def plan_sum_column(partials: torch.Tensor, column: int, scale: float, out: torch.Tensor, *, profile=None,
-                    config: ReduceConfig | None = None) -> LaunchPlan:
+def plan_sum_column(partials: torch.Tensor, column: int, scale: float, out: torch.Tensor, *,
+                    config: ReduceConfig | None = None, profile: DeviceProfile | None = None) -> LaunchPlan:
+    """The launch of sum_column; profile: the device to plan for (default: partials' device)."""
     cfg = config or reduce_config(partials.shape[0], 1, profile or device_profile(partials.device))
     args = dict(partials_ptr=partials, n_partials=partials.shape[0], stride_partials=partials.stride(0),
                 column=column, scale=float(scale), out_ptr=out)
@@ -193,9 +194,9 @@ def plan_reduce_update(
     loss_column: int = 0,
     loss_scale: float = 1.0,
     config: ReduceConfig | None = None,
-    profile=None,
+    profile: DeviceProfile | None = None,
 ) -> LaunchPlan:
-    """The launch of reduce_update_ (see there); profile: a config.DeviceProfile (default: partials' device)."""
+    """The launch of reduce_update_ (see there); profile: the device to plan for (default: partials' device)."""
     if not 1 <= len(targets) <= 2:
         raise ValueError(f"one launch takes one or two targets, got {len(targets)}")
     n_columns = sum(t.out.numel() for t in targets)
