@@ -144,8 +144,9 @@ def regime_cases(regime: Regime, dtype_name: str, precision: str, profile) -> li
                       fp64_args=fp64, **common))
     if regime.name == "wide" and precision == "ieee":  # every branch of the update, once per accumulator dtype
         full = SGDHyper(lr=regime.lr, momentum=0.9, dampening=0.1, weight_decay=1e-4, nesterov=False, maximize=True)
+        targets = [ColumnTarget(0, w, full, _meta(o, d, dtype=pdt)), ColumnTarget(o * d, b, full, _meta(o, dtype=pdt))]
         update_all = reduce_update.plan_reduce_update(
-            buffer, [ColumnTarget(0, w, full, _meta(o, d, dtype=pdt)), ColumnTarget(o * d, b, full, _meta(o, dtype=pdt))],
+            buffer, targets,
             scale=2 * scale, grad_output=_meta(dtype=pdt), loss_out=_meta(dtype=pdt),
             loss_column=partials.loss_column, loss_scale=scale, profile=profile)
         cases.append(Case(kernel="update+momentum", plan=update_all, memory_bound=False, tile_bytes=reduce_tile,
@@ -448,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{summary['specializations']} specializations for {summary['launches']} launches in "
           f"{summary['wall_s']:.1f} s with {summary['jobs']} process(es); per specialization "
           f"{summary['compile_s_min']:.2f}-{summary['compile_s_max']:.2f} s (mean {summary['compile_s_mean']:.2f} s, "
-          f"{'cold' if not args.warm_cache else 'possibly cached'}); Triton {summary['triton']}, torch {summary['torch']}; "
+          f"{'cold' if not args.warm_cache else 'possibly cached'}); "
+          f"Triton {summary['triton']}, torch {summary['torch']}; "
           f"{summary['problems']} launch(es) with problems")
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "rows": [asdict(r) for r in rows]}, indent=1))

@@ -70,7 +70,7 @@ class TileConfig:
     use_dot: bool
     max_programs: int = 0  # the gradient kernel's grid cap (persistent programs); 0: one per tile
     num_warps: int = 4
-    num_stages: int = 1  # software-pipeline depth of the row-tile loop (1: not pipelined)
+    num_stages: int = 1  # software-pipeline depth of the row-tile loop (inference: the D loop); 1: none
 
 
 @dataclass(frozen=True)
@@ -155,9 +155,10 @@ def grad_config(in_features: int, out_features: int, profile: DeviceProfile, acc
                 block_n, block_d, block_n * (in_features + out_features) * input_bytes, 2, input_bytes
         ) > profile.shared_per_block - SHARED_MARGIN:
             block_d = CHUNK_D  # one block of D does not fit this card's shared memory: chunks
-        # More warps where the x tile or dW would take >= 64 registers per thread (the chunk
-        # loops hold a second x chunk).
-        elements = max(block_n, block_o, 16) * block_d * (2 if input_precision == "tf32x3" or block_d < in_features else 1)
+        # More warps where the x tile or dW would take >= 64 registers per thread (tf32x3
+        # holds two parts of each operand, the chunk loops a second x chunk).
+        doubled = input_precision == "tf32x3" or block_d < in_features
+        elements = max(block_n, block_o, 16) * block_d * (2 if doubled else 1)
         num_warps = 4 if elements < 8192 else (8 if elements < 32768 else 16)
         extra = _shared_estimate(block_n, block_d, 0, 0, input_bytes)
     else:
