@@ -10,8 +10,10 @@ runs an "ieee" product on tf32 tensor cores, runs a tf32/tf32x3 product
 without them, or keeps too few bytes in flight for a memory-bound regime,
 and when a float argument would reach the GPU as fp32.
 
-Cost: about 36 specializations at ~2 s of CPU each, ~45 s of wall time on
-two idle cores with a cold cache (Triton's cache makes a rerun quick).
+Cost, measured with a cold cache: 35 specializations, ~55 s of CPU in all
+(two compile processes, so about half that in wall time on two idle cores;
+184 s on two cores shared at load average ~9). Triton's cache makes a rerun
+take seconds.
 Skipped, with the reason, where Triton's NVIDIA compiler tools are absent.
 """
 
