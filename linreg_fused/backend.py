@@ -137,11 +137,14 @@ class TritonOps:
     def fit_small_supported(self, batch_size: int, in_features: int, out_features: int) -> bool:
         return self._fused_fit.fit_small_supported(batch_size, in_features, out_features)
 
-    def fit_small(self, x, target, weight, bias, weight_buffer, bias_buffer, permutations, history, **kwargs) -> None:
+    def fit_small(self, x, target, weight, bias, weight_buffer, bias_buffer, permutations, history, *,
+                  weight_hyper, bias_hyper, **kwargs) -> None:
+        """kernels.fused_fit.fit_small; a hyper of None leaves that parameter untouched."""
         self._fused_fit.fit_small(x, target, weight.detach(), None if bias is None else bias.detach(),
-                                  weight_buffer, bias_buffer, permutations, history, **kwargs)
-        for p in (weight, bias):
-            if p is not None:
+                                  weight_buffer, bias_buffer, permutations, history, weight_hyper=weight_hyper,
+                                  bias_hyper=bias_hyper, **kwargs)
+        for p, hyper in ((weight, weight_hyper), (bias, bias_hyper)):
+            if p is not None and hyper is not None:
                 torch.autograd.graph.increment_version(p)
 
     # ---------------------------------------------------------------- sufficient statistics

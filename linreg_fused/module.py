@@ -28,7 +28,7 @@ class FusedLinearRegressor(nn.Module):
       tutorial's training loop on the device.
 
     backend: "auto" | "triton" | "torch" (see linreg_fused.backend);
-    input_precision: "ieee" (default) | "tf32" for float32 products on GPUs.
+    input_precision: "ieee" (default) | "tf32" | "tf32x3" for float32 products on GPUs.
     """
 
     __constants__ = ["in_features", "out_features"]

@@ -194,13 +194,13 @@ def _fit_small_(x, target, weight, bias, weight_momentum, bias_momentum, orders,
     """Every epoch of ``orders`` (E, N) for a problem small enough for one
     program (see kernels/fused_fit.py): SGD steps over batches of batch_size
     rows in each epoch's order; history (E,) receives the epochs' mean batch
-    losses; the parameters and buffers end at the last finite epoch."""
+    losses; the parameters and buffers end at the last finite epoch. An
+    empty weight_sgd or bias_sgd leaves that parameter untouched."""
     weight_hyper, init_weight = unpack_sgd(weight_sgd)
     bias_hyper, init_bias = unpack_sgd(bias_sgd)
     select_ops(backend, x.device).fit_small(
         x, target, weight, bias, weight_momentum, bias_momentum, orders, history, batch_size=batch_size, mean=mean,
-        weight_hyper=weight_hyper, bias_hyper=bias_hyper if bias_hyper is not None else weight_hyper,
-        init_weight_buffer=init_weight, init_bias_buffer=init_bias)
+        weight_hyper=weight_hyper, bias_hyper=bias_hyper, init_weight_buffer=init_weight, init_bias_buffer=init_bias)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::fit_small_")

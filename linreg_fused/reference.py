@@ -145,16 +145,18 @@ class TorchOps:
         *,
         batch_size: int,
         mean: bool,
-        weight_hyper: SGDHyper,
-        bias_hyper: SGDHyper,
+        weight_hyper: SGDHyper | None,
+        bias_hyper: SGDHyper | None,
         init_weight_buffer: bool,
         init_bias_buffer: bool,
     ) -> None:
-        """The semantics of kernels.fused_fit.fit_small, one step at a time."""
+        """The semantics of kernels.fused_fit.fit_small, one step at a time; a
+        hyper of None leaves that parameter (and its buffer) untouched."""
         n_rows = x.shape[0]
-        params = [(weight, weight_buffer, weight_hyper, init_weight_buffer)]
-        if bias is not None:
-            params.append((bias, bias_buffer, bias_hyper, init_bias_buffer))
+        params = [(p, buf, hyper, init, col) for p, buf, hyper, init, col in (
+            (weight, weight_buffer, weight_hyper, init_weight_buffer, 0),
+            (bias, bias_buffer, bias_hyper, init_bias_buffer, weight.numel()))
+            if p is not None and hyper is not None]
         good = [t.clone() for p in params for t in p[:2] if t is not None]
         all_finite = True
         for epoch in range(history.numel()):
@@ -166,9 +168,10 @@ class TorchOps:
                 scale = 1.0 / (rows.numel() * weight.shape[0]) if mean else 1.0
                 losses.append(partials.buffer[0, partials.loss_column] * scale)
                 first = epoch == 0 and batch == 0
-                targets = [ColumnTarget(col, param, hyper, buf, first and init) for (param, buf, hyper, init), (col, _)
-                           in zip(params, (partials.weight_columns, partials.bias_columns))]
-                self.reduce_update_(partials.buffer, targets, scale=2.0 * scale, grad_output=None)
+                targets = [ColumnTarget(col, param, hyper, buf, first and init)
+                           for param, buf, hyper, init, col in params]
+                if targets:
+                    self.reduce_update_(partials.buffer, targets, scale=2.0 * scale, grad_output=None)
             history[epoch] = torch.stack(losses).mean()
             # The kernel keeps this flag on the device; the reference reads it once per epoch.
             all_finite = all_finite and bool(torch.isfinite(history[epoch]))
