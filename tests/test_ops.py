@@ -135,6 +135,12 @@ def test_fit_small_op(backend):
     assert_close(weight, ref.weight, FP32, "weight")
     assert_close(bias, ref.bias, FP32, "bias")
 
+    # An empty SGD list leaves that parameter (and its buffer) untouched.
+    frozen_bias, bias_buffer = b.clone(), torch.full_like(b, 0.5)
+    ops.fit_small_(x, t, w.clone(), frozen_bias, torch.zeros_like(w), bias_buffer, orders,
+                   torch.empty(2, device=DEVICE), **{**kwargs, "bias_sgd": []})
+    assert torch.equal(frozen_bias, b) and torch.equal(bias_buffer, torch.full_like(b, 0.5))
+
 
 def test_mutating_ops_declare_what_they_write():
     def written(op):
