@@ -108,7 +108,9 @@ def regime_cases(regime: Regime, dtype_name: str, precision: str, profile) -> li
     common = dict(regime=regime.name, dtype=dtype_name, precision=precision, hot=hot)
     x, t = _meta(n, d, dtype=dt), _meta(n, o, dtype=dt)
     w, b = _meta(o, d, dtype=pdt), _meta(o, dtype=pdt)
-    if regime.kind == "fit":
+    if regime.kind == "statistics":
+        return []  # the statistics pass and epochs kernels: bench/compile_stats.py
+    if regime.kind == "fit" and fused_fit.fit_small_supported(regime.batch_size, d, o):
         steps = regime.epochs
         plan = fused_fit.plan_fit_small(
             x, t, w, b, None, None, _meta(steps, n, dtype=torch.int64), _meta(steps, dtype=pdt),

@@ -191,7 +191,6 @@ class OneLaunchPath:
     def applies(model, optimizer, source, ops) -> bool:
         params = [p for p in (model.weight, model.bias) if p is not None]
         return (isinstance(source, TensorSource) and isinstance(optimizer, FusedSGD)
-                and all(optimizer.trains(p) for p in params)  # the kernel updates every parameter
                 and not optimizer.has_step_hooks()  # one launch of many steps cannot fire hooks per step
                 and all(p.is_contiguous() for p in params)
                 and ops.fit_small_supported(source.batch_size, source.x.shape[1], model.out_features))
@@ -201,8 +200,9 @@ class OneLaunchPath:
     def run(self, orders: torch.Tensor, history: torch.Tensor) -> None:
         state = {}
         for name, p in (("weight", self.model.weight), ("bias", self.model.bias)):
-            hyper = group_hyper(self.optimizer.group_of(p)) if p is not None else state["weight_hyper"]
-            buf, is_new = self.optimizer.momentum_buffer(p, hyper) if p is not None else (None, False)
+            # hyper None: the kernel leaves a frozen parameter, or one the optimizer does not hold, alone.
+            hyper = group_hyper(self.optimizer.group_of(p)) if self.optimizer.trains(p) else None
+            buf, is_new = self.optimizer.momentum_buffer(p, hyper) if hyper is not None else (None, False)
             state.update({f"{name}_hyper": hyper, f"{name}_buffer": buf, f"init_{name}_buffer": is_new})
         with torch.no_grad():
             self.ops.fit_small(self.source.x, self.source.t, self.model.weight, self.model.bias, permutations=orders,
