@@ -269,7 +269,7 @@ class RegisteredOps:
         return select_ops(self.backend, self.device).fit_small_supported(batch_size, in_features, out_features)
 
     def fit_small(self, x, target, weight, bias, weight_buffer, bias_buffer, permutations, history, *,
-                  batch_size: int, mean: bool, weight_hyper: SGDHyper, bias_hyper: SGDHyper,
+                  batch_size: int, mean: bool, weight_hyper: SGDHyper | None, bias_hyper: SGDHyper | None,
                   init_weight_buffer: bool, init_bias_buffer: bool) -> None:
         fit_small_(
             x, target, weight, bias, weight_buffer, bias_buffer, permutations, history, batch_size=batch_size,
