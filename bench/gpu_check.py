@@ -68,6 +68,7 @@ DEFAULT_BUDGET_S = 240.0
 SMOKE_BUDGET_S = 900.0  # the interpreter on a shared CPU is slow, and no device time is at stake
 WORKER_SHARE = 0.4
 RESERVE_S = 10.0
+INTEGRATION_S = 45.0  # section 5: opcheck, a compiled and a graphed train_step, a one-rank process group
 WORKER_GRACE_S = 10.0  # a worker still busy this long after the phase's deadline is stopped
 COMPILE_PEER_NEED_S = 30.0  # a torch.compile peer starts only with this much left (its compile, if cold)
 
@@ -694,10 +695,18 @@ def main(argv: list[str] | None = None) -> int:
             for check in parity_checks(args.cpu_smoke, device):
                 poison_allocator(device)
                 run.check("parity", check.name, check.fn, check.need_s)
-    run.deadline = None
+    # The timings end INTEGRATION_S before the budget does: the PyTorch-integration checks get the rest.
+    run.deadline = args.budget_s - RESERVE_S - INTEGRATION_S
     with run.section("4. timings (triton.testing.do_bench medians)", need_s=10.0) as ok:
         if ok:
             section_timing(run, harness, copy_gbps, with_compile=not args.skip_compile)
+    run.deadline = None
+    with run.section("5. PyTorch integration (ops, compile, CUDA graph, process group)", need_s=10.0) as ok:
+        if ok:
+            from torch_integration_check import torch_integration_checks
+
+            for check in torch_integration_checks(device, smoke=args.cpu_smoke):
+                run.check("torch", check.name, check.fn, check.need_s)
     if signatures is not None:
         run.meta["launch_signatures"] = len(worker_keys | {repr(k) for k in signatures.seen})
     return summary(run)

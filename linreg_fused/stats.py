@@ -540,10 +540,12 @@ class StatisticsPath:
                 hyper = group_hyper(self.optimizer.group_of(p))
                 buf, is_new = self.optimizer.momentum_buffer(p, hyper)
             state.update({f"{name}_hyper": hyper, f"{name}_buffer": buf, f"init_{name}_buffer": is_new})
+        losses = torch.empty(history.shape[0], device=history.device, dtype=history.dtype)
         with torch.no_grad():
             self.ops.stats_sgd_epochs(self.moments[0], self.moments[1:], self.model.weight, self.model.bias,
-                                      state.pop("weight_buffer"), state.pop("bias_buffer"), history,
+                                      state.pop("weight_buffer"), state.pop("bias_buffer"), losses,
                                       mean=self.reduction == "mean", **state)
+        history.copy_(losses[:, None].expand_as(history))  # one batch per epoch: mean and last are the same
         self.optimizer._mark_stepped()
 
     def restore(self, bad_epoch: int) -> None:

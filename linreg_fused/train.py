@@ -256,7 +256,7 @@ class _EpochRunner:
     def run(self, orders: torch.Tensor | None, history: torch.Tensor) -> None:
         for e in range(history.shape[0]):
             history[e] = self.epoch(orders[e] if orders is not None else None)
-            self.last_finite.epoch_end(history[e])
+            self.last_finite.epoch_end(history[e, 0])
 
     def restore(self, bad_epoch: int) -> None:
         self.last_finite.restore(bad_epoch)
@@ -272,10 +272,12 @@ class _EpochRunner:
         return ((s.x, s.t, order[i : i + s.batch_size]) for i in range(0, s.n_rows, s.batch_size))
 
 
-def _mean_loss(losses: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def _epoch_losses(losses: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """(2,) on the device: the epoch's mean batch loss, and its last batch's loss (what the tutorial prints)."""
     if not losses:
         raise ValueError("an epoch had no batches: nothing to train on")
-    return torch.stack([loss.to(dtype) for loss in losses]).mean()
+    losses = torch.stack([loss.to(dtype) for loss in losses])
+    return torch.stack([losses.mean(), losses[-1]])
 
 
 class PerBatchPath(_EpochRunner):
@@ -295,7 +297,7 @@ class PerBatchPath(_EpochRunner):
                                  backend=m.backend, input_precision=m.input_precision, validate=False,
                                  process_group=False)
                   for x, t, rows in self._tensor_batches(order)]
-        return _mean_loss(losses, accumulator_dtype(m.weight.dtype))
+        return _epoch_losses(losses, accumulator_dtype(m.weight.dtype))
 
     def epoch(self, order: torch.Tensor | None) -> torch.Tensor:
         if self.graphed is not None:
@@ -331,7 +333,7 @@ class EagerPath(_EpochRunner):
                        for x, t, rows in self._tensor_batches(order))
         losses = [m.train_step(xb, yb, self.optimizer, self.reduction, process_group=self.process_group)
                   for xb, yb in batches]
-        return _mean_loss(losses, accumulator_dtype(m.weight.dtype))
+        return _epoch_losses(losses, accumulator_dtype(m.weight.dtype))
 
     def _checked_batch(self, batch, device) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
@@ -382,7 +384,7 @@ class DistributedPath(_EpochRunner):
                                  backend=m.backend, input_precision=m.input_precision, validate=False,
                                  process_group=self.group)
                   for x, t, rows in steps]
-        return _mean_loss(losses, accumulator_dtype(m.weight.dtype))
+        return _epoch_losses(losses, accumulator_dtype(m.weight.dtype))
 
 
 def choose_path(model, optimizer, source, reduction: str, epochs: int, cuda_graph: bool,
@@ -463,11 +465,12 @@ class _Reporter:
             stops.append(epoch + max(1, self.epochs // 100))
         return min(stops)
 
-    def report(self, done: int, history: list[float]) -> None:
+    def report(self, done: int, history: list[float], last_batch: list[float]) -> None:
         if self.log_every and done % self.log_every == 0:
             # Through tqdm while a bar is drawn, so the line does not tear it.
             emit = self.bar.write if self.bar is not None and self.print_fn is print else self.print_fn
-            emit(f"Epoch [{done}/{self.epochs}], Loss: {history[done - 1]:.4f}")
+            emit(f"Epoch [{done}/{self.epochs}], Loss: {last_batch[done - 1]:.4f}, "
+                 f"Epoch mean loss: {history[done - 1]:.4f}")
         if self.bar is not None:
             self.bar.update(done - self.bar.n)
             self.bar.set_postfix(loss=f"{history[done - 1]:.4g}", refresh=False)
@@ -567,8 +570,10 @@ def fit(
 def _run(path, source, epochs: int, reporter: _Reporter, optimizer, weight: torch.Tensor) -> list[float]:
     """Chunks of epochs between report points; one sync per chunk."""
     device = weight.device
-    history_dev = torch.empty(epochs, device=device, dtype=accumulator_dtype(weight.dtype))
+    # Per epoch: the mean batch loss (fit's history) and the last batch's loss (the tutorial's log line).
+    history_dev = torch.empty((epochs, 2), device=device, dtype=accumulator_dtype(weight.dtype))
     history: list[float] = []
+    last_batch: list[float] = []
     epoch = 0
     while epoch < epochs:
         stop = reporter.chunk_end(epoch)
@@ -578,13 +583,15 @@ def _run(path, source, epochs: int, reporter: _Reporter, optimizer, weight: torc
             stop = min(stop, epoch + max(1, _PERMUTATION_BUDGET // source.n_rows))
             orders = dataloader_orders(source.n_rows, stop - epoch, source.shuffle, source.generator, device)
         path.run(orders, history_dev[epoch:stop])
-        history.extend(history_dev[epoch:stop].tolist())  # the report point: one sync
+        for mean, last in history_dev[epoch:stop].tolist():  # the report point: one sync
+            history.append(mean)
+            last_batch.append(last)
         bad = next((i for i in range(epoch, stop) if not math.isfinite(history[i])), None)
         if bad is not None:
             path.restore(bad)
             raise _diverged(bad, epochs, history[: bad + 1], optimizer)
         epoch = stop
-        reporter.report(epoch, history)
+        reporter.report(epoch, history, last_batch)
     return history
 
 

@@ -74,14 +74,37 @@ def test_fit_takes_numpy_arrays(backend):
     assert ha == hb and torch.equal(a.weight, b.weight)
 
 
-def test_log_prints_like_the_tutorial_and_progress_uses_tqdm(backend, capsys):
+@pytest.mark.parametrize("path", ["one-launch", "per-batch"])
+def test_log_prints_what_the_tutorial_prints_and_progress_uses_tqdm(path, backend, capsys, monkeypatch):
+    """"Loss" is the last batch's loss, as the tutorial's print(loss.item()); the epoch mean has its own label."""
+    if path == "per-batch":
+        monkeypatch.setattr(type(select_ops(backend, DEVICE)), "fit_small_supported", lambda self, *args: False)
     x, y = crop_yields(device=DEVICE)
-    model = FusedLinearRegressor(3, 2, backend=backend).to(DEVICE)
+    torch.manual_seed(0)
+    linear = nn.Linear(3, 2).to(DEVICE)
+    model = FusedLinearRegressor.from_linear(linear, backend=backend)
     lines = []
     history = model.fit(x, y, epochs=4, batch_size=5, lr=1e-5, seed=0, log_every=2, print_fn=lines.append,
                         progress=True)
-    assert lines == [f"Epoch [2/4], Loss: {history[1]:.4f}", f"Epoch [4/4], Loss: {history[3]:.4f}"]
     assert "4/4" in capsys.readouterr().err  # tqdm's bar, on stderr
+
+    ref = copy.deepcopy(linear).double()
+    opt = torch.optim.SGD(ref.parameters(), lr=1e-5)
+    loader = DataLoader(TensorDataset(x.cpu().double(), y.cpu().double()), batch_size=5, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    printed = []
+    for epoch in range(4):  # the tutorial's loop and its print
+        for xb, yb in loader:
+            loss = F.mse_loss(ref(xb.to(DEVICE)), yb.to(DEVICE))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        if (epoch + 1) % 2 == 0:
+            printed.append(loss.item())
+    assert [line.split(",")[0] for line in lines] == ["Epoch [2/4]", "Epoch [4/4]"]
+    for line, last, mean in zip(lines, printed, (history[1], history[3])):
+        assert abs(float(line.split("Loss: ")[1].split(",")[0]) - last) <= 1e-4 * abs(last) + 5e-5, line
+        assert line.endswith(f"Epoch mean loss: {mean:.4f}"), line
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

@@ -164,7 +164,7 @@ def test_persistent_fit_matches_reference(case, init, kernels):
         wi, bi = w.clone(), (b.clone() if b is not None else None)
         bufs = [torch.zeros_like(wi) if init else torch.full_like(wi, 0.1),
                 (torch.zeros_like(bi) if init else torch.full_like(bi, -0.2)) if bi is not None else None]
-        history = torch.empty(epochs, device=DEVICE)
+        history = torch.empty(epochs, 2, device=DEVICE)  # mean and last batch loss per epoch
         kwargs = dict(batch_size=c["batch"], mean=c["mean"], weight_hyper=c["w"], bias_hyper=c["b"],
                       init_weight_buffer=init, init_bias_buffer=init)
         run = fused_fit.fit_small if impl == "kernel" else TORCH_OPS.fit_small
@@ -186,15 +186,15 @@ def test_persistent_fit_keeps_last_finite_epoch(kernels):
     x, w, b, t = random_problem(12, 3, 2, device=DEVICE, scale=30.0)
     perms = torch.stack([torch.randperm(12, device=DEVICE) for _ in range(40)])
     hyper = SGDHyper(lr=0.02)  # diverges on this scale of x after a few epochs
-    history = torch.empty(40, device=DEVICE)
+    history = torch.empty(40, 2, device=DEVICE)
     w1, b1 = w.clone(), b.clone()
     fused_fit.fit_small(x, t, w1, b1, None, None, perms, history, batch_size=4, mean=True, weight_hyper=hyper,
                         bias_hyper=hyper, init_weight_buffer=False, init_bias_buffer=False)
-    finite = torch.isfinite(history)
+    finite = torch.isfinite(history[:, 0])
     bad = int((~finite).nonzero()[0, 0])
     assert bad > 0 and finite[:bad].all()
     w2, b2 = w.clone(), b.clone()
-    fused_fit.fit_small(x, t, w2, b2, None, None, perms[:bad], torch.empty(bad, device=DEVICE), batch_size=4,
+    fused_fit.fit_small(x, t, w2, b2, None, None, perms[:bad], torch.empty(bad, 2, device=DEVICE), batch_size=4,
                         mean=True, weight_hyper=hyper, bias_hyper=hyper, init_weight_buffer=False,
                         init_bias_buffer=False)
     assert torch.equal(w1, w2) and torch.equal(b1, b2)

@@ -113,11 +113,11 @@ def test_fit_small_op(backend):
     x, w, b, t = random_problem(10, 3, 2, device=DEVICE)
     orders = torch.stack([torch.randperm(10) for _ in range(2)]).to(DEVICE)
     hyper = ops.pack_sgd(SGDHyper(lr=0.05, momentum=0.5), True)
-    args = (x, t, w.clone(), b.clone(), torch.zeros_like(w), torch.zeros_like(b), orders, torch.empty(2, device=DEVICE))
+    args = (x, t, w.clone(), b.clone(), torch.zeros_like(w), torch.zeros_like(b), orders, torch.empty(2, 2, device=DEVICE))
     kwargs = {"batch_size": 4, "mean": True, "weight_sgd": hyper, "bias_sgd": hyper, "backend": backend}
     _opcheck(ops.fit_small_, args, kwargs)
 
-    weight, bias, history = w.clone(), b.clone(), torch.empty(2, device=DEVICE)
+    weight, bias, history = w.clone(), b.clone(), torch.empty(2, 2, device=DEVICE)
     ops.fit_small_(x, t, weight, bias, torch.zeros_like(w), torch.zeros_like(b), orders, history, **kwargs)
     ref = torch.nn.Linear(3, 2).double()
     ref.load_state_dict({"weight": w.double().cpu(), "bias": b.double().cpu()})
@@ -131,14 +131,15 @@ def test_fit_small_op(backend):
             loss.backward()
             opt.step()
             losses.append(loss.detach())
-        assert_close(history[e], torch.stack(losses).mean(), FP32, f"epoch {e} loss")
+        assert_close(history[e, 0], torch.stack(losses).mean(), FP32, f"epoch {e} mean loss")
+        assert_close(history[e, 1], losses[-1], FP32, f"epoch {e} last batch loss")
     assert_close(weight, ref.weight, FP32, "weight")
     assert_close(bias, ref.bias, FP32, "bias")
 
     # An empty SGD list leaves that parameter (and its buffer) untouched.
     frozen_bias, bias_buffer = b.clone(), torch.full_like(b, 0.5)
     ops.fit_small_(x, t, w.clone(), frozen_bias, torch.zeros_like(w), bias_buffer, orders,
-                   torch.empty(2, device=DEVICE), **{**kwargs, "bias_sgd": []})
+                   torch.empty(2, 2, device=DEVICE), **{**kwargs, "bias_sgd": []})
     assert torch.equal(frozen_bias, b) and torch.equal(bias_buffer, torch.full_like(b, 0.5))
 
 
