@@ -107,6 +107,30 @@ def all_reduce_sum_(tensors: Sequence[torch.Tensor], process_group: Any = None) 
     return True
 
 
+def merge_moments_over_ranks(moments: tuple, process_group: Any = None) -> tuple:
+    """The statistics (count, means, centred co-moments; reference.Moments) of the rows of
+    every rank, on every rank, with ONE collective: an all-gather of each rank's flat
+    statistics, then Chan's pairwise merge in rank order (the same order, so the same bits,
+    everywhere; centred moments cannot simply be summed). Reads the counts back: one sync.
+    Returns ``moments`` unchanged when there is no group (see resolve_group)."""
+    from .reference import merge_moments
+
+    group = resolve_group(process_group)
+    if group is None:
+        return moments
+    n, *tensors = moments
+    flat = torch.cat([torch.tensor([float(n)], dtype=torch.float64, device=tensors[0].device),
+                      *(v.reshape(-1) for v in tensors)])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, flat, group=group)
+    merged = None
+    for row in gathered:
+        values = list(row[1:].split([v.numel() for v in tensors]))
+        rank_moments = (int(row[0].item()), *(v.view_as(t) for v, t in zip(values, tensors)))
+        merged = rank_moments if merged is None else merge_moments(merged, rank_moments)
+    return merged
+
+
 def check_same_on_every_rank(values: dict[str, int], group: Any, device: torch.device) -> None:
     """Raise on every rank, naming the first difference, unless each value is
     the same on all ranks of ``group`` (one all-reduce: a sync)."""

@@ -398,9 +398,10 @@ def choose_path(model, optimizer, source, reduction: str, epochs: int, cuda_grap
             raise ValueError(f"fit under torch.distributed runs FusedSGD's fused steps; with "
                              f"{type(optimizer).__name__}, wrap the model in DistributedDataParallel and write the "
                              f"loop, or pass process_group=False to train each rank on its own")
-        if statistics:
-            raise ValueError("statistics=True is not available under torch.distributed yet; pass statistics=False "
-                             "(or process_group=False to train each rank on its own)")
+        if statistics is not False and _statistics_chosen(model, optimizer, source, epochs, False, statistics):
+            # Each rank reads its share of the rows once; one all-gather merges the statistics.
+            return StatisticsPath(model, optimizer, source.x, source.t, reduction, select_ops(model.backend, device),
+                                  group)
         if isinstance(source, TensorSource):
             return DistributedPath(model, optimizer, source, reduction, group, epochs)
         return EagerPath(model, optimizer, source, reduction, group)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from linreg_fused import FusedLinearRegressor, FusedSGD
+from linreg_fused import FusedLinearRegressor, FusedSGD, LinearStats
 from linreg_fused.distributed import all_reduce_sum_, rank_slice
 
 D, O = 3, 2
@@ -86,7 +86,7 @@ def loss_with_optimizer(s: Shard):
 
 
 def fit(s: Shard, *, batch_size: int | None, seed: int | None = 0, rng_seed: int = 0, n: int = 25,
-        perturb: bool = False):
+        perturb: bool = False, statistics: bool | None = None):
     """Every rank passes the whole data; with world ranks each step takes world·batch_size rows.
     perturb: the ranks start from different parameters (fit broadcasts the first rank's)."""
     m = model()
@@ -98,8 +98,17 @@ def fit(s: Shard, *, batch_size: int | None, seed: int | None = 0, rng_seed: int
     if batch_size is not None and s.reference:
         batch_size *= s.world  # one process takes the rows of all ranks' batches at once
     torch.manual_seed(rng_seed)  # the global RNG, drawn from when seed is None
-    history = m.fit(x, t, epochs=3, batch_size=batch_size, seed=seed, optimizer=opt, process_group=s.process_group)
+    history = m.fit(x, t, epochs=3, batch_size=batch_size, seed=seed, optimizer=opt, process_group=s.process_group,
+                    statistics=statistics)
     return state(m, opt, history=torch.tensor(history))
+
+
+def statistics_all_reduce(s: Shard):
+    """LinearStats of each rank's rows, merged over the ranks: the statistics of all rows."""
+    x, t = data(23, seed=50)
+    stats = LinearStats.from_tensors(s.rows(x), s.rows(t), backend="torch")
+    stats.all_reduce_(s.process_group)
+    return {k: (torch.tensor(v) if k == "n_rows" else v) for k, v in stats.state_dict().items() if k != "precision"}
 
 
 def ddp(s: Shard):
@@ -125,6 +134,8 @@ SCENARIOS = {
     "fit_full_batch": lambda s: fit(s, batch_size=None),
     "fit_global_rng": lambda s: fit(s, batch_size=3, seed=None, rng_seed=s.rank),  # ranks' RNGs differ
     "fit_different_starts": lambda s: fit(s, batch_size=3, perturb=True),
+    "fit_statistics": lambda s: fit(s, batch_size=None, statistics=True, perturb=True),
+    "statistics_all_reduce": statistics_all_reduce,
     "ddp": ddp,
 }
 
