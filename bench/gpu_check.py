@@ -44,7 +44,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -57,6 +56,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from parity import dn, parity_checks, parity_shapes, poison_allocator
+from timing import bench_ms
 from regimes import FP32, REGIMES, Regime, peers_for, regimes_for, skip_reason
 
 BENCH = Path(__file__).resolve().parent
@@ -324,21 +324,6 @@ def section_versions(run: Run, import_how: str, commit: str | None) -> None:
 
 
 # =============================================================== 2. copy ceiling
-def bench_ms(fn: Callable[[], Any], device: torch.device, rep_ms: float = 200, warmup_ms: float = 25) -> float:
-    """Median milliseconds of fn: triton.testing.do_bench on a GPU (CUDA events; it flushes
-    the L2 before each call); a perf_counter median of 3 calls on the CPU smoke run."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def section_copy(run: Run) -> float:
     n_bytes = (1 << 30) if run.device.type == "cuda" else (64 << 20)
     buffers = [torch.empty(n_bytes // 4, device=run.device).uniform_(), torch.empty(n_bytes // 4, device=run.device)]

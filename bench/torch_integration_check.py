@@ -17,36 +17,21 @@ in "ms". Run alone (prints one JSON line per check):
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import tempfile
-import time
 from datetime import timedelta
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from parity import Check
+from timing import bench_ms
 
 # The problem of the compiled and graphed steps: a mini-batch step of a regression
 # with many rows and a handful of outputs (smoke: the interpreter's size).
 GPU_SHAPE, SMOKE_SHAPE = (8192, 64, 4), (24, 5, 3)
 STEPS = 4
-
-
-def _bench_ms(fn: Callable[[], Any], device: torch.device) -> float:
-    """Median ms per call: triton.testing.do_bench on a GPU; a 3-call perf_counter median on the CPU."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -130,8 +115,8 @@ def check_compiled_step(device: torch.device, smoke: bool) -> dict[str, Any]:
         errors[name] = (_rel(p, q), 1e-6)
     errors["graphs compiled"] = (float(counter.frame_count), 2.0)
     x, t = batches[0]
-    ms = {"eager": _bench_ms(lambda: models[1].train_step(x, t, opts[1]), device),
-          "compiled": _bench_ms(lambda: step(x, t, opts[0]), device)}
+    ms = {"eager": bench_ms(lambda: models[1].train_step(x, t, opts[1]), device),
+          "compiled": bench_ms(lambda: step(x, t, opts[0]), device)}
     return {"errors": errors, "ms": ms, "shape": list(x.shape) + [t.shape[1]], "backend": counter.backend,
             "note": f"eager {ms['eager']:.4f} ms, compiled {ms['compiled']:.4f} ms per step"}
 
@@ -155,8 +140,8 @@ def check_graphed_step(device: torch.device) -> dict[str, Any]:
         errors[f"loss step {i} bitwise"] = (float(not torch.equal(static_loss, expected)), 0.0)
     errors.update(_same_state(models, opts))
     x, t = batches[0]
-    ms = {"eager": _bench_ms(lambda: models[1].train_step(x, t, opts[1]), device),
-          "graph replay": _bench_ms(graph.replay, device)}
+    ms = {"eager": bench_ms(lambda: models[1].train_step(x, t, opts[1]), device),
+          "graph replay": bench_ms(graph.replay, device)}
     return {"errors": errors, "ms": ms,
             "note": f"eager {ms['eager']:.4f} ms, graph replay {ms['graph replay']:.4f} ms per step"}
 
@@ -198,8 +183,8 @@ def check_process_group_step(device: torch.device, smoke: bool) -> dict[str, Any
         for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
             errors[name] = (_rel(p, q), 1e-5)
         x, t = batches[0]
-        ms = {"local step": _bench_ms(lambda: models[1].train_step(x, t, opts[1]), device),
-              "all-reduced step": _bench_ms(lambda: reduced_step(x, t), device)}
+        ms = {"local step": bench_ms(lambda: models[1].train_step(x, t, opts[1]), device),
+              "all-reduced step": bench_ms(lambda: reduced_step(x, t), device)}
         return {"errors": errors, "ms": ms, "process_group": backend,
                 "note": f"local {ms['local step']:.4f} ms, all-reduced {ms['all-reduced step']:.4f} ms per step"}
     finally:
