@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.autograd.function import once_differentiable
+import torch.nn.functional as F
 
 from .backend import select_ops
+from .reference import TORCH_OPS
 from .kernels.specs import ColumnTarget, GradPartials
 
 REDUCTIONS = ("mean", "sum")
@@ -112,16 +113,21 @@ class LinearMSEFunction(torch.autograd.Function):
                                           input_precision=plan.input_precision)
         scale = loss_scale(plan.reduction, partials.n_rows, partials.out_features)
         loss = plan.ops.sum_loss(partials, scale, torch.promote_types(x.dtype, weight.dtype))
-        ctx.save_for_backward(weight)
+        # x and target are saved only for a double backward (create_graph=True); saving costs no memory.
+        ctx.save_for_backward(x, weight, bias, target)
         ctx.plan, ctx.partials, ctx.grad_scale = plan, partials, 2.0 * scale
         ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss):
-        (weight,) = ctx.saved_tensors
+        x, weight, bias, target = ctx.saved_tensors
         plan, partials, grad_scale = ctx.plan, ctx.partials, ctx.grad_scale
+        if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
+            if plan.update is not None:
+                raise RuntimeError("a loss built with optimizer= applies the SGD step in its backward; it has no "
+                                   "second derivative (call backward() without create_graph=True)")
+            return (*_differentiable_grads(ctx, x, weight, bias, target, grad_loss), None)
         need_x, need_w, need_b, need_t = ctx.needs_input_grad[:4]
         grad_x = grad_w = grad_b = grad_t = None
         if need_x or need_t:  # dL/dpred = scale·R; computed before any in-place update of W
@@ -137,6 +143,19 @@ class LinearMSEFunction(torch.autograd.Function):
             grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
             grad_b = grad_b.to(weight.dtype) if grad_b is not None else None
         return grad_x, grad_w, grad_b, grad_t, None
+
+
+def _differentiable_grads(ctx, x, weight, bias, target, grad_loss):
+    """The four gradients as plain torch ops, recorded by autograd (second order)."""
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    need_x, need_w, need_b, need_t = ctx.needs_input_grad[:4]
+    d_pred = (F.linear(x.to(acc), weight.to(acc), None if bias is None else bias.to(acc)) - target.to(acc)) * (
+        grad_loss.to(acc) * ctx.grad_scale)
+    grad_x = (d_pred @ weight.to(acc)).to(ctx.x_dtype) if need_x else None
+    grad_w = (d_pred.t() @ x.to(acc)).to(weight.dtype) if need_w else None
+    grad_b = d_pred.sum(0).to(weight.dtype) if need_b and bias is not None else None
+    grad_t = (-d_pred).to(ctx.x_dtype) if need_t else None
+    return grad_x, grad_w, grad_b, grad_t
 
 
 def _reduce_grads(ops, partials: GradPartials, grad_output: torch.Tensor, scale: float, need_w: bool,
@@ -193,15 +212,25 @@ def fused_sgd_step(
     row_index: torch.Tensor | None = None,
     backend: str = "auto",
     input_precision: str = "ieee",
+    validate: bool = True,
 ) -> torch.Tensor:
     """One training step without building an autograd graph: the same kernels
     as ``linear_mse(..., optimizer=optimizer).backward()`` and the same result.
 
-    x: (N, D), target: (N, O): 2-D, and already checked (check_inputs) by the caller.
-    row_index: optional (n,) int64 tensor; the step then uses rows x[row_index]
-    (gathered inside the kernel). Returns the detached loss (0-d, on device).
+    x: (N, D), weight: (O, D), bias: (O,) or None, target: (N, O).
+    row_index: optional (n,) integer tensor; the step then uses rows
+    x[row_index], target[row_index] (gathered inside the kernel, no copy).
+    Returns the detached loss (0-d, on device). validate=False skips the
+    input checks, including the range check of row_index (which reads it
+    back: one sync); fit passes it for the row orders it drew itself.
     """
-    _check_options(reduction, input_precision)
+    if validate:
+        _check_options(reduction, input_precision)
+        check_inputs(x, weight, bias, target)
+        if x.dim() != 2:
+            raise ValueError(f"fused_sgd_step takes 2-D x (N, D) and target (N, O), got x of shape {tuple(x.shape)}")
+        if row_index is not None:
+            row_index = _checked_row_index(row_index, x)
     ops = select_ops(backend, x.device)
     partials = ops.grad_partials(x, weight, bias, target, row_index=row_index, store_residual=False,
                                  input_precision=input_precision)
@@ -209,6 +238,22 @@ def fused_sgd_step(
     # One launch finishes the loss and updates weight and bias: two launches per step in all.
     return optimizer.fused_update(weight, bias).apply_(ops, partials, None, 2.0 * scale, loss_scale=scale,
                                                         loss_dtype=torch.promote_types(x.dtype, weight.dtype))
+
+
+def _checked_row_index(row_index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A contiguous 1-D integer index of rows of x, every entry in range (read back once to check)."""
+    if not isinstance(row_index, torch.Tensor):
+        raise TypeError(f"row_index must be a torch.Tensor, got {type(row_index).__name__}")
+    if row_index.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"row_index must be int64 or int32, got {row_index.dtype}")
+    if row_index.dim() != 1 or row_index.numel() == 0:
+        raise ValueError(f"row_index must be a non-empty 1-D tensor, got shape {tuple(row_index.shape)}")
+    if row_index.device != x.device:
+        raise ValueError(f"x is on {x.device} but row_index is on {row_index.device}; move them to one device")
+    low, high = (int(v) for v in torch.aminmax(row_index))
+    if low < 0 or high >= x.shape[0]:
+        raise IndexError(f"row_index holds {low if low < 0 else high}, outside the {x.shape[0]} rows of x")
+    return row_index.contiguous()
 
 
 # ---------------------------------------------------------------- linear
@@ -223,8 +268,8 @@ class LinearFunction(torch.autograd.Function):
         return plan.ops.linear(x, weight, bias, input_precision=plan.input_precision)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y):
+        # Plain torch ops: under create_graph=True autograd records them, so second order is right.
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         g = grad_y.to(weight.dtype)
@@ -251,11 +296,9 @@ def linear(
     _check_parameters(x, weight, bias)
     ops = select_ops(backend, x.device)
     lead = x.shape[:-1]
-    out_dtype = torch.promote_types(x.dtype, weight.dtype)
-    if x.numel() == 0:
-        return torch.zeros((*lead, weight.shape[0]), device=x.device, dtype=out_dtype)
-    if ops.name == "torch":
-        return ops.linear(x, weight, bias, input_precision=input_precision)
+    if ops.name == "torch" or x.numel() == 0:
+        # No rows or no features: F.linear's answer (the bias, or an empty output) with its gradients.
+        return TORCH_OPS.linear(x, weight, bias, input_precision=input_precision)
     y = LinearFunction.apply(_rows(x), weight, bias, _LossPlan(ops, "mean", input_precision))
     return y.view(*lead, weight.shape[0])
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
-
 import torch
 from torch import nn
 
@@ -117,20 +115,16 @@ class FusedLinearRegressor(nn.Module):
             return functional.fused_sgd_step(
                 x.reshape(-1, x.shape[-1]), self.weight, self.bias, target.reshape(-1, target.shape[-1]), optimizer,
                 reduction=reduction, backend=self.backend, input_precision=self.input_precision)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer (e.g. FusedSGD), got {type(optimizer).__name__}")
         optimizer.zero_grad()
         loss = self.loss(x, target, reduction)
         loss.backward()
         optimizer.step()
         return loss.detach()
 
-    def fit(
-        self,
-        data: torch.Tensor | Iterable[tuple[torch.Tensor, torch.Tensor]],
-        targets: torch.Tensor | None = None,
-        **kwargs,
-    ) -> list[float]:
-        """Train on tensors or on an iterable of batches; see linreg_fused.train.fit."""
-        return train.fit(self, data, targets, **kwargs)
+    # The training loop (linreg_fused.train.fit), as a method: model.fit(inputs, targets, epochs=..., ...).
+    fit = train.fit
 
     def extra_repr(self) -> str:
         extra = "" if self.backend == "auto" else f", backend={self.backend!r}"

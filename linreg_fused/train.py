@@ -1,33 +1,44 @@
 """fit: the tutorial's training loop, on the device, without a host sync per step.
 
-Three ways through, chosen by what the optimizer and the problem allow:
+``fit`` checks its arguments, turns the data into a source (tensors on the
+model's device, or an iterable of batches), lets ``choose_path`` pick one way
+through, and runs it chunk by chunk between report points. Each path is a
+small unit of its own:
 
-1. FusedSGD and a problem whose batch, W and b fit one program
-   (``ops.fit_small_supported``): all epochs between two report points run in
-   ONE launch of the persistent kernel (kernels/fused_fit.py).
-2. FusedSGD otherwise: one fused step per batch (kernels/linear_mse_grad.py +
-   reduce_update.py), the batch's rows gathered inside the kernel through the
-   epoch's permutation, so X is never copied.
-3. Any other torch optimizer: ``loss.backward(); opt.step()`` per batch.
+- ``OneLaunchPath``: FusedSGD and a problem whose batch, W and b fit one
+  program: every epoch of a chunk in ONE launch of the persistent kernel
+  (kernels/fused_fit.py).
+- ``PerBatchPath``: FusedSGD otherwise: one fused step per batch (two
+  launches), the batch's rows gathered inside the kernel through the epoch's
+  row order, so X is never copied; on CUDA, later epochs replay a CUDA graph
+  of the first.
+- ``EagerPath``: any other torch optimizer, or an iterable of batches:
+  ``loss.backward(); optimizer.step()`` per batch (FusedSGD steps fused).
+
+Row orders are DataLoader's: with ``seed=``/``generator=`` (a CPU generator)
+or the global RNG, the batches are exactly those of
+``DataLoader(TensorDataset(inputs, targets), batch_size, shuffle=True,
+generator=...)``, so switching from the tutorial's loop changes no number.
 
 The host reads the device only at report points (``log_every``, the
 progress bar, the end): there it prints, and checks that every epoch's loss
 was finite. A divergence raises TrainingDivergedError with the parameters
-restored to the end of the last finite epoch.
+(and SGD momentum buffers) restored to the end of the last finite epoch.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-import time
 import warnings
-from typing import Callable, Iterable
+from dataclasses import dataclass
+from collections.abc import Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 
 from .backend import select_ops
-from .functional import check_inputs, fused_sgd_step
+from .functional import REDUCTIONS, check_inputs, fused_sgd_step
 from .kernels.specs import accumulator_dtype
 from .optim import FusedSGD, group_hyper
 
@@ -44,6 +55,76 @@ class TrainingDivergedError(FloatingPointError):
         self.epoch, self.history = epoch, history
 
 
+# ---------------------------------------------------------------- the data
+@dataclass
+class TensorSource:
+    """Tensors on the model's device, shuffled and batched by fit."""
+
+    x: torch.Tensor  # (N, D)
+    t: torch.Tensor  # (N, O)
+    batch_size: int
+    shuffle: bool
+    generator: torch.Generator | None
+
+    @property
+    def n_rows(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def full_batch(self) -> bool:
+        """One step per epoch over every row: the row order cannot change the step, so none is drawn."""
+        return self.batch_size >= self.n_rows
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.n_rows / self.batch_size)
+
+
+@dataclass
+class BatchSource:
+    """An iterable of (xb, yb) batches that batches itself (e.g. a DataLoader)."""
+
+    batches: Iterable
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.batches) if hasattr(self.batches, "__len__") else 1
+
+
+def dataloader_orders(n_rows: int, n_epochs: int, shuffle: bool, generator: torch.Generator | None,
+                      device: torch.device) -> torch.Tensor:
+    """(n_epochs, n_rows) int64 on ``device``: the row order of each epoch, as
+    ``DataLoader(dataset, shuffle=shuffle, generator=generator)`` draws it.
+
+    Per epoch, DataLoader's iterator first draws an int64 base seed from the
+    generator (the global RNG when None), then RandomSampler draws
+    ``randperm(n_rows)`` from the generator (when None, from a fresh generator
+    seeded by another draw of the global RNG), and once exhausted one more
+    ``randperm(n_rows)`` of which it keeps no element. The same calls here
+    leave the generator exactly where DataLoader leaves it. A CUDA generator
+    draws on the device instead (faster for large N; not DataLoader's order).
+    """
+    if generator is not None and generator.device.type != "cpu":
+        return torch.stack([torch.randperm(n_rows, generator=generator, device=device) for _ in range(n_epochs)])
+    orders = torch.empty((n_epochs, n_rows), dtype=torch.int64)
+    for epoch in range(n_epochs):
+        torch.empty((), dtype=torch.int64).random_(generator=generator)  # the loader's base seed
+        if not shuffle:
+            orders[epoch] = torch.arange(n_rows)
+            continue
+        sampler_generator = generator
+        if sampler_generator is None:
+            seed = int(torch.empty((), dtype=torch.int64).random_().item())
+            sampler_generator = torch.Generator().manual_seed(seed)
+        orders[epoch] = torch.randperm(n_rows, generator=sampler_generator)
+        if generator is not None:  # the sampler's trailing draw for a partial pass (here of 0 rows)
+            torch.randperm(n_rows, generator=generator)
+    if device.type == "cuda":  # pinned, so the copy queues behind the running epochs instead of waiting for them
+        return orders.pin_memory().to(device, non_blocking=True)
+    return orders.to(device)
+
+
+# ---------------------------------------------------------------- divergence
 class _LastFinite:
     """On-device copy of the parameters and SGD momentum buffers as they were
     at the end of the last epoch whose loss was finite (updated with
@@ -73,67 +154,239 @@ class _LastFinite:
                 self.saved_buffers[i].copy_(torch.where(self.all_finite, buf, self.saved_buffers[i]))
 
     @torch.no_grad()
-    def restore(self, diverged_in_first_epoch: bool) -> None:
+    def restore(self, bad_epoch: int) -> None:
+        """Back to the end of the last finite epoch (or to before fit when ``bad_epoch`` is the first)."""
         for i, p in enumerate(self.params):
             p.copy_(self.saved[i])
-            buf = self.before_fit[i] if diverged_in_first_epoch else self.saved_buffers[i]
+            buf = self.before_fit[i] if bad_epoch == 0 else self.saved_buffers[i]
             if buf is None:
                 self.optimizer.state.get(p, {}).pop("momentum_buffer", None)
             elif self._buffer(p) is not None:
                 self._buffer(p).copy_(buf)
 
 
+# ---------------------------------------------------------------- the paths
+def _trained_parameters(model, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters a step changes: they require grad and the optimizer holds them (as in torch)."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return [p for p in (model.weight, model.bias) if p is not None and p.requires_grad and id(p) in held]
+
+
+def _mark_stepped(optimizer: torch.optim.Optimizer) -> None:
+    """Tell LR schedulers that steps happened (torch's scheduler wraps step() to set this flag)."""
+    optimizer._opt_called = True
+
+
+class OneLaunchPath:
+    """Every epoch of a chunk in one launch of the persistent kernel, which
+    keeps its own on-chip copy of the last finite epoch's state."""
+
+    def __init__(self, model, optimizer: FusedSGD, source: TensorSource, reduction: str, ops) -> None:
+        self.model, self.optimizer, self.source, self.reduction, self.ops = model, optimizer, source, reduction, ops
+        self.params = [p for p in (model.weight, model.bias) if p is not None]
+        self.had_buffer = [optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in self.params]
+
+    @staticmethod
+    def applies(model, optimizer, source, ops) -> bool:
+        params = [p for p in (model.weight, model.bias) if p is not None]
+        return (isinstance(source, TensorSource) and isinstance(optimizer, FusedSGD)
+                and _trained_parameters(model, optimizer) == params  # the kernel updates every parameter
+                and all(p.is_contiguous() for p in params)
+                and ops.fit_small_supported(source.batch_size, source.x.shape[1], model.out_features))
+
+    reads_orders = True  # the kernel gathers every batch through the epoch's order, full batches too
+
+    def run(self, orders: torch.Tensor, history: torch.Tensor) -> None:
+        state = {}
+        for name, p in (("weight", self.model.weight), ("bias", self.model.bias)):
+            hyper = group_hyper(self.optimizer.group_of(p)) if p is not None else state["weight_hyper"]
+            buf, is_new = self.optimizer.momentum_buffer(p, hyper) if p is not None else (None, False)
+            state.update({f"{name}_hyper": hyper, f"{name}_buffer": buf, f"init_{name}_buffer": is_new})
+        with torch.no_grad():
+            self.ops.fit_small(self.source.x, self.source.t, self.model.weight, self.model.bias, permutations=orders,
+                               history=history, batch_size=self.source.batch_size,
+                               mean=self.reduction == "mean", **state)
+        _mark_stepped(self.optimizer)
+
+    def restore(self, bad_epoch: int) -> None:
+        # The kernel wrote back the last finite epoch's values; buffers it created before that did not exist.
+        if bad_epoch == 0:
+            for p, had in zip(self.params, self.had_buffer):
+                if not had:
+                    self.optimizer.state.get(p, {}).pop("momentum_buffer", None)
+
+
+class _GraphedEpoch:
+    """An epoch of fused steps captured in a CUDA graph. The batches are views
+    of a static row-order buffer; each replay first copies the epoch's
+    order into it. Capturing runs nothing, so the parameters do not move."""
+
+    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], n_rows: int, device: torch.device) -> None:
+        self.rows = torch.empty(n_rows, dtype=torch.int64, device=device)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = run(self.rows)
+
+    def __call__(self, order: torch.Tensor) -> torch.Tensor:
+        self.rows.copy_(order)
+        self.graph.replay()
+        return self.loss
+
+
+graphed_epoch = _GraphedEpoch  # the factory PerBatchPath uses; tests swap in a stand-in on machines without CUDA
+
+
+def _graph_capture_possible(ops, optimizer, source, device) -> bool:
+    return (isinstance(source, TensorSource) and device.type == "cuda" and ops.name == "triton"
+            and isinstance(optimizer, FusedSGD))
+
+
+class _EpochRunner:
+    """Shared by the per-batch paths: run epochs, keep the last finite state."""
+
+    def __init__(self, model, optimizer, source, reduction: str) -> None:
+        self.model, self.optimizer, self.source, self.reduction = model, optimizer, source, reduction
+        self.last_finite = _LastFinite([p for p in (model.weight, model.bias) if p is not None], optimizer)
+        # A full batch reads the rows in storage order: the order cannot change the step.
+        self.reads_orders = isinstance(source, TensorSource) and not source.full_batch
+
+    def run(self, orders: torch.Tensor | None, history: torch.Tensor) -> None:
+        for e in range(history.shape[0]):
+            history[e] = self.epoch(orders[e] if orders is not None else None)
+            self.last_finite.epoch_end(history[e])
+
+    def restore(self, bad_epoch: int) -> None:
+        self.last_finite.restore(bad_epoch)
+
+    def epoch(self, order: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _tensor_batches(self, order: torch.Tensor | None) -> Iterable[tuple[torch.Tensor, torch.Tensor, Any]]:
+        """(x, t, rows) per batch: rows index x and t (None: all rows in storage order)."""
+        s = self.source
+        if order is None:
+            return [(s.x, s.t, None)]
+        return ((s.x, s.t, order[i : i + s.batch_size]) for i in range(0, s.n_rows, s.batch_size))
+
+
+def _mean_loss(losses: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    if not losses:
+        raise ValueError("an epoch had no batches: nothing to train on")
+    return torch.stack([loss.to(dtype) for loss in losses]).mean()
+
+
+class PerBatchPath(_EpochRunner):
+    """One fused step (two launches) per batch; rows gathered in the kernel.
+    With ``use_graph``, the first epoch runs eagerly (it compiles the kernels
+    and creates the momentum buffers) and later ones replay a CUDA graph of
+    it; if capture fails, it warns and stays eager."""
+
+    def __init__(self, model, optimizer: FusedSGD, source: TensorSource, reduction: str, use_graph: bool) -> None:
+        super().__init__(model, optimizer, source, reduction)
+        self.use_graph = use_graph
+        self.graphed: _GraphedEpoch | None = None
+
+    def _steps(self, order: torch.Tensor | None) -> torch.Tensor:
+        m = self.model
+        losses = [fused_sgd_step(x, m.weight, m.bias, t, self.optimizer, reduction=self.reduction, row_index=rows,
+                                 backend=m.backend, input_precision=m.input_precision, validate=False)
+                  for x, t, rows in self._tensor_batches(order)]
+        return _mean_loss(losses, accumulator_dtype(m.weight.dtype))
+
+    def epoch(self, order: torch.Tensor | None) -> torch.Tensor:
+        if self.graphed is not None:
+            return self.graphed(order)
+        loss = self._steps(order)
+        if self.use_graph and order is not None:
+            self.use_graph = False
+            try:
+                self.graphed = graphed_epoch(self._steps, self.source.n_rows, self.model.weight.device)
+            except RuntimeError as err:
+                warnings.warn(f"fit: capturing an epoch in a CUDA graph failed ({err}); continuing without it",
+                              RuntimeWarning, stacklevel=4)
+        return loss
+
+
+class EagerPath(_EpochRunner):
+    """``loss.backward(); optimizer.step()`` per batch, for any torch optimizer
+    and for iterables of batches (FusedSGD steps run fused: no .grad)."""
+
+    def epoch(self, order: torch.Tensor | None) -> torch.Tensor:
+        m, device = self.model, self.model.weight.device
+        if isinstance(self.source, BatchSource):
+            batches = (self._checked_batch(b, device) for b in self.source.batches)
+        else:
+            batches = ((x.index_select(0, rows), t.index_select(0, rows)) if rows is not None else (x, t)
+                       for x, t, rows in self._tensor_batches(order))
+        losses = [m.train_step(xb, yb, self.optimizer, self.reduction) for xb, yb in batches]
+        return _mean_loss(losses, accumulator_dtype(m.weight.dtype))
+
+    def _checked_batch(self, batch, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise TypeError(f"fit(batches): each batch must be an (inputs, targets) pair, got {type(batch).__name__}")
+        xb, yb = (torch.as_tensor(b).to(device, non_blocking=True) for b in batch)
+        check_inputs(xb, self.model.weight, self.model.bias, yb)
+        return xb, yb
+
+
+def choose_path(model, optimizer, source, reduction: str, epochs: int, cuda_graph: bool):
+    """The one place that decides how fit runs (see the module docstring)."""
+    device = model.weight.device
+    ops = select_ops(model.backend, device)
+    if OneLaunchPath.applies(model, optimizer, source, ops):
+        return OneLaunchPath(model, optimizer, source, reduction, ops)
+    if isinstance(source, TensorSource) and isinstance(optimizer, FusedSGD):
+        # A graph is captured after the first epoch; with fewer than 3 epochs, or one step
+        # per epoch, it would not pay for its capture.
+        use_graph = (cuda_graph and epochs >= 3 and not source.full_batch
+                     and _graph_capture_possible(ops, optimizer, source, device))
+        return PerBatchPath(model, optimizer, source, reduction, use_graph)
+    return EagerPath(model, optimizer, source, reduction)
+
+
+# ---------------------------------------------------------------- reporting
 class _Reporter:
-    """Prints the tutorial's log lines and a progress bar, at report points only."""
+    """Prints the tutorial's log lines and drives a tqdm progress bar, at report points only."""
 
     def __init__(self, epochs: int, log_every: int | None, progress: bool, print_fn: Callable[[str], None]) -> None:
-        self.epochs, self.log_every, self.progress, self.print_fn = epochs, log_every, progress, print_fn
-        self.start = time.perf_counter()
+        self.epochs, self.log_every, self.print_fn = epochs, log_every, print_fn
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm  # handles terminals and notebooks
+
+            self.bar = tqdm(total=epochs, unit="epoch", leave=True)
 
     def chunk_end(self, epoch: int) -> int:
         """The epoch (exclusive) of the next report point after ``epoch``."""
         stops = [self.epochs]
         if self.log_every:
             stops.append((epoch // self.log_every + 1) * self.log_every)
-        if self.progress:
+        if self.bar is not None:
             stops.append(epoch + max(1, self.epochs // 100))
         return min(stops)
 
     def report(self, done: int, history: list[float]) -> None:
         if self.log_every and done % self.log_every == 0:
-            if self.progress:
-                sys.stderr.write("\r\033[K")
-            self.print_fn(f"Epoch [{done}/{self.epochs}], Loss: {history[done - 1]:.4f}")
-        if self.progress:
-            width = 30
-            filled = width * done // self.epochs
-            rate = done / max(time.perf_counter() - self.start, 1e-9)
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] epoch {done}/{self.epochs} "
-                             f"loss {history[done - 1]:.4g} ({rate:.0f} epochs/s)")
-            if done == self.epochs:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
+            # Through tqdm while a bar is drawn, so the line does not tear it.
+            emit = self.bar.write if self.bar is not None and self.print_fn is print else self.print_fn
+            emit(f"Epoch [{done}/{self.epochs}], Loss: {history[done - 1]:.4f}")
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix(loss=f"{history[done - 1]:.4g}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
-def epoch_permutations(n_rows: int, n_epochs: int, shuffle: bool, generator: torch.Generator | None,
-                  device: torch.device) -> torch.Tensor:
-    """(n_epochs, n_rows) int64: each epoch's row order (a fresh permutation when shuffling).
-
-    fit draws these once per report chunk (the epochs between two report
-    points), on every path, so a seed gives the same batches whichever
-    kernels run.
-    """
-    if not shuffle:
-        return torch.arange(n_rows, device=device).expand(n_epochs, n_rows).contiguous()
-    gen_device = generator.device if generator is not None else device
-    keys = torch.rand((n_epochs, n_rows), generator=generator, device=gen_device)
-    return keys.argsort(dim=1).to(device)
+# ---------------------------------------------------------------- fit
+_PERMUTATION_BUDGET = 1 << 22  # row indices per chunk of epochs (32 MiB of int64)
 
 
 def fit(
     model: torch.nn.Module,
-    data: torch.Tensor | Iterable[tuple[torch.Tensor, torch.Tensor]],
-    targets: torch.Tensor | None = None,
+    data: torch.Tensor | Any,
+    targets: torch.Tensor | Any = None,
     *,
     epochs: int,
     optimizer: torch.optim.Optimizer | None = None,
@@ -149,120 +402,143 @@ def fit(
     cuda_graph: bool = True,
     print_fn: Callable[[str], None] = print,
 ) -> list[float]:
-    """Train ``model`` (a FusedLinearRegressor) for ``epochs`` epochs.
+    """Train ``model`` (a FusedLinearRegressor) for ``epochs`` epochs; returns each epoch's mean batch loss.
 
-    data, targets: tensors (N, D) and (N, O) (or (..., D), (..., O)); they are
-    moved to the model's device, shuffled and batched there: a fresh
-    permutation each epoch (unless shuffle=False), batch_size rows per step
-    (default: all), the last partial batch kept, as DataLoader(shuffle=True)
-    does. Reproducible with ``seed=`` or ``generator=``.
-    Or data: any iterable of (xb, yb) batches (a DataLoader), targets=None.
+    data, targets: tensors (or NumPy arrays) (N, D) and (N, O), or (..., D)
+    and (..., O); moved to the model's device, shuffled and batched there
+    exactly as ``DataLoader(TensorDataset(data, targets), batch_size,
+    shuffle=shuffle, generator=...)`` would: batch_size rows per step
+    (default: all), the last partial batch kept. ``seed=`` (a CPU generator
+    seeded with it) or ``generator=`` makes it reproducible; without either,
+    the global RNG is used as DataLoader uses it. A full batch reads the rows
+    in storage order and draws nothing.
+    Or data: any re-iterable of (xb, yb) batches, e.g. a DataLoader or a list,
+    with targets=None.
 
-    optimizer: FusedSGD (fused path) or any torch optimizer; or give ``lr``
-    and a FusedSGD is made. Returns each epoch's mean batch loss.
+    optimizer: FusedSGD (the fused paths) or any torch optimizer; or give
+    ``lr`` and a FusedSGD is made. Parameters with requires_grad=False or not
+    held by the optimizer are left untouched, as in torch.
+    reduction: "mean" (F.mse_loss's default) or "sum".
     log_every: print "Epoch [k/n], Loss: …" every k epochs, like the tutorial.
-    progress: a progress bar on stderr (default: on for long runs in a terminal).
+    progress: a tqdm progress bar (default: on for long runs in a terminal).
     check_finite: check tensor inputs for NaN/inf once up front (one read of
     the data and one sync; turn off for repeated short fits on clean data).
     cuda_graph: on CUDA, with tensor inputs, FusedSGD, the Triton kernels and
-    at least 3 epochs, capture an epoch of per-batch steps in a CUDA graph
-    after the first epoch and replay it (launch overhead is most of a small
-    step's cost).
-    Raises TrainingDivergedError if an epoch's loss is not finite.
+    at least 3 epochs of several batches, capture an epoch of fused steps in
+    a CUDA graph after the first epoch and replay it.
+    Raises TrainingDivergedError if an epoch's loss is not finite (the
+    parameters and momentum buffers are restored to the last finite epoch).
     """
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    if log_every is not None and (not isinstance(log_every, int) or log_every < 1):
-        raise ValueError(f"log_every must be a positive integer or None, got {log_every!r}")
-    if optimizer is None:
-        if lr is None:
-            raise ValueError("give an optimizer (e.g. FusedSGD(model.parameters(), lr=1e-5)) or lr=")
-        optimizer = FusedSGD(model.parameters(), lr=lr, backend=model.backend)
-    elif lr is not None:
-        raise ValueError("give either optimizer= or lr=, not both")
-    if seed is not None and generator is not None:
-        raise ValueError("give either seed= or generator=, not both")
-
-    params = [p for p in (model.weight, model.bias) if p is not None]
-    device = model.weight.device
-    if isinstance(data, torch.Tensor):
-        if targets is None:
-            raise ValueError("fit(inputs, targets): targets are missing")
-        x, t = _prepare_tensors(model, data, targets, device, check_finite)
-        if batch_size is None:
-            batch_size = x.shape[0]
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if seed is not None:
-            generator = torch.Generator(device=device).manual_seed(seed)
-        n_steps = epochs * math.ceil(x.shape[0] / batch_size)
-    else:
-        if targets is not None:
-            raise ValueError("fit(batches): pass targets inside the batches, not as a second argument")
-        if batch_size is not None or seed is not None or generator is not None:
-            raise ValueError("batch_size, seed and generator apply to tensor inputs; the iterable does its own batching")
-        x = t = None
-        n_steps = epochs * (len(data) if hasattr(data, "__len__") else 1)
-
+    _check_options(epochs, log_every, reduction, seed, generator, print_fn)
+    optimizer = _optimizer(model, optimizer, lr)
+    source = _source(model, data, targets, batch_size, shuffle, seed, generator, check_finite, epochs)
     if progress is None:
-        progress = sys.stderr.isatty() and n_steps >= 20_000
+        progress = sys.stderr.isatty() and epochs * source.batches_per_epoch >= 20_000
+    path = choose_path(model, optimizer, source, reduction, epochs, cuda_graph)
     reporter = _Reporter(epochs, log_every, progress, print_fn)
-    acc = accumulator_dtype(model.weight.dtype)
-    history_dev = torch.empty(epochs, device=device, dtype=acc)
-    ops = select_ops(model.backend, device)
-    persistent = (
-        x is not None and isinstance(optimizer, FusedSGD)
-        and all(p.is_contiguous() for p in params)
-        and ops.fit_small_supported(batch_size, x.shape[1], model.out_features)
-    )
-    # The persistent kernel keeps its own copy of the last finite epoch's state on chip.
-    last_finite = None if persistent else _LastFinite(params, optimizer)
-    had_buffer = [optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in params]
+    try:
+        return _run(path, source, epochs, reporter, optimizer, model.weight)
+    finally:
+        reporter.close()
 
-    full_batch = x is not None and batch_size >= x.shape[0] and not persistent  # row order cannot matter
-    # A graph is captured after the first epoch; with fewer than 3 epochs, or one step
-    # per epoch, it would not pay for its capture.
-    use_graph = (cuda_graph and epochs >= 3 and not persistent and not full_batch
-                 and _graph_capture_possible(ops, optimizer, x, device))
-    per_batch = _PerBatchEpochs(model, optimizer, x, t, data, batch_size, reduction, device, use_graph)
+
+def _run(path, source, epochs: int, reporter: _Reporter, optimizer, weight: torch.Tensor) -> list[float]:
+    """Chunks of epochs between report points; one sync per chunk."""
+    device = weight.device
+    history_dev = torch.empty(epochs, device=device, dtype=accumulator_dtype(weight.dtype))
     history: list[float] = []
     epoch = 0
     while epoch < epochs:
         stop = reporter.chunk_end(epoch)
-        perms = None
-        if x is not None and not full_batch:
+        orders = None
+        if path.reads_orders:
             # The row orders of a chunk are drawn at once; cap their memory (int64, epochs × N).
-            stop = min(stop, epoch + max(1, _PERMUTATION_BUDGET // x.shape[0]))
-            perms = epoch_permutations(x.shape[0], stop - epoch, shuffle, generator, device)
-        if persistent:
-            _fit_chunk_persistent(ops, model, optimizer, x, t, perms, history_dev[epoch:stop], batch_size, reduction)
-        else:
-            for e in range(epoch, stop):
-                history_dev[e] = per_batch(perms[e - epoch] if perms is not None else None, full_batch)
-                last_finite.epoch_end(history_dev[e])
+            stop = min(stop, epoch + max(1, _PERMUTATION_BUDGET // source.n_rows))
+            orders = dataloader_orders(source.n_rows, stop - epoch, source.shuffle, source.generator, device)
+        path.run(orders, history_dev[epoch:stop])
         history.extend(history_dev[epoch:stop].tolist())  # the report point: one sync
         bad = next((i for i in range(epoch, stop) if not math.isfinite(history[i])), None)
         if bad is not None:
-            if last_finite is not None:
-                last_finite.restore(diverged_in_first_epoch=bad == 0)
-            elif bad == 0:  # the kernel kept the pre-fit values; buffers it created did not exist then
-                for p, had in zip(params, had_buffer):
-                    if not had:
-                        optimizer.state.get(p, {}).pop("momentum_buffer", None)
+            path.restore(bad)
             raise _diverged(bad, epochs, history[: bad + 1], optimizer)
         epoch = stop
         reporter.report(epoch, history)
     return history
 
 
-_PERMUTATION_BUDGET = 1 << 22  # row indices per chunk of epochs (32 MiB of int64)
+def _check_options(epochs, log_every, reduction, seed, generator, print_fn) -> None:
+    def positive_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    if not positive_int(epochs):
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if log_every is not None and not positive_int(log_every):
+        raise ValueError(f"log_every must be a positive integer or None, got {log_every!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if seed is not None and generator is not None:
+        raise ValueError("give either seed= or generator=, not both")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if not callable(print_fn):
+        raise TypeError("print_fn must be callable")
+
+
+def _optimizer(model, optimizer, lr):
+    if optimizer is None:
+        if lr is None:
+            raise ValueError("give an optimizer (e.g. FusedSGD(model.parameters(), lr=1e-5)) or lr=")
+        return FusedSGD(model.parameters(), lr=lr, backend=model.backend)
+    if lr is not None:
+        raise ValueError("give either optimizer= or lr=, not both")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer (e.g. FusedSGD), got {type(optimizer).__name__}")
+    return optimizer
+
+
+def _is_array(v) -> bool:
+    return isinstance(v, torch.Tensor) or type(v).__module__ == "numpy" and hasattr(v, "__array__")
+
+
+def _source(model, data, targets, batch_size, shuffle, seed, generator, check_finite, epochs):
+    device = model.weight.device
+    if device.type == "meta":
+        raise ValueError("fit needs a model with real parameters, not meta tensors (use model.to_empty(device=...) "
+                         "and initialise it first)")
+    if _is_array(data):
+        if targets is None:
+            raise ValueError("fit(inputs, targets): targets are missing")
+        if not _is_array(targets):
+            raise TypeError(f"targets must be a torch.Tensor or a NumPy array, got {type(targets).__name__}")
+        x, t = _prepare_tensors(model, data, targets, device, check_finite)
+        if batch_size is None:
+            batch_size = x.shape[0]
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if seed is not None:
+            generator = torch.Generator().manual_seed(seed)
+        return TensorSource(x, t, batch_size, bool(shuffle), generator)
+    if targets is not None:
+        raise TypeError(f"fit(inputs, targets) takes tensors or NumPy arrays, got {type(data).__name__} and "
+                        f"{type(targets).__name__}; an iterable of (xb, yb) batches goes alone: fit(batches)")
+    if not hasattr(data, "__iter__"):
+        raise TypeError(f"fit(data): data must be tensors or an iterable of (xb, yb) batches, got "
+                        f"{type(data).__name__}")
+    if isinstance(data, Iterator) and epochs > 1:  # checked without calling iter(): a DataLoader's iter() draws seeds
+        raise TypeError(f"fit(batches) runs {epochs} epochs, so the batches must be re-iterable (a DataLoader or a "
+                        f"list), not a one-shot {type(data).__name__}")
+    if batch_size is not None or seed is not None or generator is not None:
+        raise ValueError("batch_size, seed and generator apply to tensor inputs; the iterable does its own batching")
+    return BatchSource(data)
 
 
 def _prepare_tensors(model, data, targets, device, check_finite):
     """The data on the model's device as (N, D), (N, O), checked once."""
-    if not isinstance(targets, torch.Tensor):
-        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
-    x, t = data.to(device), targets.to(device)
+    x, t = torch.as_tensor(data).to(device), torch.as_tensor(targets).to(device)
+    if x.device.type == "meta" or t.device.type == "meta":
+        raise ValueError("fit needs real data, not meta tensors")
     check_inputs(x, model.weight, model.bias, t)
     x, t = x.reshape(-1, x.shape[-1]), t.reshape(-1, t.shape[-1])
     if check_finite:  # one sync up front, so a NaN in the data is not reported as a divergence
@@ -274,112 +550,10 @@ def _prepare_tensors(model, data, targets, device, check_finite):
     return x, t
 
 
-def _graph_capture_possible(ops, optimizer, x, device) -> bool:
-    return (x is not None and device.type == "cuda" and ops.name == "triton"
-            and isinstance(optimizer, FusedSGD))
-
-
-class _GraphedEpoch:
-    """An epoch of fused steps captured in a CUDA graph. The batches are views
-    of a static row-order buffer; each replay first copies the epoch's
-    permutation into it. Capturing runs nothing, so the parameters do not move."""
-
-    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], n_rows: int, device: torch.device) -> None:
-        self.rows = torch.empty(n_rows, dtype=torch.int64, device=device)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.loss = run(self.rows)
-
-    def __call__(self, perm: torch.Tensor) -> torch.Tensor:
-        self.rows.copy_(perm)
-        self.graph.replay()
-        return self.loss
-
-
-class _PerBatchEpochs:
-    """Runs one epoch of one step per batch and returns its mean loss (on the
-    device). With ``use_graph``, the first epoch runs eagerly (it compiles the
-    kernels and creates the momentum buffers) and later ones replay a CUDA
-    graph of it; if capture fails, it warns and stays eager."""
-
-    def __init__(self, model, optimizer, x, t, data, batch_size, reduction, device, use_graph: bool) -> None:
-        self.model, self.optimizer, self.x, self.t, self.data = model, optimizer, x, t, data
-        self.batch_size, self.reduction, self.device = batch_size, reduction, device
-        self.use_graph = use_graph
-        self.graphed: _GraphedEpoch | None = None
-
-    def _run(self, perm: torch.Tensor) -> torch.Tensor:
-        batches = ((None, perm[s : s + self.batch_size]) for s in range(0, self.x.shape[0], self.batch_size))
-        return _run_epoch(self.model, self.optimizer, self.x, self.t, batches, self.reduction, self.device)
-
-    def __call__(self, perm: torch.Tensor | None, full_batch: bool = False) -> torch.Tensor:
-        if self.x is None:  # an iterable of batches
-            return _run_epoch(self.model, self.optimizer, None, None, ((b, None) for b in self.data),
-                              self.reduction, self.device)
-        if full_batch:  # one step over all rows in storage order: no gather
-            return _run_epoch(self.model, self.optimizer, self.x, self.t, [(None, None)], self.reduction,
-                              self.device)
-        if self.graphed is not None:
-            return self.graphed(perm)
-        loss = self._run(perm)
-        if self.use_graph:
-            self.use_graph = False
-            try:
-                self.graphed = graphed_epoch(self._run, self.x.shape[0], self.device)
-            except RuntimeError as err:
-                warnings.warn(f"fit: capturing an epoch in a CUDA graph failed ({err}); continuing without it",
-                              RuntimeWarning, stacklevel=3)
-        return loss
-
-
-graphed_epoch = _GraphedEpoch  # the factory fit uses; tests swap in a stand-in on machines without CUDA
-
-
-def _run_epoch(model, optimizer, x, t, batches, reduction, device) -> torch.Tensor:
-    """One epoch, one step per batch; returns the mean batch loss as a device tensor."""
-    total, count = None, 0
-    fused = isinstance(optimizer, FusedSGD)
-    for batch, rows in batches:
-        if batch is not None:  # from an iterable
-            xb, yb = (b.to(device, non_blocking=True) for b in batch)
-            check_inputs(xb, model.weight, model.bias, yb)
-            xb, yb = xb.reshape(-1, xb.shape[-1]), yb.reshape(-1, yb.shape[-1])
-        else:
-            xb, yb = x, t
-        if fused:
-            loss = fused_sgd_step(xb, model.weight, model.bias, yb, optimizer, reduction=reduction, row_index=rows,
-                                  backend=model.backend, input_precision=model.input_precision)
-        else:
-            if rows is not None:
-                xb, yb = xb.index_select(0, rows), yb.index_select(0, rows)
-            optimizer.zero_grad()
-            loss = model.loss(xb, yb, reduction)
-            loss.backward()
-            optimizer.step()
-            loss = loss.detach()
-        total = loss.to(accumulator_dtype(model.weight.dtype)) if total is None else total + loss
-        count += 1
-    if count == 0:
-        raise ValueError("the batches are empty: nothing to train on")
-    return total / count
-
-
-def _fit_chunk_persistent(ops, model, optimizer, x, t, perms, history, batch_size, reduction) -> None:
-    """The epochs of ``perms`` in one launch of the persistent kernel."""
-    state = {}
-    for name, p in (("weight", model.weight), ("bias", model.bias)):
-        hyper = group_hyper(optimizer.group_of(p)) if p is not None else state["weight_hyper"]
-        buf, is_new = optimizer.momentum_buffer(p, hyper) if p is not None else (None, False)
-        state.update({f"{name}_hyper": hyper, f"{name}_buffer": buf, f"init_{name}_buffer": is_new})
-    with torch.no_grad():
-        ops.fit_small(x, t, model.weight, model.bias, permutations=perms, history=history, batch_size=batch_size,
-                      mean=reduction == "mean", **state)
-
-
 def _diverged(bad: int, epochs: int, history: list[float], optimizer) -> TrainingDivergedError:
-    lrs = sorted({g["lr"] for g in optimizer.param_groups})
+    lrs = sorted({float(g["lr"]) for g in optimizer.param_groups})
     where = ("their values before fit" if bad == 0 else f"the end of epoch {bad}, the last finite one")
-    others = "" if isinstance(optimizer, FusedSGD) or isinstance(optimizer, torch.optim.SGD) else (
+    others = "" if isinstance(optimizer, torch.optim.SGD) else (
         " Optimizer state other than SGD momentum buffers was not restored.")
     return TrainingDivergedError(
         f"non-finite loss ({history[bad]}) at epoch {bad + 1}/{epochs}: training diverged. The parameters were "

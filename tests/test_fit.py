@@ -16,7 +16,6 @@ from linreg_fused import FusedLinearRegressor, FusedSGD, TrainingDivergedError
 from linreg_fused.backend import select_ops
 from linreg_fused.cli import main
 from linreg_fused.data import crop_yields
-from linreg_fused.train import epoch_permutations
 
 TRAJECTORY_TOL = 5e-5  # fp32 fit vs float64 eager, a few hundred steps
 
@@ -38,6 +37,13 @@ def _eager_fit(linear, x, y, perms, batch_size, options, dtype=torch.float64):
             losses.append(loss.item())
         history.append(sum(losses) / len(losses))
     return ref, opt, history
+
+
+def _loader_orders(n_rows, epochs, seed):
+    """Each epoch's row order as DataLoader(shuffle=True) draws it from a generator seeded with ``seed``."""
+    loader = DataLoader(TensorDataset(torch.arange(n_rows)), batch_size=n_rows, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    return torch.stack([torch.cat([rows for (rows,) in loader]) for _ in range(epochs)]).to(DEVICE)
 
 
 def _problem(n=37, d=4, o=3, seed=0):
@@ -67,7 +73,7 @@ def test_fit_trajectory_matches_eager_loop(options, path, backend, monkeypatch):
     opt = FusedSGD(model.parameters(), backend=backend, **options)
     epochs, batch_size = 12, 8  # 37 rows: the last batch of each epoch has 5
     history = model.fit(x, y, epochs=epochs, batch_size=batch_size, optimizer=opt, seed=3, progress=False)
-    perms = epoch_permutations(37, epochs, True, torch.Generator(device=DEVICE).manual_seed(3), DEVICE)
+    perms = _loader_orders(37, epochs, 3)
     ref, ref_opt, ref_history = _eager_fit(linear, x, y, perms, batch_size, options)
     assert len(history) == epochs and all(isinstance(v, float) for v in history)
     assert_close(torch.tensor(history), torch.tensor(ref_history), TRAJECTORY_TOL, "loss history")
@@ -85,8 +91,7 @@ def test_tutorial_fit(backend):
     linear = nn.Linear(3, 2).to(DEVICE)
     model = FusedLinearRegressor.from_linear(linear, backend=backend)
     history = model.fit(x, y, epochs=100, batch_size=5, lr=1e-5, seed=0, log_every=10, print_fn=lambda s: None)
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    perms = torch.cat([epoch_permutations(15, 10, True, g, DEVICE) for _ in range(10)])  # one draw per report chunk
+    perms = _loader_orders(15, 100, 0)
     ref, _, ref_history = _eager_fit(linear, x, y, perms, 5, dict(lr=1e-5))
     assert_close(torch.tensor(history), torch.tensor(ref_history), TRAJECTORY_TOL, "loss history")
     assert_close(model.weight, ref.weight, TRAJECTORY_TOL, "weight")
@@ -123,7 +128,7 @@ def test_fit_with_a_torch_optimizer(backend):
     model = FusedLinearRegressor.from_linear(linear, backend=backend)
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
     model.fit(x, y, epochs=5, batch_size=10, optimizer=opt, seed=2)
-    perms = epoch_permutations(37, 5, True, torch.Generator(device=DEVICE).manual_seed(2), DEVICE)
+    perms = _loader_orders(37, 5, 2)
     ref, _, _ = _eager_fit(linear, x, y, perms, 10, dict(lr=0.02, momentum=0.9))
     assert_close(model.weight, ref.weight, TRAJECTORY_TOL, "weight")
 
@@ -175,7 +180,7 @@ def test_divergence_is_reported_and_parameters_restored(path, backend, monkeypat
     assert not math.isfinite(err.history[-1]) and all(math.isfinite(v) for v in err.history[:-1])
 
     # The parameters and buffers are those at the end of the last finite epoch: replay it.
-    perms = epoch_permutations(15, 60, True, torch.Generator(device=DEVICE).manual_seed(0), DEVICE)
+    perms = _loader_orders(15, 60, 0)
     ref = copy.deepcopy(start)
     ref_opt = FusedSGD(ref.parameters(), lr=5e-4, momentum=0.9, backend="torch")
     for perm in perms[: err.epoch - 1]:
@@ -316,7 +321,6 @@ def test_permutations_drawn_in_bounded_chunks(backend, monkeypatch):
     linear = nn.Linear(4, 3).to(DEVICE)
     model = FusedLinearRegressor.from_linear(linear, backend=backend)
     model.fit(x, y, epochs=5, batch_size=8, lr=0.02, seed=9)
-    g = torch.Generator(device=DEVICE).manual_seed(9)
-    perms = torch.cat([epoch_permutations(37, k, True, g, DEVICE) for k in (2, 2, 1)])
+    perms = _loader_orders(37, 5, 9)
     ref, _, _ = _eager_fit(linear, x, y, perms, 8, dict(lr=0.02))
     assert_close(model.weight, ref.weight, TRAJECTORY_TOL, "weight")

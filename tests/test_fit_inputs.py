@@ -1,0 +1,139 @@
+"""fit's side of the user: DataLoader's exact batches, what it accepts, and
+the one clear error it gives for what it does not."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE
+from oracle import assert_close
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from linreg_fused import FusedLinearRegressor, FusedSGD
+from linreg_fused.backend import select_ops
+from linreg_fused.data import crop_yields
+
+
+def _tutorial_loop(linear, x, y, epochs, loader_generator, dtype=torch.float64):
+    """The tutorial's fit, verbatim, over a real DataLoader."""
+    ref = copy.deepcopy(linear).to(dtype)
+    opt = torch.optim.SGD(ref.parameters(), lr=1e-5)
+    loader = DataLoader(TensorDataset(x.cpu().to(dtype), y.cpu().to(dtype)), batch_size=5, shuffle=True,
+                        generator=loader_generator)
+    for _ in range(epochs):
+        for xb, yb in loader:
+            loss = F.mse_loss(ref(xb.to(DEVICE)), yb.to(DEVICE))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    return ref
+
+
+@pytest.mark.parametrize("path", ["one-launch", "per-batch"])
+def test_fit_draws_dataloaders_batches(path, backend, monkeypatch):
+    """fit(..., generator=g) trains on exactly the batches DataLoader(shuffle=True, generator=g) draws:
+    same parameters to fp32 rounding, the generator left in the same state; another seed is far off."""
+    if path == "per-batch":
+        monkeypatch.setattr(type(select_ops(backend, DEVICE)), "fit_small_supported", lambda self, *args: False)
+    x, y = crop_yields(device=DEVICE)
+    torch.manual_seed(0)
+    linear = nn.Linear(3, 2).to(DEVICE)
+    model = FusedLinearRegressor.from_linear(linear, backend=backend)
+    g_fit, g_loader = torch.Generator().manual_seed(42), torch.Generator().manual_seed(42)
+    model.fit(x, y, epochs=20, batch_size=5, lr=1e-5, generator=g_fit)
+    ref = _tutorial_loop(linear, x, y, 20, g_loader)
+    assert_close(model.weight, ref.weight, 2e-6, "weight")
+    assert_close(model.bias, ref.bias, 2e-6, "bias")
+    assert torch.equal(g_fit.get_state(), g_loader.get_state())
+    other = _tutorial_loop(linear, x, y, 20, torch.Generator().manual_seed(43))
+    assert (other.weight - ref.weight).norm() / ref.weight.norm() > 1e-3  # the order matters at this tolerance
+
+
+def test_fit_without_a_seed_draws_from_the_global_rng_like_dataloader(backend):
+    x, y = crop_yields(device=DEVICE)
+    linear = nn.Linear(3, 2).to(DEVICE)
+    model = FusedLinearRegressor.from_linear(linear, backend=backend)
+    torch.manual_seed(7)
+    model.fit(x, y, epochs=5, batch_size=5, lr=1e-5)
+    after_fit = torch.rand(3)
+    torch.manual_seed(7)
+    ref = _tutorial_loop(linear, x, y, 5, None)
+    assert torch.equal(torch.rand(3), after_fit)  # the global RNG moved exactly as the loader moved it
+    assert_close(model.weight, ref.weight, 2e-6, "weight")
+
+
+def test_fit_takes_numpy_arrays(backend):
+    x, y = crop_yields()
+    a = FusedLinearRegressor(3, 2, backend=backend).to(DEVICE)
+    b = copy.deepcopy(a)
+    ha = a.fit(x.numpy(), y.numpy(), epochs=3, batch_size=5, lr=1e-5, seed=1)
+    hb = b.fit(x.to(DEVICE), y.to(DEVICE), epochs=3, batch_size=5, lr=1e-5, seed=1)
+    assert ha == hb and torch.equal(a.weight, b.weight)
+
+
+def test_log_prints_like_the_tutorial_and_progress_uses_tqdm(backend, capsys):
+    x, y = crop_yields(device=DEVICE)
+    model = FusedLinearRegressor(3, 2, backend=backend).to(DEVICE)
+    lines = []
+    history = model.fit(x, y, epochs=4, batch_size=5, lr=1e-5, seed=0, log_every=2, print_fn=lines.append,
+                        progress=True)
+    assert lines == [f"Epoch [2/4], Loss: {history[1]:.4f}", f"Epoch [4/4], Loss: {history[3]:.4f}"]
+    assert "4/4" in capsys.readouterr().err  # tqdm's bar, on stderr
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(epochs=True), ValueError, "epochs must be a positive integer"),
+    (dict(epochs=2.0), ValueError, "epochs must be a positive integer"),
+    (dict(epochs=2, log_every=0), ValueError, "log_every"),
+    (dict(epochs=2, reduction="max"), ValueError, "reduction"),
+    (dict(epochs=2, batch_size=0), ValueError, "batch_size"),
+    (dict(epochs=2, seed=1, generator=torch.Generator()), ValueError, "either seed= or generator="),
+    (dict(epochs=2, optimizer="sgd"), TypeError, "torch.optim.Optimizer"),
+])
+def test_bad_fit_arguments_get_one_clear_error(kwargs, error, match):
+    x, y = crop_yields(device=DEVICE)
+    model = FusedLinearRegressor(3, 2).to(DEVICE)
+    kwargs.setdefault("lr", None if "optimizer" in kwargs else 1e-5)
+    with pytest.raises(error, match=match):
+        model.fit(x, y, **kwargs)
+
+
+def test_bad_fit_data_gets_one_clear_error():
+    x, y = crop_yields(device=DEVICE)
+    model = FusedLinearRegressor(3, 2).to(DEVICE)
+    with pytest.raises(TypeError, match="re-iterable"):
+        model.fit(((x[i : i + 5], y[i : i + 5]) for i in range(0, 15, 5)), epochs=2, lr=1e-5)
+    with pytest.raises(TypeError, match="got list and list"):
+        model.fit(x.tolist(), y.tolist(), epochs=2, lr=1e-5)
+    with pytest.raises(TypeError, match=r"\(inputs, targets\) pair"):
+        model.fit([x, y], epochs=1, lr=1e-5)
+    with pytest.raises(ValueError, match="meta tensors"):
+        FusedLinearRegressor(3, 2, device="meta").fit(x, y, epochs=1, lr=1e-5)
+    with pytest.raises(ValueError, match="targets are missing"):
+        model.fit(x, epochs=1, lr=1e-5)
+    with pytest.raises(ValueError, match="no batches"):
+        model.fit([], epochs=1, lr=1e-5)
+
+
+def test_a_one_shot_iterator_is_fine_for_one_epoch(backend):
+    x, y = crop_yields(device=DEVICE)
+    model = FusedLinearRegressor(3, 2, backend=backend).to(DEVICE)
+    history = model.fit(iter([(x[:8], y[:8]), (x[8:], y[8:])]), epochs=1, lr=1e-5)
+    assert len(history) == 1 and np.isfinite(history[0])
+
+
+def test_lr_scheduler_sees_the_steps_of_a_one_launch_fit(backend):
+    x, y = crop_yields(device=DEVICE)
+    model = FusedLinearRegressor(3, 2, backend=backend).to(DEVICE)
+    opt = FusedSGD(model.parameters(), lr=1e-5, backend=backend)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    model.fit(x, y, epochs=1, batch_size=5, optimizer=opt, seed=0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "lr_scheduler.step() before optimizer.step()" would raise here
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 0.5e-5
