@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE
-from oracle import TOLERANCE, assert_close
+from oracle import TOLERANCE, assert_close, assert_state_close, eager_fit, loader_orders
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -21,50 +21,6 @@ from linreg_fused.cli import main
 from linreg_fused.data import crop_yields
 
 TRAJECTORY_TOL = 5e-5  # fp32 fit vs float64 eager, a few hundred steps
-
-
-def _loader_orders(n_rows, epochs, seed=None, shuffle=True):
-    """Each epoch's row order as a real DataLoader draws it, from a generator
-    seeded with ``seed`` (the global RNG when None). (epochs, n_rows), CPU."""
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    loader = DataLoader(TensorDataset(torch.arange(n_rows)), batch_size=n_rows, shuffle=shuffle, generator=generator)
-    orders = torch.stack([torch.cat([rows for (rows,) in loader]) for _ in range(epochs)])
-    if shuffle and n_rows >= 5:  # a fresh order every epoch (two equal ones: odds below 1/120)
-        assert all(not torch.equal(a, b) for a, b in zip(orders, orders[1:])), "successive epochs share a row order"
-    return orders
-
-
-def _eager_fit(linear, x, y, orders, batch_size, options, reduction="mean", dtype=torch.float64):
-    """The tutorial's fit, in float64 (nn.Linear + F.mse_loss + optim.SGD), over
-    the given per-epoch row orders. Returns the model, the optimizer and each
-    epoch's mean batch loss."""
-    ref = copy.deepcopy(linear).to(dtype)
-    opt = torch.optim.SGD(ref.parameters(), **options)
-    x, y = x.to(dtype), y.to(dtype)
-    history = []
-    for order in orders:
-        order = order.to(x.device)
-        losses = []
-        for s in range(0, x.shape[0], batch_size):
-            rows = order[s : s + batch_size]
-            loss = F.mse_loss(ref(x[rows]), y[rows], reduction=reduction)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-        history.append(sum(losses) / len(losses))
-    return ref, opt, history
-
-
-def _assert_state_close(model, opt, ref, ref_opt, tol, what=""):
-    """Weight, bias and both momentum buffers (present in both, or in neither)."""
-    for name in ("weight", "bias"):
-        p, r = getattr(model, name), getattr(ref, name)
-        assert_close(p, r, tol, f"{what}{name}")
-        buf, ref_buf = opt.state[p].get("momentum_buffer"), ref_opt.state[r].get("momentum_buffer")
-        assert (buf is None) == (ref_buf is None), f"{what}{name}: momentum buffer {buf is not None}, SGD's {ref_buf is not None}"
-        if ref_buf is not None:
-            assert_close(buf, ref_buf, tol, f"{what}{name} momentum buffer")
 
 
 def _problem(n=37, d=4, o=3, seed=0):
@@ -113,10 +69,10 @@ def test_fit_trajectory_matches_eager_loop(options, path, backend, monkeypatch):
     epochs, batch_size = 12, 8  # 37 rows: the last batch of each epoch has 5
     history = model.fit(x, y, epochs=epochs, batch_size=batch_size, optimizer=opt, seed=3, progress=False)
     assert bool(one_launch) == (path == "one-launch")
-    ref, ref_opt, ref_history = _eager_fit(linear, x, y, _loader_orders(37, epochs, 3), batch_size, options)
+    ref, ref_opt, ref_history = eager_fit(linear, x, y, loader_orders(37, epochs, 3), batch_size, options)
     assert len(history) == epochs and all(isinstance(v, float) for v in history)
     assert_close(torch.tensor(history), torch.tensor(ref_history), TRAJECTORY_TOL, "loss history")
-    _assert_state_close(model, opt, ref, ref_opt, TRAJECTORY_TOL)
+    assert_state_close(model, opt, ref, ref_opt, TRAJECTORY_TOL)
 
 
 @pytest.mark.parametrize("path", ALL_PATHS)
@@ -131,7 +87,7 @@ def test_each_epoch_draws_a_new_row_order(path, backend, monkeypatch):
     model = FusedLinearRegressor.from_linear(linear, backend=backend)
     history = model.fit(x, y, epochs=6, batch_size=8, optimizer=_optimizer(path, model.parameters(), backend, lr=0.0),
                         seed=8)
-    _, _, ref_history = _eager_fit(linear, x, y, _loader_orders(37, 6, 8), 8, dict(lr=0.0))
+    _, _, ref_history = eager_fit(linear, x, y, loader_orders(37, 6, 8), 8, dict(lr=0.0))
     assert_close(torch.tensor(history), torch.tensor(ref_history), TOLERANCE[torch.float32], "per-epoch loss")
     assert len(set(history)) == 6, f"epochs repeat a split: {history}"
 
@@ -143,7 +99,7 @@ def test_tutorial_fit(backend):
     linear = nn.Linear(3, 2).to(DEVICE)
     model = FusedLinearRegressor.from_linear(linear, backend=backend)
     history = model.fit(x, y, epochs=100, batch_size=5, lr=1e-5, seed=0, log_every=10, print_fn=lambda s: None)
-    ref, _, ref_history = _eager_fit(linear, x, y, _loader_orders(15, 100, 0), 5, dict(lr=1e-5))
+    ref, _, ref_history = eager_fit(linear, x, y, loader_orders(15, 100, 0), 5, dict(lr=1e-5))
     assert_close(torch.tensor(history), torch.tensor(ref_history), TRAJECTORY_TOL, "loss history")
     assert_close(model.weight, ref.weight, TRAJECTORY_TOL, "weight")
     assert_close(model.bias, ref.bias, TRAJECTORY_TOL, "bias")
@@ -172,7 +128,7 @@ def test_fit_on_a_dataloader(backend):
             losses.append(loss.item())
         ref_history.append(sum(losses) / len(losses))
     assert_close(torch.tensor(history), torch.tensor(ref_history), TRAJECTORY_TOL, "history")
-    _assert_state_close(model, opt, ref, ref_opt, TRAJECTORY_TOL)
+    assert_state_close(model, opt, ref, ref_opt, TRAJECTORY_TOL)
 
 
 def test_fit_with_a_torch_optimizer(backend):
@@ -181,9 +137,9 @@ def test_fit_with_a_torch_optimizer(backend):
     model = FusedLinearRegressor.from_linear(linear, backend=backend)
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
     history = model.fit(x, y, epochs=5, batch_size=10, optimizer=opt, seed=2)
-    ref, ref_opt, ref_history = _eager_fit(linear, x, y, _loader_orders(37, 5, 2), 10, dict(lr=0.02, momentum=0.9))
+    ref, ref_opt, ref_history = eager_fit(linear, x, y, loader_orders(37, 5, 2), 10, dict(lr=0.02, momentum=0.9))
     assert_close(torch.tensor(history), torch.tensor(ref_history), TRAJECTORY_TOL, "history")
-    _assert_state_close(model, opt, ref, ref_opt, TRAJECTORY_TOL)
+    assert_state_close(model, opt, ref, ref_opt, TRAJECTORY_TOL)
 
 
 @pytest.mark.parametrize("path", ALL_PATHS + ["batches"])
@@ -203,9 +159,9 @@ def test_reduction_sum(path, backend, monkeypatch):
     else:
         history = model.fit(x, y, epochs=4, batch_size=6, optimizer=opt, seed=4, reduction="sum")
     assert bool(one_launch) == (path == "one-launch")
-    ref, ref_opt, ref_history = _eager_fit(linear, x, y, _loader_orders(23, 4, 4), 6, options, reduction="sum")
+    ref, ref_opt, ref_history = eager_fit(linear, x, y, loader_orders(23, 4, 4), 6, options, reduction="sum")
     assert_close(torch.tensor(history), torch.tensor(ref_history), TRAJECTORY_TOL, "history")
-    _assert_state_close(model, opt, ref, ref_opt, TRAJECTORY_TOL)
+    assert_state_close(model, opt, ref, ref_opt, TRAJECTORY_TOL)
 
 
 @pytest.mark.parametrize("path", ALL_PATHS)
@@ -224,9 +180,9 @@ def test_non_contiguous_inputs(path, backend, monkeypatch):
     opt = _optimizer(path, model.parameters(), backend, **options)
     history = model.fit(x, y, epochs=5, batch_size=7, optimizer=opt, seed=1)
     assert bool(one_launch) == (path == "one-launch")
-    ref, ref_opt, ref_history = _eager_fit(linear, x, y, _loader_orders(29, 5, 1), 7, options)
+    ref, ref_opt, ref_history = eager_fit(linear, x, y, loader_orders(29, 5, 1), 7, options)
     assert_close(torch.tensor(history), torch.tensor(ref_history), TRAJECTORY_TOL, "history")
-    _assert_state_close(model, opt, ref, ref_opt, TRAJECTORY_TOL)
+    assert_state_close(model, opt, ref, ref_opt, TRAJECTORY_TOL)
 
 
 def test_paths_agree_and_seed_reproduces(backend, monkeypatch):
@@ -257,11 +213,11 @@ def test_no_shuffle(path, batch_size, backend, monkeypatch):
     opt = _optimizer(path, model.parameters(), backend, **options)
     history = model.fit(x, y, epochs=3, batch_size=batch_size, optimizer=opt, shuffle=False)  # default: full batch
     assert bool(one_launch) == (path == "one-launch")
-    orders = _loader_orders(37, 3, shuffle=False)
+    orders = loader_orders(37, 3, shuffle=False)
     assert torch.equal(orders[-1], torch.arange(37))
-    ref, ref_opt, ref_history = _eager_fit(linear, x, y, orders, batch_size or 37, options)
+    ref, ref_opt, ref_history = eager_fit(linear, x, y, orders, batch_size or 37, options)
     assert_close(torch.tensor(history), torch.tensor(ref_history), TRAJECTORY_TOL, "history")
-    _assert_state_close(model, opt, ref, ref_opt, TRAJECTORY_TOL)
+    assert_state_close(model, opt, ref, ref_opt, TRAJECTORY_TOL)
 
 
 @pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")  # the interpreter's NumPy
@@ -284,10 +240,10 @@ def test_divergence_is_reported_and_parameters_restored(path, backend, monkeypat
     assert not math.isfinite(err.history[-1]) and all(math.isfinite(v) for v in err.history[:-1])
 
     # The tutorial's loop over the finite epochs only.
-    ref, ref_opt, ref_history = _eager_fit(linear, x, y, _loader_orders(15, 60, 0)[: err.epoch - 1], 5, options)
+    ref, ref_opt, ref_history = eager_fit(linear, x, y, loader_orders(15, 60, 0)[: err.epoch - 1], 5, options)
     # Loose: the run is chaotic just before it diverges (the loss grows ~10x an epoch), so rounding grows fast.
     assert_close(torch.tensor(err.history[:-1]), torch.tensor(ref_history), 1e-3, "history")
-    _assert_state_close(model, opt, ref, ref_opt, 1e-3, "at the last finite epoch: ")
+    assert_state_close(model, opt, ref, ref_opt, 1e-3, "at the last finite epoch: ")
 
 
 @pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")  # the interpreter's NumPy
@@ -366,7 +322,7 @@ def test_main_job(backend_arg, capsys):
 
     torch.manual_seed(0)
     x, y = crop_yields()
-    ref, _, ref_history = _eager_fit(nn.Linear(3, 2), x, y, _loader_orders(15, 20, 0), 4,
+    ref, _, ref_history = eager_fit(nn.Linear(3, 2), x, y, loader_orders(15, 20, 0), 4,
                                      dict(lr=2e-5, momentum=0.5))
     logged = [float(v) for v in re.findall(r"^Epoch \[\d+/20\], Loss: (\S+)$", out, re.MULTILINE)]
     assert_close(torch.tensor(logged), torch.tensor(ref_history[4::5]), 1e-4, "logged losses")
@@ -451,7 +407,7 @@ def test_failed_capture_warns_and_stays_eager(backend, monkeypatch):
         h_failed = failed.fit(x, y, epochs=3, batch_size=8, lr=0.01, seed=0)
     assert h_failed == h_plain
     assert torch.equal(failed.weight, plain.weight) and torch.equal(failed.bias, plain.bias)
-    ref, _, ref_history = _eager_fit(linear, x, y, _loader_orders(37, 3, 0), 8, dict(lr=0.01))
+    ref, _, ref_history = eager_fit(linear, x, y, loader_orders(37, 3, 0), 8, dict(lr=0.01))
     assert_close(torch.tensor(h_failed), torch.tensor(ref_history), TRAJECTORY_TOL, "history")
     assert_close(failed.weight, ref.weight, TRAJECTORY_TOL, "weight")
 
@@ -466,6 +422,6 @@ def test_permutations_drawn_in_bounded_chunks(backend, monkeypatch):
     linear = nn.Linear(4, 3).to(DEVICE)
     model = FusedLinearRegressor.from_linear(linear, backend=backend)
     history = model.fit(x, y, epochs=5, batch_size=8, lr=0.02, seed=9)
-    ref, _, ref_history = _eager_fit(linear, x, y, _loader_orders(37, 5, 9), 8, dict(lr=0.02))
+    ref, _, ref_history = eager_fit(linear, x, y, loader_orders(37, 5, 9), 8, dict(lr=0.02))
     assert_close(torch.tensor(history), torch.tensor(ref_history), TRAJECTORY_TOL, "history")
     assert_close(model.weight, ref.weight, TRAJECTORY_TOL, "weight")
