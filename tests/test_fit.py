@@ -92,6 +92,17 @@ def test_each_epoch_draws_a_new_row_order(path, backend, monkeypatch):
     assert len(set(history)) == 6, f"epochs repeat a split: {history}"
 
 
+def test_crop_yields_are_the_tutorials_data():
+    inputs, targets = crop_yields()
+    assert inputs.dtype == targets.dtype == torch.float32
+    assert inputs.tolist() == [[73, 67, 43], [91, 88, 64], [87, 134, 58], [102, 43, 37], [69, 96, 70],
+                               [74, 66, 43], [91, 87, 65], [88, 134, 59], [101, 44, 37], [68, 96, 71],
+                               [73, 66, 44], [92, 87, 64], [87, 135, 57], [103, 43, 36], [68, 97, 70]]
+    assert targets.tolist() == [[56, 70], [81, 101], [119, 133], [22, 37], [103, 119], [57, 69], [80, 102],
+                                [118, 132], [21, 38], [104, 118], [57, 69], [82, 100], [118, 134], [20, 38],
+                                [102, 120]]
+
+
 def test_tutorial_fit(backend):
     """The tutorial: 15 crop-yield rows, batch 5, lr 1e-5, 100 epochs (report every 10)."""
     x, y = crop_yields(device=DEVICE)
@@ -140,6 +151,28 @@ def test_fit_with_a_torch_optimizer(backend):
     ref, ref_opt, ref_history = eager_fit(linear, x, y, loader_orders(37, 5, 2), 10, dict(lr=0.02, momentum=0.9))
     assert_close(torch.tensor(history), torch.tensor(ref_history), TRAJECTORY_TOL, "history")
     assert_state_close(model, opt, ref, ref_opt, TRAJECTORY_TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("path", PATHS)
+def test_fit_dtypes(path, dtype, backend, monkeypatch):
+    """float64 end to end (the kernels accumulate in float64: a float64 bound
+    holds), and bfloat16 data with float32 weights (computed in float32)."""
+    one_launch = _walk(path, backend, monkeypatch)
+    x, y = _problem(n=21, seed=9)
+    x, y = x.to(dtype), y.to(dtype)
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    start = nn.Linear(4, 3).to(device=DEVICE, dtype=param_dtype)
+    model = FusedLinearRegressor.from_linear(start, backend=backend)
+    options = dict(lr=0.02, momentum=0.5)
+    opt = FusedSGD(model.parameters(), backend=backend, **options)
+    history = model.fit(x, y, epochs=4, batch_size=5, optimizer=opt, seed=2)
+    assert bool(one_launch) == (path == "one-launch")
+    ref, ref_opt, ref_history = eager_fit(start, x, y, loader_orders(21, 4, 2), 5, options)
+    tol = 1e-12 if dtype == torch.float64 else TRAJECTORY_TOL
+    assert_close(torch.tensor(history, dtype=torch.float64), torch.tensor(ref_history, dtype=torch.float64), tol,
+                 "history")
+    assert_state_close(model, opt, ref, ref_opt, tol)
 
 
 @pytest.mark.parametrize("path", ALL_PATHS + ["batches"])

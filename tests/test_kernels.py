@@ -148,7 +148,7 @@ FIT_CASES = {
                             b=SGDHyper(lr=0.05, momentum=0.5, dampening=0.1)),
     "dampening-maximize": dict(n=13, d=5, o=2, batch=4, bias=True, mean=True,
                                w=SGDHyper(lr=0.03, momentum=0.8, dampening=0.4, weight_decay=0.05, maximize=True),
-                               b=SGDHyper(lr=0.02, momentum=0.7, dampening=0.25, maximize=True)),
+                               b=SGDHyper(lr=0.02, momentum=0.7, dampening=0.25, weight_decay=0.2, maximize=True)),
     "bias-momentum-only": dict(n=11, d=3, o=4, batch=3, bias=True, mean=True,
                                w=SGDHyper(lr=0.02), b=SGDHyper(lr=0.03, momentum=0.9, dampening=0.3)),
     "no-bias-sum": dict(n=10, d=1, o=1, batch=3, bias=False, mean=False,
