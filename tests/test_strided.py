@@ -1,12 +1,13 @@
 """Non-contiguous tensors where the kernels take flat or strided memory:
-FusedSGD.step() on transposed and sliced parameters, and a training step on
-transposed batches, against torch.optim.SGD in float64."""
+FusedSGD.step() on transposed and sliced parameters, a training step on
+transposed batches, fit on a column-major weight; against torch.optim.SGD
+in float64."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE
-from oracle import assert_close
+from oracle import assert_close, assert_state_close, eager_fit, loader_orders
 from torch import nn
 
 from linreg_fused import FusedLinearRegressor, FusedSGD
@@ -61,3 +62,19 @@ def test_train_step_on_transposed_batches(backend):
         assert_close(loss, ref_loss, STEP_TOL, "loss")
     assert_close(model.weight, ref.weight, STEP_TOL, "weight")
     assert_close(model.bias, ref.bias, STEP_TOL, "bias")
+
+
+def test_fit_with_non_contiguous_parameters(backend):
+    """A model whose weight is stored column-major (e.g. loaded from a
+    transposed checkpoint) trains like any other: fit must not hand it to a
+    kernel that reads it as row-major."""
+    x, y = torch.randn(23, 4, device=DEVICE), torch.randn(23, 3, device=DEVICE)
+    start = nn.Linear(4, 3).to(DEVICE)
+    model = FusedLinearRegressor.from_linear(start, backend=backend)
+    model.weight.data = model.weight.data.t().contiguous().t()  # the same values, column-major
+    assert not model.weight.is_contiguous()
+    opt = FusedSGD(model.parameters(), lr=0.05, momentum=0.5, backend=backend)
+    history = model.fit(x, y, epochs=4, batch_size=6, optimizer=opt, seed=2)
+    ref, ref_opt, ref_history = eager_fit(start, x, y, loader_orders(23, 4, 2), 6, dict(lr=0.05, momentum=0.5))
+    assert_close(torch.tensor(history), torch.tensor(ref_history), STEP_TOL, "history")
+    assert_state_close(model, opt, ref, ref_opt, STEP_TOL)
