@@ -138,7 +138,9 @@ class LinearMSEFunction(torch.autograd.Function):
                 grad_t = (-d_pred).to(ctx.x_dtype)
         if plan.update is not None:
             plan.update.apply_(plan.ops, partials, grad_loss, grad_scale)
-        elif need_w or need_b:
+            # A parameter outside the optimizer gets its .grad, as loss.backward() would give it.
+            need_w, need_b = need_w and plan.update.left_out[0], need_b and plan.update.left_out[1]
+        if need_w or need_b:
             grad_w, grad_b = _reduce_grads(plan.ops, partials, grad_loss, grad_scale, need_w, need_b)
             grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
             grad_b = grad_b.to(weight.dtype) if grad_b is not None else None

@@ -166,17 +166,6 @@ class _LastFinite:
 
 
 # ---------------------------------------------------------------- the paths
-def _trained_parameters(model, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """The parameters a step changes: they require grad and the optimizer holds them (as in torch)."""
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    return [p for p in (model.weight, model.bias) if p is not None and p.requires_grad and id(p) in held]
-
-
-def _mark_stepped(optimizer: torch.optim.Optimizer) -> None:
-    """Tell LR schedulers that steps happened (torch's scheduler wraps step() to set this flag)."""
-    optimizer._opt_called = True
-
-
 class OneLaunchPath:
     """Every epoch of a chunk in one launch of the persistent kernel, which
     keeps its own on-chip copy of the last finite epoch's state."""
@@ -190,7 +179,8 @@ class OneLaunchPath:
     def applies(model, optimizer, source, ops) -> bool:
         params = [p for p in (model.weight, model.bias) if p is not None]
         return (isinstance(source, TensorSource) and isinstance(optimizer, FusedSGD)
-                and _trained_parameters(model, optimizer) == params  # the kernel updates every parameter
+                and all(optimizer.trains(p) for p in params)  # the kernel updates every parameter
+                and not optimizer.has_step_hooks()  # one launch of many steps cannot fire hooks per step
                 and all(p.is_contiguous() for p in params)
                 and ops.fit_small_supported(source.batch_size, source.x.shape[1], model.out_features))
 
@@ -206,7 +196,7 @@ class OneLaunchPath:
             self.ops.fit_small(self.source.x, self.source.t, self.model.weight, self.model.bias, permutations=orders,
                                history=history, batch_size=self.source.batch_size,
                                mean=self.reduction == "mean", **state)
-        _mark_stepped(self.optimizer)
+        self.optimizer._mark_stepped()
 
     def restore(self, bad_epoch: int) -> None:
         # The kernel wrote back the last finite epoch's values; buffers it created before that did not exist.
@@ -237,8 +227,9 @@ graphed_epoch = _GraphedEpoch  # the factory PerBatchPath uses; tests swap in a 
 
 
 def _graph_capture_possible(ops, optimizer, source, device) -> bool:
+    # A replay runs no Python: no step hooks can fire in it.
     return (isinstance(source, TensorSource) and device.type == "cuda" and ops.name == "triton"
-            and isinstance(optimizer, FusedSGD))
+            and isinstance(optimizer, FusedSGD) and not optimizer.has_step_hooks())
 
 
 class _EpochRunner:

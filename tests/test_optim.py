@@ -2,6 +2,7 @@
 nn.Linear + F.mse_loss + torch.optim.SGD, state_dict interop, resume."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -9,8 +10,11 @@ import torch.nn.functional as F
 from conftest import DEVICE
 from oracle import TOLERANCE, assert_close
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from linreg_fused import FusedLinearRegressor, FusedSGD
+from linreg_fused.backend import select_ops
+from torch.utils.data import DataLoader, TensorDataset
 
 OPTIONS = [
     dict(),
@@ -225,3 +229,182 @@ def test_fp64_parameters(backend):
         model.train_step(x, y, opt)
     ref, _ = _eager_trajectory(linear, batches, dict(momentum=0.9), 0.05)
     assert_close(model.weight, ref.weight, TOLERANCE[torch.float64] * 100, "fp64 weight")
+
+
+# ---------------------------------------------------------------- parameters outside the optimizer, frozen ones
+def _eager_selected(linear, batches, trained, options, lr):
+    """float64 nn.Linear + torch.optim.SGD over the parameters named in ``trained`` only
+    (the others still require grad, so their .grad accumulates: zero_grad does not reach them)."""
+    ref = copy.deepcopy(linear).double()
+    opt = torch.optim.SGD([getattr(ref, name) for name in trained], lr=lr, **options)
+    for x, y in batches:
+        opt.zero_grad()
+        F.mse_loss(ref(x.double()), y.double()).backward()
+        opt.step()
+    return ref
+
+
+@pytest.mark.parametrize("trained", ["weight", "bias"])
+def test_parameter_outside_the_optimizer_like_torch(trained, backend):
+    """FusedSGD([model.weight]) does what torch.optim.SGD([linear.weight]) does:
+    the weight steps and the bias keeps its value. Through loss(optimizer=).backward()
+    the bias gets its .grad (accumulating, as zero_grad does not reach it);
+    train_step makes no .grad at all."""
+    other = "bias" if trained == "weight" else "weight"
+    batches = _batches(5, 9, 4, 2, seed=7)
+    linear = nn.Linear(4, 2).to(DEVICE)
+    options = dict(momentum=0.9, weight_decay=0.01)
+    ref = _eager_selected(linear, batches, [trained], options, 0.05)
+
+    model = FusedLinearRegressor.from_linear(linear, backend=backend)
+    opt = FusedSGD([getattr(model, trained)], lr=0.05, backend=backend, **options)
+    for x, y in batches:
+        model.loss(x, y, optimizer=opt).backward()
+    assert_close(getattr(model, trained), getattr(ref, trained), TRAJECTORY_TOL, trained)
+    assert torch.equal(getattr(model, other), getattr(linear, other))
+    assert getattr(model, trained).grad is None
+    assert_close(getattr(model, other).grad, getattr(ref, other).grad, TRAJECTORY_TOL, f"{other}.grad")
+
+    stepped = FusedLinearRegressor.from_linear(linear, backend=backend)
+    opt = FusedSGD([getattr(stepped, trained)], lr=0.05, backend=backend, **options)
+    for x, y in batches:
+        stepped.train_step(x, y, opt)
+    assert_close(getattr(stepped, trained), getattr(ref, trained), TRAJECTORY_TOL, trained)
+    assert torch.equal(getattr(stepped, other), getattr(linear, other))
+    assert stepped.weight.grad is None and stepped.bias.grad is None
+
+
+@pytest.mark.parametrize("frozen", ["weight", "bias"])
+def test_frozen_parameter_stays_bitwise(frozen, backend):
+    """A parameter with requires_grad=False in FusedSGD(model.parameters()) gets
+    no gradient, so no step moves it, through backward or train_step."""
+    batches = _batches(4, 9, 4, 2, seed=8)
+    linear = nn.Linear(4, 2).to(DEVICE)
+    trained = "bias" if frozen == "weight" else "weight"
+    ref = _eager_selected(linear, batches, [trained], dict(momentum=0.9), 0.05)
+    for use_train_step in (False, True):
+        model = FusedLinearRegressor.from_linear(linear, backend=backend)
+        getattr(model, frozen).requires_grad_(False)
+        opt = FusedSGD(model.parameters(), lr=0.05, momentum=0.9, backend=backend)
+        for x, y in batches:
+            model.train_step(x, y, opt) if use_train_step else model.loss(x, y, optimizer=opt).backward()
+        assert torch.equal(getattr(model, frozen), getattr(linear, frozen))
+        assert getattr(model, frozen) not in opt.state
+        assert_close(getattr(model, trained), getattr(ref, trained), TRAJECTORY_TOL, trained)
+
+
+def _fit_eager(linear, x, y, perms, batch_size, trained, options):
+    ref = copy.deepcopy(linear).double()
+    opt = torch.optim.SGD([getattr(ref, name) for name in trained], **options)
+    for perm in perms:
+        for s in range(0, x.shape[0], batch_size):
+            rows = perm[s : s + batch_size]
+            opt.zero_grad()
+            F.mse_loss(ref(x[rows].double()), y[rows].double()).backward()
+            opt.step()
+    return ref
+
+
+@pytest.mark.parametrize("path", ["persistent", "per-step"])
+@pytest.mark.parametrize("how", ["outside", "frozen"], ids=["outside-the-optimizer", "frozen"])
+@pytest.mark.parametrize("still", ["weight", "bias"])
+def test_fit_trains_only_what_torch_would(still, how, path, backend, monkeypatch):
+    """fit with a parameter outside FusedSGD or frozen: that parameter stays
+    bitwise where it was, the other trains as torch.optim.SGD trains it, on
+    both of fit's fused paths."""
+    if path == "per-step":
+        monkeypatch.setattr(type(select_ops(backend, DEVICE)), "fit_small_supported", lambda self, *args: False)
+    trained = ["bias" if still == "weight" else "weight"]
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(23, 4, generator=g).to(DEVICE)
+    y = torch.randn(23, 2, generator=g).to(DEVICE)
+    linear = nn.Linear(4, 2).to(DEVICE)
+    model = FusedLinearRegressor.from_linear(linear, backend=backend)
+    options = dict(lr=0.05, momentum=0.9)
+    if how == "outside":
+        opt = FusedSGD([getattr(model, trained[0])], backend=backend, **options)
+    else:
+        getattr(model, still).requires_grad_(False)
+        opt = FusedSGD(model.parameters(), backend=backend, **options)
+    epochs, batch_size = 3, 8
+    model.fit(x, y, epochs=epochs, batch_size=batch_size, optimizer=opt, seed=4, progress=False)
+    loader = DataLoader(TensorDataset(torch.arange(23)), batch_size=23, shuffle=True,
+                        generator=torch.Generator().manual_seed(4))
+    perms = torch.stack([torch.cat([rows for (rows,) in loader]) for _ in range(epochs)]).to(DEVICE)
+    ref = _fit_eager(linear, x, y, perms, batch_size, trained, options)
+    assert torch.equal(getattr(model, still), getattr(linear, still)), f"{still} moved"
+    assert_close(getattr(model, trained[0]), getattr(ref, trained[0]), TRAJECTORY_TOL, trained[0])
+
+
+# ---------------------------------------------------------------- LR schedulers and step hooks
+def _one_fused_step(how, model, opt, x, y):
+    if how == "backward":
+        model.loss(x, y, optimizer=opt).backward()
+    elif how == "train_step":
+        model.train_step(x, y, opt)
+    else:
+        model.fit(x, y, epochs=2, batch_size=4, optimizer=opt, seed=0, progress=False)
+
+
+STEP_PATHS = ["backward", "train_step", "fit-per-step", "fit-persistent"]
+
+
+@pytest.mark.parametrize("how", STEP_PATHS)
+def test_lr_scheduler_sees_fused_steps(how, backend, monkeypatch):
+    """A scheduler stepped after a fused step does not warn that it ran before optimizer.step()."""
+    if how == "fit-per-step":
+        monkeypatch.setattr(type(select_ops(backend, DEVICE)), "fit_small_supported", lambda self, *args: False)
+    model = FusedLinearRegressor(3, 2, backend=backend).to(DEVICE)
+    opt = FusedSGD(model.parameters(), lr=0.1, backend=backend)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    x, y = torch.randn(8, 3, device=DEVICE), torch.randn(8, 2, device=DEVICE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _one_fused_step(how, model, opt, x, y)
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("how", STEP_PATHS)
+def test_step_hooks_fire_around_fused_steps(how, backend, monkeypatch):
+    """Step pre- and post-hooks (the optimizer's and the global ones) fire around
+    each step taken inside the fused backward, train_step and fit, as they
+    would around optimizer.step(): once per batch, the pre-hook before the
+    update, the post-hook after it."""
+    if how == "fit-per-step":
+        monkeypatch.setattr(type(select_ops(backend, DEVICE)), "fit_small_supported", lambda self, *args: False)
+    model = FusedLinearRegressor(3, 2, backend=backend).to(DEVICE)
+    opt = FusedSGD(model.parameters(), lr=0.1, backend=backend)
+    assert not opt.has_step_hooks()
+    calls = []
+
+    def hook(kind):
+        def record(optimizer, args, kwargs):
+            assert optimizer is opt and args == (opt,) and kwargs == {}
+            calls.append((kind, model.weight.detach().clone()))
+        return record
+
+    handles = [opt.register_step_pre_hook(hook("pre")), opt.register_step_post_hook(hook("post")),
+               register_optimizer_step_post_hook(hook("global post"))]
+    try:
+        assert opt.has_step_hooks()
+        x, y = torch.randn(8, 3, device=DEVICE), torch.randn(8, 2, device=DEVICE)
+        _one_fused_step(how, model, opt, x, y)
+    finally:
+        for handle in handles:
+            handle.remove()
+    steps = 1 if how in ("backward", "train_step") else 2 * 2  # fit: 2 epochs of 2 batches
+    assert [kind for kind, _ in calls] == ["pre", "post", "global post"] * steps
+    for i in range(steps):
+        pre, post = calls[3 * i][1], calls[3 * i + 1][1]
+        assert not torch.equal(pre, post)  # the update happened between them
+
+
+def test_step_pre_hook_cannot_change_a_fused_step(backend):
+    model = FusedLinearRegressor(3, 2, backend=backend).to(DEVICE)
+    opt = FusedSGD(model.parameters(), lr=0.1, backend=backend)
+    opt.register_step_pre_hook(lambda optimizer, args, kwargs: (args, {"closure": None}))
+    before = model.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="pre-hook returned new arguments"):
+        model.train_step(torch.randn(4, 3, device=DEVICE), torch.randn(4, 2, device=DEVICE), opt)
+    assert torch.equal(model.weight, before)
