@@ -58,7 +58,7 @@ def test_deterministic_at_scale(shape):
     """Bitwise the same twice, with thousands of programs: a race (e.g. the
     chunked dW read-modify-write of D > BLOCK_D without its barrier) or an
     order-dependent reduction shows here, where the interpreter cannot see it.
-    The loss and gradients must also be right, and so must a fused SGD step."""
+    The loss and gradients must also be right, and so must a fused step's loss."""
     x, w, b, t = random_problem(*shape, device=CUDA)
     runs = []
     for _ in range(2):

@@ -254,7 +254,8 @@ MUTANTS = [
            "            if buf is None:\n                pass",
            (FIRST_EPOCH,), "a first-epoch divergence leaves the buffer it created (per-batch paths)"),
     Mutant("fit-one-launch-first-epoch-buffer-left", "fit", "linreg_fused/train.py",
-           '                if not had:\n                    self.optimizer.state.get(p, {}).pop("momentum_buffer", None)',
+           "                if not had:\n"
+           '                    self.optimizer.state.get(p, {}).pop("momentum_buffer", None)',
            "                if not had:\n                    pass",
            (FIRST_EPOCH,), "a first-epoch divergence leaves the buffer it created (one launch)"),
     Mutant("fit-restore-to-diverged-values", "fit", "linreg_fused/train.py",
