@@ -1,7 +1,9 @@
-"""Turn a pytest-benchmark JSON (from bench/test_bench.py) into a Markdown table and a plot.
+"""Turn a benchmark JSON into a Markdown table and a plot: either a pytest-benchmark JSON
+(bench/test_bench.py) or the GPU check's gpu_check.json (bench/gpu_check.py).
 
     pytest bench --benchmark-only --benchmark-json results.json
     python bench/report.py results.json --out-dir bench/out
+    python bench/report.py OUT/gpu_check.json --out-dir bench/out
 
 Writes DIR/results.md (also printed) and DIR/results.png (needs matplotlib;
 without it the plot is skipped with a message). Every figure comes from the
@@ -33,7 +35,7 @@ class Row:
     peak_extra_bytes: int | None
     peak_bytes: int | None
     check: str
-    rounds: int
+    timing: str  # how the figure was taken: "N rounds" (pytest-benchmark) or gpu_check's timer
     info: dict[str, Any]
 
     @property
@@ -44,30 +46,60 @@ class Row:
 
 
 def load_rows(path: Path) -> tuple[list[Row], dict[str, Any]]:
-    """Rows in run order, with speedups recomputed per group from the JSON's own baseline."""
+    """Rows in run order, with speedups recomputed per group from the JSON's own baseline;
+    and the machine (a dict with device, torch, triton, cuda, cpu)."""
     doc = json.loads(path.read_text())
+    if "benchmarks" in doc:
+        rows, machine = _pytest_benchmark_rows(doc)
+    elif "rows" in doc and "meta" in doc:
+        rows, machine = _gpu_check_rows(doc)
+    else:
+        raise ValueError(f"{path}: neither a pytest-benchmark JSON nor a gpu_check.json")
+    base = {r.group: r.time_per_step for r in rows if r.baseline}
+    for r in rows:
+        if r.group in base:
+            r.speedup = base[r.group] / r.time_per_step
+    return rows, machine
+
+
+def _gbps(n_bytes: int | None, per_step: float) -> float | None:
+    return n_bytes / per_step / 1e9 if n_bytes and per_step > 0 else None
+
+
+def _pytest_benchmark_rows(doc: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
     rows: list[Row] = []
     for bench in doc.get("benchmarks", []):
         info = bench.get("extra_info", {})
         stats = bench.get("stats") or {}
         if "median" not in stats:
             continue
-        steps = info.get("steps_per_call") or 1
-        per_step = stats["median"] / steps
-        n_bytes = info.get("bytes_per_step")
-        gbps = n_bytes / per_step / 1e9 if n_bytes and per_step > 0 else None
+        per_step = stats["median"] / (info.get("steps_per_call") or 1)
         rows.append(Row(
-            group=bench.get("group") or "(no group)",
-            peer=info.get("peer", bench.get("name", "?")),
-            baseline=bool(info.get("baseline")),
-            time_per_step=per_step, gbps=gbps, copy_gbps=info.get("copy_gbps"), speedup=None,
-            peak_extra_bytes=info.get("peak_extra_bytes"), peak_bytes=info.get("peak_mem_bytes"),
-            check=_check_text(info), rounds=int(stats.get("rounds", 0)), info=info))
-    base = {r.group: r.time_per_step for r in rows if r.baseline}
-    for r in rows:
-        if r.group in base:
-            r.speedup = base[r.group] / r.time_per_step
-    return rows, doc.get("machine_info", {})
+            group=bench.get("group") or "(no group)", peer=info.get("peer", bench.get("name", "?")),
+            baseline=bool(info.get("baseline")), time_per_step=per_step, gbps=_gbps(info.get("bytes_per_step"), per_step),
+            copy_gbps=info.get("copy_gbps"), speedup=None, peak_extra_bytes=info.get("peak_extra_bytes"),
+            peak_bytes=info.get("peak_mem_bytes"), check=_check_text(info),
+            timing=f"{int(stats.get('rounds', 0))} rounds", info=info))
+    return rows, doc.get("machine_info", {}).get("linreg_fused_bench", {})
+
+
+def _gpu_check_rows(doc: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
+    meta = doc["meta"]
+    rows: list[Row] = []
+    for row in doc["rows"]:
+        if row.get("section") != "timing" or "ms_per_step" not in row:
+            continue
+        per_step = row["ms_per_step"] * 1e-3
+        rows.append(Row(
+            group=row["group"], peer=row["peer"], baseline=bool(row.get("baseline")), time_per_step=per_step,
+            gbps=_gbps(row.get("bytes_per_step"), per_step), copy_gbps=row.get("copy_gbps") or meta.get("copy_gbps"),
+            speedup=None, peak_extra_bytes=row.get("peak_extra_bytes"), peak_bytes=row.get("peak_mem_bytes"),
+            check=_check_text(row), timing=row.get("timer", "do_bench median"), info=row))
+    cpu = meta.get("mode") != "gpu"
+    machine = {"device": meta.get("gpu") or f"CPU ({meta.get('cpu', '?')})", "torch": meta.get("torch"),
+               "triton": meta.get("triton"), "cuda": meta.get("cuda_runtime"), "cpu": cpu,
+               "date": meta.get("date_utc"), "commit": meta.get("commit_given") or meta.get("git_commit")}
+    return rows, machine
 
 
 def _check_text(info: dict[str, Any]) -> str:
@@ -107,11 +139,12 @@ def groups_in_order(rows: list[Row]) -> dict[str, list[Row]]:
     return out
 
 
-def markdown(rows: list[Row], machine: dict[str, Any], source: Path) -> str:
-    env = machine.get("linreg_fused_bench", {})
+def markdown(rows: list[Row], env: dict[str, Any], source: Path) -> str:
     lines = ["# linreg-fused benchmarks", "",
              f"Source: `{source.name}`; device: {env.get('device', '?')}; torch {env.get('torch', '?')}, "
-             f"triton {env.get('triton', '?')}" + (f", CUDA {env['cuda']}" if env.get("cuda") else "") + "."]
+             f"triton {env.get('triton', '?')}" + (f", CUDA {env['cuda']}" if env.get("cuda") else "")
+             + (f"; commit {str(env['commit'])[:12]}" if env.get("commit") else "")
+             + (f"; {env['date']} UTC" if env.get("date") else "") + "."]
     copy = next((r.copy_gbps for r in rows if r.copy_gbps), None)
     if copy:
         lines.append(f"Copy ceiling measured in the same run: {copy:,.1f} GB/s (bytes read + written).")
@@ -123,13 +156,13 @@ def markdown(rows: list[Row], machine: dict[str, Any], source: Path) -> str:
               "Check: relative error against float64 before timing.", ""]
     for group, grp in groups_in_order(rows).items():
         lines += [f"## {group}", "",
-                  "| peer | time / step | GB/s | % of copy | speedup vs eager | peak extra memory | rounds | check |",
+                  "| peer | time / step | GB/s | % of copy | speedup vs eager | peak extra memory | timing | check |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in grp:
             name = f"**{r.peer}** (baseline)" if r.baseline else r.peer
             frac = None if r.frac_copy is None else 100 * r.frac_copy
             lines.append(f"| {name} | {fmt_time(r.time_per_step)} | {_num(r.gbps, ',.4g')} | {_num(frac, '.3g', '%')} "
-                         f"| {_num(r.speedup, '.3g', '×')} | {fmt_bytes(r.peak_extra_bytes)} | {r.rounds} | {r.check} |")
+                         f"| {_num(r.speedup, '.3g', '×')} | {fmt_bytes(r.peak_extra_bytes)} | {r.timing} | {r.check} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -188,15 +221,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("results", type=Path, help="pytest-benchmark --benchmark-json file")
     p.add_argument("--out-dir", type=Path, required=True)
     args = p.parse_args(argv)
-    rows, machine = load_rows(args.results)
+    try:
+        rows, env = load_rows(args.results)
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 1
     if not rows:
         print(f"{args.results}: no timed benchmarks in this file (run with --benchmark-only)", file=sys.stderr)
         return 1
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    text = markdown(rows, machine, args.results)
+    text = markdown(rows, env, args.results)
     (args.out_dir / "results.md").write_text(text + "\n")
     print(text)
-    env = machine.get("linreg_fused_bench", {})
     title = f"linreg-fused on {env.get('device', '?')}" + (" (CPU figures: not GPU performance)" if env.get("cpu") else "")
     message = plot(rows, args.out_dir / "results.png", title)
     print(message or f"\nwrote {args.out_dir / 'results.md'} and {args.out_dir / 'results.png'}")

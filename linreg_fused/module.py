@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+
 import torch
 from torch import nn
 
@@ -125,6 +127,22 @@ class FusedLinearRegressor(nn.Module):
 
     # The training loop (linreg_fused.train.fit), as a method: model.fit(inputs, targets, epochs=..., ...).
     fit = train.fit
+
+    def save(self, path: str | os.PathLike, **metadata) -> None:
+        """Write the model to a safetensors file, atomically; metadata: feature_names,
+        target_names, input_mean, input_scale (see linreg_fused.serialization.save)."""
+        from . import serialization
+
+        serialization.save(self, path, **metadata)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: torch.device | str | None = None,
+             backend: str = "auto", input_precision: str = "ieee") -> "FusedLinearRegressor":
+        """A model read from a file written by ``save`` (or any safetensors file of
+        nn.Linear's weight and bias); its metadata: linreg_fused.serialization.read_info."""
+        from . import serialization
+
+        return serialization.load(path, device=device, backend=backend, input_precision=input_precision)
 
     def extra_repr(self) -> str:
         extra = "" if self.backend == "auto" else f", backend={self.backend!r}"

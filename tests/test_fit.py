@@ -376,9 +376,9 @@ def test_main_job(backend_arg, capsys):
 @pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")  # the interpreter's NumPy
 def test_main_job_reports_divergence(capsys):
     assert main(["--lr", "1.0", "--epochs", "5"]) == 1
-    out = capsys.readouterr().out
-    assert "error: non-finite loss" in out and "smaller learning rate" in out
-    assert "new region" not in out
+    captured = capsys.readouterr()
+    assert "error: non-finite loss" in captured.err and "smaller learning rate" in captured.err
+    assert "new region" not in captured.out
 
 
 class _ReplayStandIn:

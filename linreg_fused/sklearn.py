@@ -1,0 +1,270 @@
+"""scikit-learn estimators (the ``sklearn`` extra; or ``pip install scikit-learn``).
+
+    from linreg_fused.sklearn import FusedSGDRegressor, FusedLinearRegression
+    est = FusedSGDRegressor(epochs=100, batch_size=32, random_state=0).fit(X, y)   # lr="auto"
+    est.predict(X_new); est.score(X, y); est.coef_; est.intercept_
+    make_pipeline(StandardScaler(), FusedSGDRegressor())        # like any regressor
+
+FusedSGDRegressor trains with the fused SGD step (``FusedLinearRegressor.fit``);
+FusedLinearRegression solves least squares, or ridge with ``alpha`` > 0
+(``FusedLinearRegressor.solve``). Both take numpy arrays (and anything
+scikit-learn accepts: lists, DataFrames) or torch tensors, single or
+multiple targets.
+
+- numpy-like input: validated by scikit-learn, copied to ``device`` (default:
+  CUDA when available, else the CPU); ``predict`` returns a float64 numpy array.
+- torch tensors: stay on their device (or move to ``device`` if given);
+  ``predict`` returns a tensor there, ``score`` is computed there.
+- ``coef_`` (n_targets, n_features), or (n_features,) for 1-D y, and
+  ``intercept_`` (n_targets,), or a float for 1-D y, as numpy arrays, like
+  scikit-learn's LinearRegression.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+try:
+    from sklearn.base import BaseEstimator, RegressorMixin
+    from sklearn.utils import check_random_state
+    from sklearn.utils.validation import check_is_fitted, validate_data
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError("linreg_fused.sklearn needs scikit-learn >= 1.6: pip install scikit-learn (the sklearn extra)") from err
+
+from .module import FusedLinearRegressor
+from .optim import FusedSGD
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class _FusedLinearModel(RegressorMixin, BaseEstimator):
+    """Validation, prediction, scoring and the fitted attributes shared by both estimators."""
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        tags.target_tags.single_output = True
+        return tags
+
+    # ---- fitted attributes, read from the model (one device-to-host copy when asked for)
+    @property
+    def coef_(self) -> np.ndarray:
+        check_is_fitted(self, "model_")
+        coef = self.model_.weight.detach().to("cpu", torch.float64).numpy()
+        return coef[0] if self._y_1d else coef
+
+    @property
+    def intercept_(self) -> np.ndarray | float:
+        check_is_fitted(self, "model_")
+        bias = self.model_.bias
+        if bias is None:
+            return 0.0 if self._y_1d else np.zeros(self.model_.out_features)
+        bias = bias.detach().to("cpu", torch.float64).numpy()
+        return float(bias[0]) if self._y_1d else bias
+
+    def predict(self, X) -> np.ndarray | torch.Tensor:
+        """(n_samples,) for a model fitted on 1-D y, else (n_samples, n_targets)."""
+        check_is_fitted(self, "model_")
+        x, _, is_tensor = self._inputs(X, reset=False)
+        with torch.no_grad():
+            pred = self.model_(x)
+        if self._y_1d:
+            pred = pred[:, 0]
+        return pred if is_tensor else pred.to("cpu", torch.float64).numpy()
+
+    def score(self, X, y, sample_weight=None) -> float:
+        """R² averaged over the targets (scikit-learn's default), computed on the device for tensors."""
+        if not isinstance(X, torch.Tensor):
+            return super().score(X, y, sample_weight=sample_weight)
+        if sample_weight is not None:
+            raise ValueError("sample_weight is supported for numpy input only")
+        pred = self.predict(X).double()
+        true = torch.as_tensor(y, device=pred.device).double().reshape(pred.shape)
+        sse = ((true - pred) ** 2).sum(0)
+        sst = ((true - true.mean(0)) ** 2).sum(0)
+        r2 = torch.where(sst > 0, 1 - sse / sst, torch.where(sse > 0, 0.0, 1.0))  # as sklearn's r2_score
+        return float(r2.mean())
+
+    # ---- input handling
+    def _device(self, x=None) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        if isinstance(x, torch.Tensor):
+            return x.device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def _dtype(self) -> torch.dtype:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        return DTYPES[self.dtype]
+
+    def _inputs(self, X, y="no_validation", *, reset: bool):
+        """(x (N, D), t (N, O) or None, whether X was a tensor), on the device in the model's dtype.
+        y: the targets when fitting (None is then an error), left out when predicting."""
+        dtype = self._dtype()
+        if isinstance(X, torch.Tensor):
+            if y is None:
+                raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y is None.")
+            x, t = _check_tensors(X, None if isinstance(y, str) else y, self, reset)
+            device = self._device(X)
+            x = x.to(device, dtype)
+            t = None if t is None else t.to(device, dtype)
+            return x, t, True
+        if isinstance(y, str):
+            X = validate_data(self, X, reset=reset, dtype=[np.float64, np.float32])
+            y = None
+        else:
+            X, y = validate_data(self, X, y, reset=reset, multi_output=True, y_numeric=True,
+                                 dtype=[np.float64, np.float32])
+        device = self._device()
+        x = torch.tensor(X, dtype=dtype, device=device)
+        t = None if y is None else torch.tensor(np.asarray(y).reshape(len(X), -1), dtype=dtype, device=device)
+        if y is not None and reset:
+            self._y_1d = np.ndim(y) == 1
+        return x, t, False
+
+    def _new_model(self, x: torch.Tensor, t: torch.Tensor, bias: bool = True) -> FusedLinearRegressor:
+        """A model with zero weight and bias (built on the meta device first, so that making
+        it draws nothing from torch's global random generator)."""
+        model = FusedLinearRegressor(x.shape[1], t.shape[1], bias, device="meta", dtype=x.dtype,
+                                     backend=self.backend)
+        model = model.to_empty(device=x.device)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+        return model
+
+
+def _check_tensors(X: torch.Tensor, y, estimator, reset: bool):
+    if X.ndim != 2:
+        raise ValueError(f"Expected a 2D tensor (n_samples, n_features), got shape {tuple(X.shape)}")
+    if X.shape[0] == 0 or X.shape[1] == 0:
+        raise ValueError(f"Found a tensor with shape {tuple(X.shape)}; at least one sample and one feature "
+                         f"are required")
+    if X.is_complex() or not (X.is_floating_point() or X.dtype in (torch.int32, torch.int64, torch.int16,
+                                                                      torch.int8, torch.uint8, torch.bool)):
+        raise ValueError(f"X must hold real numbers, got {X.dtype}")
+    if reset:
+        estimator.n_features_in_ = X.shape[1]
+        if hasattr(estimator, "feature_names_in_"):
+            del estimator.feature_names_in_
+    elif X.shape[1] != estimator.n_features_in_:
+        raise ValueError(f"X has {X.shape[1]} features, but {type(estimator).__name__} is expecting "
+                         f"{estimator.n_features_in_} features as input")
+    if not bool(torch.isfinite(X).all()):
+        raise ValueError("Input X contains NaN or infinity")
+    if y is None:
+        return X, None
+    t = torch.as_tensor(y, device=X.device)
+    if t.ndim not in (1, 2) or t.shape[0] != X.shape[0]:
+        raise ValueError(f"Found input variables with inconsistent numbers of samples or shapes: X "
+                         f"{tuple(X.shape)}, y {tuple(t.shape)}")
+    if not bool(torch.isfinite(t.double()).all()):
+        raise ValueError("Input y contains NaN or infinity")
+    if reset:
+        estimator._y_1d = t.ndim == 1
+    return X, t.reshape(X.shape[0], -1)
+
+
+class FusedSGDRegressor(_FusedLinearModel):
+    """Linear regression trained by the tutorial's mini-batch SGD on the fused kernels.
+
+    lr: the learning rate, or "auto" (default): 1 / ((2 / n_targets)·(max_i ‖x_i‖² + 1)),
+    the largest step that no single row's loss can make unstable (the rule
+    scikit-learn's SAG solver uses; a row's MSE has curvature (2 / n_targets)·‖x_i‖²
+    in the weights, plus 1 for the bias), taken from the data of ``fit`` or of
+    the first ``partial_fit``; the value used is ``lr_``. Data on different
+    scales still trains faster standardised (StandardScaler).
+    momentum, weight_decay: torch.optim.SGD's (FusedSGD); epochs: passes
+    over the data in ``fit``; batch_size: rows per step; shuffle: a fresh row
+    order each epoch (seeded by random_state: an int, a RandomState or
+    None); device: where the data and model live (default: see the module);
+    backend: "auto" | "triton" | "torch"; dtype: "float32" | "float64".
+    ``partial_fit`` runs one epoch over the data it is given and keeps the
+    weights and momentum between calls. Weights start at zero.
+    Attributes: coef_, intercept_, n_features_in_, feature_names_in_ (for
+    inputs with column names), loss_curve_ (the mean batch loss of each
+    epoch of the last fit, or of each partial_fit call), n_iter_ (epochs run),
+    lr_ (the learning rate used). A learning rate too large for the data raises
+    linreg_fused.TrainingDivergedError.
+    """
+
+    def __init__(self, lr: float | str = "auto", epochs: int = 100, batch_size: int = 32, momentum: float = 0.0,
+                 weight_decay: float = 0.0, shuffle: bool = True, random_state=None, device=None,
+                 backend: str = "auto", dtype: str = "float32") -> None:
+        self.lr, self.epochs, self.batch_size = lr, epochs, batch_size
+        self.momentum, self.weight_decay, self.shuffle = momentum, weight_decay, shuffle
+        self.random_state, self.device, self.backend, self.dtype = random_state, device, backend, dtype
+
+    def fit(self, X, y) -> "FusedSGDRegressor":
+        """Train from zero for ``epochs`` epochs. X: (n_samples, n_features); y: (n_samples,) or (n_samples, n_targets)."""
+        x, t, _ = self._inputs(X, y, reset=True)
+        self.model_ = self._new_model(x, t)
+        self.optimizer_ = self._optimizer(x)
+        self._seed = int(check_random_state(self.random_state).randint(2**31 - 1))
+        self.loss_curve_ = self.model_.fit(x, t, epochs=self.epochs, batch_size=self.batch_size,
+                                           optimizer=self.optimizer_, shuffle=self.shuffle, seed=self._seed,
+                                           progress=False)
+        self.n_iter_ = self.epochs
+        return self
+
+    def partial_fit(self, X, y) -> "FusedSGDRegressor":
+        """One epoch over (X, y), continuing from the current weights (from zero on the first call)."""
+        first = not hasattr(self, "model_")
+        x, t, _ = self._inputs(X, y, reset=first)
+        if first:
+            self.model_ = self._new_model(x, t)
+            self.optimizer_ = self._optimizer(x)
+            self._seed = int(check_random_state(self.random_state).randint(2**31 - 1))
+            self.loss_curve_, self.n_iter_ = [], 0
+        elif t.shape[1] != self.model_.out_features:
+            raise ValueError(f"y has {t.shape[1]} targets, but the model was fitted with {self.model_.out_features}")
+        # a different, reproducible row order on each call
+        seed = (self._seed + 1_000_003 * self.n_iter_) % (2**63)
+        self.loss_curve_ += self.model_.fit(x.to(self.model_.weight.device), t.to(self.model_.weight.device),
+                                            epochs=1, batch_size=self.batch_size, optimizer=self.optimizer_,
+                                            shuffle=self.shuffle, seed=seed, progress=False)
+        self.n_iter_ += 1
+        return self
+
+    def _optimizer(self, x: torch.Tensor) -> FusedSGD:
+        if not (isinstance(self.epochs, int) and self.epochs >= 1):
+            raise ValueError(f"epochs must be a positive integer, got {self.epochs!r}")
+        if isinstance(self.lr, str):
+            if self.lr != "auto":
+                raise ValueError(f"lr must be a positive number or 'auto', got {self.lr!r}")
+            max_sq_norm = float((x.double() ** 2).sum(1).max())  # one sync, at the start of fit
+            self.lr_ = 1.0 / (2.0 / self.model_.out_features * (max_sq_norm + 1.0))
+        elif isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr):
+            self.lr_ = float(self.lr)
+        else:
+            raise ValueError(f"lr must be a positive number or 'auto', got {self.lr!r}")
+        return FusedSGD(self.model_.parameters(), lr=self.lr_, momentum=self.momentum,
+                        weight_decay=self.weight_decay, backend=self.backend)
+
+
+class FusedLinearRegression(_FusedLinearModel):
+    """Exact least squares, or ridge regression with ``alpha`` > 0 (the intercept is not
+    penalised), solved in float64 on the device (``FusedLinearRegressor.solve``).
+
+    fit_intercept: learn a bias; device, backend, dtype: as FusedSGDRegressor
+    (dtype is the model's: the solve itself runs in float64).
+    Attributes: coef_, intercept_, n_features_in_, feature_names_in_.
+    """
+
+    def __init__(self, alpha: float = 0.0, fit_intercept: bool = True, device=None, backend: str = "auto",
+                 dtype: str = "float32") -> None:
+        self.alpha, self.fit_intercept = alpha, fit_intercept
+        self.device, self.backend, self.dtype = device, backend, dtype
+
+    def fit(self, X, y) -> "FusedLinearRegression":
+        """Solve for the weights. X: (n_samples, n_features); y: (n_samples,) or (n_samples, n_targets)."""
+        if not (isinstance(self.alpha, (int, float)) and self.alpha >= 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"alpha must be a number >= 0, got {self.alpha!r}")
+        x, t, _ = self._inputs(X, y, reset=True)
+        self.model_ = self._new_model(x, t, bias=self.fit_intercept)
+        self.model_.solve(x, t, alpha=float(self.alpha))
+        return self

@@ -1,0 +1,154 @@
+"""linreg_fused.io: CSV (both parsers), .npy/.npz and Parquet into float64 columns, and
+one-line errors that name the file, the row and the column."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from linreg_fused import io
+from linreg_fused.io import DataError, column_names, read_columns
+
+HAS_ARROW = importlib.util.find_spec("pyarrow") is not None
+ENGINES = ["numpy", pytest.param("pyarrow", marks=pytest.mark.skipif(not HAS_ARROW, reason="needs pyarrow"))]
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request) -> str:
+    return request.param
+
+
+def write(tmp_path, text: str, name: str = "data.csv", newline: str = "\n"):
+    path = tmp_path / name
+    path.write_bytes(text.replace("\n", newline).encode())
+    return path
+
+
+def test_csv_values_are_correctly_rounded(tmp_path, engine):
+    # Shortest-repr float64 (up to 17 significant digits), numpy.savetxt's default 19-digit
+    # %.18e, tiny and huge exponents: each cell must read back as Python's float() of its text.
+    rng = np.random.default_rng()
+    values = rng.standard_normal((257, 3)) * np.array([1e-300, 1.0, 1e300]) * rng.uniform(0.5, 2, (257, 3))
+    cells = [[repr(float(values[i, 0])), f"{values[i, 1]:.18e}", f"{values[i, 2]:.17g}"] for i in range(257)]
+    cells.append(["-0", "+7", "1E3"])
+    cells.append([".5", "5.", "-12345678901234567890"])
+    path = write(tmp_path, "a,b,c\n" + "".join(",".join(r) + "\n" for r in cells))
+    got = read_columns(path, engine=engine)
+    expected = np.array([[float(c) for c in row] for row in cells])
+    assert got.dtype == np.float64 and got.shape == (259, 3)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_csv_selects_and_orders_columns_and_ignores_unused_text(tmp_path, engine):
+    path = write(tmp_path, 'region,"temp",rainfall,apples\n"Paris, FR",73,67,56\nOslo,91,88,81\n')
+    assert column_names(path) == ["region", "temp", "rainfall", "apples"]
+    got = read_columns(path, ["apples", "temp"], engine=engine)
+    np.testing.assert_array_equal(got, [[56, 73], [81, 91]])
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_csv_line_endings_bom_blank_lines_and_quoted_numbers(tmp_path, engine, newline):
+    path = tmp_path / "d.csv"
+    path.write_bytes(("\ufeffx,y\n1.5,\"2\"\n\n-3,4e-1\n".replace("\n", newline)).encode())
+    assert column_names(path) == ["x", "y"]
+    np.testing.assert_array_equal(read_columns(path, engine=engine), [[1.5, 2.0], [-3.0, 0.4]])
+
+
+@pytest.mark.parametrize("cell, message", [
+    ("abc", "row 2 (line 3), column 'b': 'abc' is not a number"),
+    ("1,5", "line 3 has 4 fields, the header has 3"),
+    ("1_000", "row 2 (line 3), column 'b': '1_000' is not a number"),
+])
+def test_csv_bad_cell_names_row_and_column(tmp_path, engine, cell, message):
+    path = write(tmp_path, f"a,b,c\n1,2,3\n4,{cell},6\n")
+    with pytest.raises(DataError) as err:
+        read_columns(path, ["a", "b"], engine=engine)
+    assert str(err.value) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize("cell", ["", "nan", "NaN", "inf", "-inf"])
+def test_csv_missing_and_non_finite_values_are_errors(tmp_path, engine, cell):
+    path = write(tmp_path, f"a,b\n1,2\n3,4\n5,{cell}\n")
+    with pytest.raises(DataError, match=r"row 3\b.*column 'b'.*finite number"):
+        read_columns(path, engine=engine)
+    # the same cell in a column that is not used is no problem
+    np.testing.assert_array_equal(read_columns(path, ["a"], engine=engine), [[1], [3], [5]])
+
+
+def test_csv_structure_errors(tmp_path, engine):
+    with pytest.raises(DataError, match="no column 'z' \\(columns: a, b\\)"):
+        read_columns(write(tmp_path, "a,b\n1,2\n"), ["a", "z"], engine=engine)
+    with pytest.raises(DataError, match="no data rows"):
+        read_columns(write(tmp_path, "a,b\n", "header_only.csv"), engine=engine)
+    with pytest.raises(DataError, match="empty file"):
+        read_columns(write(tmp_path, "", "empty.csv"), engine=engine)
+    with pytest.raises(DataError, match="the column name 'a' appears twice"):
+        read_columns(write(tmp_path, "a,b,a\n1,2,3\n", "dup.csv"), engine=engine)
+
+
+def test_file_type_and_existence_errors(tmp_path):
+    with pytest.raises(DataError, match="unknown file type '.xlsx'"):
+        read_columns(tmp_path / "d.xlsx")
+    with pytest.raises(DataError, match="no such file"):
+        read_columns(tmp_path / "missing.csv")
+    with pytest.raises(ValueError, match="engine must be one of"):
+        read_columns(write(tmp_path, "a\n1\n"), engine="fast")
+
+
+def test_pyarrow_engine_without_pyarrow_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(io, "_has_pyarrow", lambda: False)
+    path = write(tmp_path, "a\n1\n")
+    with pytest.raises(DataError, match=r"needs pyarrow: pip install pyarrow \(the arrow extra\)"):
+        read_columns(path, engine="pyarrow")
+    np.testing.assert_array_equal(read_columns(path), [[1.0]])  # auto falls back to numpy
+    with pytest.raises(DataError, match=r"reading Parquet needs pyarrow: pip install pyarrow \(the arrow extra\)"):
+        (tmp_path / "d.parquet").write_bytes(b"PAR1")
+        read_columns(tmp_path / "d.parquet")
+
+
+def test_npy_plain_one_d_and_structured(tmp_path):
+    x = np.random.default_rng().standard_normal((7, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    assert column_names(tmp_path / "x.npy") == ["0", "1", "2"]
+    np.testing.assert_array_equal(read_columns(tmp_path / "x.npy", ["2", "0"]), x[:, [2, 0]].astype(np.float64))
+    np.save(tmp_path / "v.npy", np.arange(4))
+    np.testing.assert_array_equal(read_columns(tmp_path / "v.npy"), [[0], [1], [2], [3]])
+    rec = np.zeros(3, dtype=[("temp", "f8"), ("n", "i4")])
+    rec["temp"], rec["n"] = [1.5, 2.5, 3.5], [1, 2, 3]
+    np.save(tmp_path / "r.npy", rec)
+    assert column_names(tmp_path / "r.npy") == ["temp", "n"]
+    np.testing.assert_array_equal(read_columns(tmp_path / "r.npy", ["n", "temp"]), [[1, 1.5], [2, 2.5], [3, 3.5]])
+    np.save(tmp_path / "nan.npy", np.array([[1.0, 2.0], [np.nan, 3.0]]))
+    with pytest.raises(DataError, match=r"row 2, column '0': a missing value"):
+        read_columns(tmp_path / "nan.npy")
+    np.save(tmp_path / "obj.npy", np.array([[1, "a"]], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match="obj.npy"):  # never unpickled
+        read_columns(tmp_path / "obj.npy")
+
+
+def test_npz_columns_by_key_and_expanded_matrices(tmp_path):
+    rng = np.random.default_rng()
+    X, y = rng.standard_normal((5, 2)), rng.standard_normal(5)
+    np.savez(tmp_path / "d.npz", X=X, y=y)
+    assert column_names(tmp_path / "d.npz") == ["X[0]", "X[1]", "y"]
+    np.testing.assert_array_equal(read_columns(tmp_path / "d.npz", ["y", "X[1]"]), np.column_stack([y, X[:, 1]]))
+    np.savez(tmp_path / "bad.npz", a=np.ones(3), b=np.ones(4))
+    with pytest.raises(DataError, match=r"the arrays differ in length \(a: 3, b: 4\)"):
+        read_columns(tmp_path / "bad.npz")
+
+
+@pytest.mark.skipif(not HAS_ARROW, reason="needs pyarrow")
+def test_parquet_numeric_columns_nulls_and_text(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng()
+    a, b = rng.standard_normal(6), rng.integers(-5, 5, 6)
+    pq.write_table(pa.table({"a": a, "b": b, "city": ["x"] * 6}), tmp_path / "d.parquet")
+    assert column_names(tmp_path / "d.parquet") == ["a", "b", "city"]
+    np.testing.assert_array_equal(read_columns(tmp_path / "d.parquet", ["b", "a"]), np.column_stack([b, a]))
+    with pytest.raises(DataError, match="column 'city' holds string, not numbers"):
+        read_columns(tmp_path / "d.parquet", ["a", "city"])
+    pq.write_table(pa.table({"a": pa.array([1.0, None, 3.0])}), tmp_path / "null.pq")
+    with pytest.raises(DataError, match=r"row 2, column 'a': a missing value"):
+        read_columns(tmp_path / "null.pq")
