@@ -301,12 +301,14 @@ MUTANTS = [
            "epochs=args.epochs, batch_size=5, optimizer=opt,",
            (MAIN_JOB,), "--batch-size is ignored"),
     Mutant("cli-seed-not-used-for-init", "cli", "linreg_fused/cli.py",
-           "        torch.manual_seed(args.seed)\n",
-           "        pass\n",
+           "    device = _device(args.device, args.backend)\n    torch.manual_seed(args.seed)\n",
+           "    device = _device(args.device, args.backend)\n",
            (MAIN_JOB,), "--seed does not seed the initial weights"),
     Mutant("cli-divergence-exit-code", "cli", "linreg_fused/cli.py",
-           '        print(f"error: {err}")\n        return 1',
-           '        print(f"error: {err}")\n        return 0',
+           '    except TrainingDivergedError as err:\n        print(f"linreg-fused: error: {err}", file=sys.stderr)\n'
+           "        return 1",
+           '    except TrainingDivergedError as err:\n        print(f"linreg-fused: error: {err}", file=sys.stderr)\n'
+           "        return 0",
            ("tests/test_fit.py::test_main_job_reports_divergence",), "a diverged run exits with status 0"),
     Mutant("cli-predictions-swapped", "cli", "linreg_fused/cli.py",
            '{p[0]:8.2f} {p[1]:8.2f}',
