@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the selected tests")
     p.add_argument("--confirm", action="store_true", help="rerun each survivor against the whole suite")
     p.add_argument("--no-fork", action="store_true", help="a fresh interpreter per pytest run (slower)")
+    p.add_argument("--deselect", action="append", default=[], metavar="NODE",
+                   help="leave out a test that fails without any mutant (repeatable; passed to pytest)")
     args = p.parse_args(argv)
 
     ids = [m.id for m in MUTANTS]
@@ -217,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown mutant ids: {sorted(unknown)}")
     chosen = [m for m in MUTANTS if not args.only or m.id in args.only]
+    PYTEST_ARGS.extend(arg for node in args.deselect for arg in ("--deselect", node))
     if args.list:
         list_mutants(chosen, args.ref)
         return 0
