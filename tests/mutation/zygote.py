@@ -3,7 +3,8 @@ forks one child per request, so no run pays their import again (about 3 of
 the 8 CPU-seconds a typical mutant costs).
 
 Requests arrive on stdin as JSON lines {"cwd", "args", "timeout", "out"}: the
-child changes into cwd (a scratch copy), puts it first on sys.path, runs
+child changes into cwd (a scratch copy), puts it first on sys.path (and on
+PYTHONPATH, for the interpreters a test starts), runs
 pytest.main(args) with its output in the file ``out``, and exits with
 pytest's code. The reply is a JSON line {"rc": exit code, negative for a
 signal, or null when the timeout killed it}. Nothing from the repository is
@@ -34,6 +35,7 @@ def _child(request: dict, out: int) -> None:
         os.dup2(out, 2)
         os.chdir(request["cwd"])
         sys.path.insert(0, request["cwd"])
+        os.environ["PYTHONPATH"] = request["cwd"]  # for the Pythons the tests start themselves
         code = pytest.main(request["args"])
         sys.stdout.flush()
         sys.stderr.flush()
