@@ -179,3 +179,15 @@ def skip_reason(regime: Regime, peer: Peer, on_gpu: bool) -> str | None:
 def regimes_for(on_gpu: bool) -> list[Regime]:
     """The regimes that run on this machine: the full-size ones on a GPU, the tiny ones without."""
     return [r for r in REGIMES if r.gpu == on_gpu]
+
+
+# ---------------------------------------------------------------- statistics (linreg_fused.stats)
+# Full-batch training from sufficient statistics: one pass over X and T, then `epochs`
+# epochs on the (D+1)² statistics. bench/test_bench_stats.py times these against a pass
+# per epoch and eager PyTorch; bench/compile_stats.py compiles their kernels for sm_90.
+STATS_REGIMES: list[Regime] = [
+    *(Regime(f"stats-{name}", "statistics", n, d, o, None, dt, 0.1, gpu=True, epochs=100)
+      for dt in (FP32, BF16)
+      for name, n, d, o in (("tall", 4_194_304, 64, 4), ("wide", 1_048_576, 256, 16), ("deep", 262_144, 1024, 8))),
+    Regime("stats-small", "statistics", 128, 8, 2, None, FP32, 0.1, gpu=False, epochs=5),
+]

@@ -8,6 +8,8 @@ itself, so ``specs`` can be used without Triton.
 - linear_forward:  inference, Y = X·Wᵀ + b
 - fused_fit:       many SGD steps of a small problem in one launch
 - specs:           plain data the kernels share (no Triton)
-- tiles:           jit helpers shared by the kernels (loads, the two tile products)
-- config:          block and grid sizes
+- tiles:           jit helpers shared by the kernels (loads, fp64 scalars, the two tile products)
+- config:          block sizes, warps, pipeline stages, grid sizes
+- plan:            LaunchPlan, what each launch helper's plan_* step returns (bench/compile_report.py
+                   compiles those plans for sm_90/sm_80 without a GPU)
 """

@@ -1,15 +1,29 @@
-"""Block sizes and grid sizes, chosen per shape, dtype and device.
+"""Block sizes, warps, pipeline stages and grid sizes, chosen per shape, dtype and device.
 
-These are heuristics (cached per shape key), not autotuned yet: the GPU numbers are starting points
-that wait for a measurement on an H100/H200 (bench/NOTES.md). On the CPU the
-kernels run in Triton's interpreter, where small row blocks keep the test
-shapes exercising several tiles and several programs.
+These are heuristics (cached per shape key), not autotuned: bench/compile_report.py
+compiles what they choose for every benchmark regime and shows whether it fits
+an sm_90/sm_80 (shared memory, registers, spills) and how many bytes each SM
+keeps in flight; the timings wait for a GPU (bench/NOTES.md). On the CPU the
+kernels run in Triton's interpreter, where small blocks keep the test shapes
+exercising several tiles and several programs.
 
-Products use tl.dot where it pays: O >= 16, or tf32 asked for (tensor
-cores; half-precision inputs are upcast to fp32 first, so they go through
-the same choice). Below that, and always for fp64, they are exact FMAs over
-a 3-D broadcast (kernels/tiles.py), whose BLOCK_N·BLOCK_D·BLOCK_O temporary
-is kept within a register budget.
+GPU rules:
+
+- Row tiles are sized by BYTES (a bf16 tile holds twice the rows of an fp32
+  one), and the row-tile loop is software-pipelined (``num_stages``), so a
+  program has ``num_stages − 1`` tiles loading while it computes one; with
+  the programs sharing an SM that keeps ~32 KB of loads in flight per SM
+  (by Little's law about 25 KB covers the memory latency of an H100/H200).
+- Products of fp32 accumulation (fp32 and half-precision inputs) are tl.dot:
+  on tensor cores for "tf32"/"tf32x3", on the FMA units for "ieee" (exact
+  FMAs, each thread summing over K in registers, which the compile report
+  shows is ~1 FMA per multiply-add). fp64 uses FMAs over a 3-D broadcast
+  (kernels/tiles.py) whose BLOCK_N·BLOCK_D·BLOCK_O products are kept within
+  a per-thread register budget.
+- D is held in one block up to MAX_ONE_BLOCK_D (``one_d_block``: the
+  kernels then have no chunk loop); beyond, the kernels walk D in chunks.
+- Warps grow with the x tile and dW so that neither takes more than ~64
+  registers per thread: no launch spills (tests/test_compile.py).
 """
 
 from __future__ import annotations
@@ -18,7 +32,34 @@ import functools
 from dataclasses import dataclass
 
 import torch
+from triton import cdiv
 from triton import next_power_of_2 as p2
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """What the block choice needs to know about the device (shared memory in bytes)."""
+
+    gpu: bool
+    multiprocessors: int = 1
+    shared_per_block: int = 166912  # the opt-in maximum of one program (an A100's, the smallest of sm_80/sm_90)
+    shared_per_sm: int = 167936
+
+
+INTERPRETER = DeviceProfile(gpu=False)
+
+
+@functools.lru_cache(maxsize=None)
+def device_profile(device: torch.device) -> DeviceProfile:
+    """The profile of a torch device: a CUDA GPU, or the interpreter (anything else)."""
+    if device.type != "cuda":
+        return INTERPRETER
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    per_block = getattr(props, "shared_memory_per_block_optin", DeviceProfile.shared_per_block)
+    per_sm = getattr(props, "shared_memory_per_multiprocessor", per_block + 1024)
+    return DeviceProfile(gpu=True, multiprocessors=props.multi_processor_count, shared_per_block=per_block,
+                         shared_per_sm=per_sm)
 
 
 @dataclass(frozen=True)
@@ -27,8 +68,9 @@ class TileConfig:
     block_d: int
     block_o: int
     use_dot: bool
-    max_programs: int = 0  # the gradient kernel's grid cap (persistent programs)
+    max_programs: int = 0  # the gradient kernel's grid cap (persistent programs); 0: one per tile
     num_warps: int = 4
+    num_stages: int = 1  # software-pipeline depth of the row-tile loop (inference: the D loop); 1: none
 
 
 @dataclass(frozen=True)
@@ -36,64 +78,131 @@ class ReduceConfig:
     block_p: int
     block_cols: int
     num_warps: int = 4
+    num_stages: int = 1
 
 
-_FMA_BUDGET = 8192  # elements of the 3-D broadcast temporary: 64 per thread at 4 warps
+IN_FLIGHT_PER_SM = 32 * 1024  # bytes of loads each SM should have outstanding (>= ~25 KB, Little's law)
+TILE_BYTES = 16 * 1024  # target bytes of X (+T) per row tile
+MAX_STAGE_BYTES = 160 * 1024  # shared memory for one program's pipeline buffers
+SHARED_MARGIN = 8 * 1024  # what the compiler adds besides the estimate (reductions, layout conversions)
+MAX_PROGRAMS_PER_SM = 4
+MAX_STAGES = 6
+MAX_ONE_BLOCK_D = 1024  # larger D is walked in chunks of CHUNK_D
+CHUNK_D = 256
+FMA_PRODUCTS_PER_THREAD = 64  # fp64 broadcast products: BLOCK_N·BLOCK_D·BLOCK_O / threads
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessor_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _use_dot(acc_dtype: torch.dtype) -> bool:
+    """tl.dot for fp32 accumulation: tensor cores in "tf32"/"tf32x3", FMA units in "ieee".
+    fp64 uses the broadcast FMAs (tl.dot has no fp64 path on every Triton release)."""
+    return acc_dtype != torch.float64
 
 
-def _use_dot(out_features: int, acc_dtype: torch.dtype, input_precision: str) -> bool:
-    if acc_dtype == torch.float64:
-        return False
-    return input_precision == "tf32" or out_features >= 16
+def _rows_for_bytes(row_bytes: int, lo: int, hi: int) -> int:
+    """The power-of-two row count whose tile is about TILE_BYTES, within [lo, hi]."""
+    return max(lo, min(hi, p2(max(1, TILE_BYTES // row_bytes))))
 
 
-def _fma_blocks(in_features: int, block_o: int, block_n: int | None) -> tuple[int, int]:
-    """(block_n, block_d) for the broadcast products, within the register budget."""
-    block_d = min(p2(in_features), 128, max(1, _FMA_BUDGET // (16 * block_o)))
-    if block_n is None:
-        block_n = min(64, max(1, _FMA_BUDGET // (block_d * block_o)))
-    return block_n, block_d
+def _pipeline(tile_bytes: int, extra_bytes: int, profile: DeviceProfile) -> tuple[int, int]:
+    """(num_stages, programs per SM) for a pipelined row-tile loop: each program keeps
+    num_stages − 1 tiles loading (IN_FLIGHT_PER_SM bytes if its buffers allow), and two
+    programs share an SM where their shared memory fits, so one computes while the other
+    waits. extra_bytes: shared memory a program needs besides its pipeline buffers."""
+    budget = profile.shared_per_block - SHARED_MARGIN
+    stages = max(2, min(MAX_STAGES, 1 + cdiv(IN_FLIGHT_PER_SM, tile_bytes)))
+    while stages > 2 and stages * tile_bytes + extra_bytes > min(budget, MAX_STAGE_BYTES):
+        stages -= 1
+    per_program = stages * tile_bytes + extra_bytes + 1024
+    programs = max(2, cdiv(IN_FLIGHT_PER_SM, (stages - 1) * tile_bytes))
+    programs = min(programs, MAX_PROGRAMS_PER_SM, max(1, profile.shared_per_sm // per_program))
+    return stages, programs
+
+
+def _shared_estimate(block_n: int, block_d: int, tile_bytes: int, stages: int, input_bytes: int) -> int:
+    """Shared memory of a dot-path gradient program, as the compile report measures it: the
+    pipeline buffers plus the fp32 operand tile(s) of the dots (two when inputs are upcast)."""
+    return stages * tile_bytes + (2 if input_bytes < 4 else 1) * block_n * block_d * 4
+
+
+def _fp64_blocks(in_features: int, block_o: int, num_warps: int) -> tuple[int, int]:
+    """(block_n, block_d) of the fp64 broadcast products on a GPU, within the register budget."""
+    budget = FMA_PRODUCTS_PER_THREAD * 32 * num_warps
+    block_d = min(p2(in_features), MAX_ONE_BLOCK_D, max(1, budget // (2 * block_o)))
+    return max(1, min(budget // (block_d * block_o), 32)), block_d
 
 
 @functools.lru_cache(maxsize=1024)
-def grad_config(in_features: int, out_features: int, device: torch.device, acc_dtype: torch.dtype,
-                input_precision: str) -> TileConfig:
-    """Blocks of the single-pass gradient kernel; BLOCK_O always covers O."""
-    use_dot = _use_dot(out_features, acc_dtype, input_precision)
-    on_gpu = device.type == "cuda"
+def grad_config(in_features: int, out_features: int, profile: DeviceProfile, acc_dtype: torch.dtype,
+                input_precision: str, input_bytes: int) -> TileConfig:
+    """Blocks of the single-pass gradient kernel; BLOCK_O always covers O.
+
+    input_bytes: bytes per element of X and T (2 for bf16/fp16, 4, 8).
+    """
+    use_dot = _use_dot(acc_dtype)
+    block_o = p2(out_features)
+    if not profile.gpu:  # the interpreter: small blocks, several tiles and programs in the tests
+        if use_dot:
+            return TileConfig(16, max(16, min(p2(in_features), 64)), block_o, True, max_programs=4)
+        return TileConfig(16, min(p2(in_features), 128, max(1, 8192 // (16 * block_o))), block_o, False,
+                          max_programs=4)
     if use_dot:
-        block_o = max(16, p2(out_features))
-        block_d = max(16, min(p2(in_features), 8192 // block_o, 256 if on_gpu else 64))
-        block_n = (64 if block_d * block_o <= 4096 else 32) if on_gpu else 16
+        # tf32x3 holds a high and a low part of each operand: chunks of CHUNK_D beyond that.
+        one_block_d = CHUNK_D if input_precision == "tf32x3" else MAX_ONE_BLOCK_D
+        block_d = max(16, p2(in_features)) if p2(in_features) <= one_block_d else CHUNK_D
+        block_n = 16 if input_precision == "tf32x3" else _rows_for_bytes(
+            (min(block_d, in_features) + out_features) * input_bytes, 16, 128)
+        if block_d >= in_features and _shared_estimate(
+                block_n, block_d, block_n * (in_features + out_features) * input_bytes, 2, input_bytes
+        ) > profile.shared_per_block - SHARED_MARGIN:
+            block_d = CHUNK_D  # one block of D does not fit this card's shared memory: chunks
+        # More warps where the x tile or dW would take >= 64 registers per thread (tf32x3
+        # holds two parts of each operand, the chunk loops a second x chunk).
+        doubled = input_precision == "tf32x3" or block_d < in_features
+        elements = max(block_n, block_o, 16) * block_d * (2 if doubled else 1)
+        num_warps = 4 if elements < 8192 else (8 if elements < 32768 else 16)
+        extra = _shared_estimate(block_n, block_d, 0, 0, input_bytes)
     else:
-        block_o = p2(out_features)
-        block_n, block_d = _fma_blocks(in_features, block_o, None if on_gpu else 16)
-    if not on_gpu:
-        return TileConfig(block_n, block_d, block_o, use_dot, max_programs=4)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return TileConfig(block_n, block_d, block_o, use_dot, max_programs=2 * _multiprocessor_count(index),
-                      num_warps=8 if block_d * block_o >= 4096 else 4)
+        num_warps = 8 if p2(in_features) * block_o > 2048 else 4
+        block_n, block_d = _fp64_blocks(in_features, block_o, num_warps)
+        extra = 0
+    one_block = block_d >= in_features
+    tile_bytes = block_n * ((in_features + out_features) if one_block else block_d) * input_bytes
+    num_stages, per_sm = _pipeline(tile_bytes, extra, profile)
+    return TileConfig(block_n, block_d, block_o, use_dot, max_programs=per_sm * profile.multiprocessors,
+                      num_warps=num_warps, num_stages=num_stages)
 
 
 @functools.lru_cache(maxsize=1024)
-def forward_config(in_features: int, out_features: int, device: torch.device, acc_dtype: torch.dtype,
-                   input_precision: str) -> TileConfig:
-    """Blocks of the inference kernel (O is tiled by the grid, so BLOCK_O may be < O)."""
-    use_dot = _use_dot(out_features, acc_dtype, input_precision)
-    on_gpu = device.type == "cuda"
+def forward_config(in_features: int, out_features: int, profile: DeviceProfile, acc_dtype: torch.dtype,
+                   input_precision: str, input_bytes: int) -> TileConfig:
+    """Blocks of the inference kernel: one program per row tile and output block (O is tiled
+    by the grid, so BLOCK_O may be < O); D longer than one block is walked in pipelined chunks."""
+    use_dot = _use_dot(acc_dtype)
+    block_o = min(p2(out_features), 64)
+    if not profile.gpu:
+        if use_dot:
+            return TileConfig(16, max(16, min(p2(in_features), 64)), block_o, True)
+        block_o = min(block_o, 16)
+        return TileConfig(16, min(p2(in_features), 128, max(1, 8192 // (16 * block_o))), block_o, False)
     if use_dot:
-        return TileConfig(block_n=64 if on_gpu else 16, block_d=max(16, min(p2(in_features), 128 if on_gpu else 64)),
-                          block_o=max(16, min(p2(out_features), 64)), use_dot=True)
-    block_o = min(p2(out_features), 16)
-    block_n, block_d = _fma_blocks(in_features, block_o, None if on_gpu else 16)
-    return TileConfig(block_n, block_d, block_o, use_dot=False)
+        block_d = max(16, min(p2(in_features), CHUNK_D))
+        block_n = _rows_for_bytes(min(block_d, in_features) * input_bytes, 16, 128)
+        num_warps = 8 if block_n * block_d >= 8192 else 4
+    else:
+        block_o = min(block_o, 16)
+        num_warps = 8 if p2(in_features) * block_o > 2048 else 4
+        block_n, block_d = _fp64_blocks(in_features, block_o, num_warps)
+    num_stages = 1 if block_d >= in_features else 3  # one block needs no pipeline buffers
+    return TileConfig(block_n, block_d, block_o, use_dot, num_warps=num_warps, num_stages=num_stages)
 
 
-def reduce_config(n_partials: int, device: torch.device) -> ReduceConfig:
-    block_p = min(p2(max(n_partials, 1)), 64 if device.type == "cuda" else 4)
-    return ReduceConfig(block_p=block_p, block_cols=256 if device.type == "cuda" else 64)
+@functools.lru_cache(maxsize=1024)
+def reduce_config(n_partials: int, n_columns: int, profile: DeviceProfile) -> ReduceConfig:
+    """Blocks of the reduce-and-update kernel: a column block per program, partial rows BLOCK_P at a time."""
+    if not profile.gpu:
+        return ReduceConfig(block_p=min(p2(max(n_partials, 1)), 4), block_cols=64)
+    # Enough column blocks to give every SM a program, 32..256 columns each.
+    block_cols = max(32, min(256, p2(cdiv(n_columns, profile.multiprocessors))))
+    block_p = max(1, min(p2(max(n_partials, 1)), 4096 // block_cols))
+    return ReduceConfig(block_p=block_p, block_cols=block_cols, num_warps=4,
+                        num_stages=3 if n_partials > block_p else 1)

@@ -6,6 +6,7 @@ F.mse_loss and torch.optim.SGD.
     loss = model.loss(inputs, targets)          # fused linear + MSE
     opt = FusedSGD(model.parameters(), lr=1e-5)
     history = model.fit(inputs, targets, epochs=100, batch_size=5, optimizer=opt)
+    loss = model.solve(inputs, targets)         # the exact least-squares solution, from one pass
 """
 
 from . import reference
@@ -13,6 +14,7 @@ from .backend import select_ops
 from .functional import fused_sgd_step, linear, linear_mse
 from .module import FusedLinearRegressor
 from .optim import FusedSGD
+from .stats import LinearStats
 from .train import TrainingDivergedError, fit
 
 __version__ = "0.1.0"
@@ -20,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FusedLinearRegressor",
     "FusedSGD",
+    "LinearStats",
     "TrainingDivergedError",
     "fit",
     "fused_sgd_step",

@@ -86,9 +86,10 @@ class TritonOps:
 
     def __init__(self) -> None:
         # Imported here, not at module import: jit decoration reads TRITON_INTERPRET.
-        from .kernels import fused_fit, linear_forward, linear_mse_grad, reduce_update
+        from .kernels import fused_fit, linear_forward, linear_mse_grad, linear_stats, reduce_update
 
         self._fused_fit = fused_fit
+        self._stats = linear_stats
         self._forward = linear_forward
         self._grad = linear_mse_grad
         self._reduce = reduce_update
@@ -136,9 +137,39 @@ class TritonOps:
     def fit_small_supported(self, batch_size: int, in_features: int, out_features: int) -> bool:
         return self._fused_fit.fit_small_supported(batch_size, in_features, out_features)
 
-    def fit_small(self, x, target, weight, bias, weight_buffer, bias_buffer, permutations, history, **kwargs) -> None:
+    def fit_small(self, x, target, weight, bias, weight_buffer, bias_buffer, permutations, history, *,
+                  weight_hyper, bias_hyper, **kwargs) -> None:
+        """kernels.fused_fit.fit_small; a hyper of None leaves that parameter untouched."""
         self._fused_fit.fit_small(x, target, weight.detach(), None if bias is None else bias.detach(),
-                                  weight_buffer, bias_buffer, permutations, history, **kwargs)
+                                  weight_buffer, bias_buffer, permutations, history, weight_hyper=weight_hyper,
+                                  bias_hyper=bias_hyper, **kwargs)
+        for p, hyper in ((weight, weight_hyper), (bias, bias_hyper)):
+            if p is not None and hyper is not None:
+                torch.autograd.graph.increment_version(p)
+
+    # ---------------------------------------------------------------- sufficient statistics
+    def linear_moments(self, x: torch.Tensor, target: torch.Tensor, *, fp64: bool) -> tuple:
+        """The statistics pass (kernels/linear_stats.py). Its program holds Tᵀ·T, so more than
+        MAX_OUT_FEATURES outputs take the reference's fp64 matrix products instead."""
+        if target.shape[1] > self._stats.MAX_OUT_FEATURES:
+            return TORCH_OPS.linear_moments(x, target, fp64=fp64)
+        return self._stats.linear_moments(x, target, fp64=fp64)
+
+    def stats_epochs_in_one_launch(self, in_features: int, out_features: int) -> bool:
+        return self._stats.stats_sgd_supported(in_features, out_features)
+
+    def stats_sgd_epochs(self, n_rows: int, moments: tuple, weight: torch.Tensor, bias: torch.Tensor | None,
+                         weight_buffer: torch.Tensor | None, bias_buffer: torch.Tensor | None,
+                         history: torch.Tensor, **kwargs) -> None:
+        """Full-batch epochs on the statistics: one launch while W·M_xx takes a few blocks; a wider
+        problem (or non-contiguous parameters) runs the reference's loop of small matrix products
+        on the device (no sync either way)."""
+        contiguous = all(t is None or t.is_contiguous() for t in (weight, bias, weight_buffer, bias_buffer))
+        if not contiguous or not self._stats.stats_sgd_supported(*reversed(weight.shape)):
+            TORCH_OPS.stats_sgd_epochs(n_rows, moments, weight, bias, weight_buffer, bias_buffer, history, **kwargs)
+            return
+        self._stats.stats_sgd_epochs(n_rows, moments, weight.detach(), None if bias is None else bias.detach(),
+                                     weight_buffer, bias_buffer, history, **kwargs)
         for p in (weight, bias):
             if p is not None:
                 torch.autograd.graph.increment_version(p)

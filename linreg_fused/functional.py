@@ -22,7 +22,7 @@ from .reference import TORCH_OPS
 from .kernels.specs import ColumnTarget, GradPartials
 
 REDUCTIONS = ("mean", "sum")
-PRECISIONS = ("ieee", "tf32")
+PRECISIONS = ("ieee", "tf32", "tf32x3")
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -191,8 +191,9 @@ def linear_mse(
     fills weight.grad / bias.grad (and x.grad, target.grad if they require
     grad). With ``optimizer=`` a FusedSGD holding weight and bias, the
     backward instead applies the SGD step to them in place and leaves .grad
-    untouched. input_precision: "ieee" (default, matches PyTorch fp32) or
-    "tf32" (faster on GPUs, ~1e-3 relative error) for float32 inputs.
+    untouched. input_precision: "ieee" (default, matches PyTorch fp32),
+    "tf32" (faster on GPUs, ~1e-3 relative error) or "tf32x3" (three TF32
+    products, about fp32's accuracy on tensor cores) for float32 inputs.
     """
     _check_options(reduction, input_precision)
     check_inputs(x, weight, bias, target)

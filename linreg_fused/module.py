@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -12,6 +13,7 @@ from . import functional, train
 from .backend import BACKENDS
 from .functional import PRECISIONS
 from .optim import FusedSGD
+from .stats import LinearStats
 
 
 class FusedLinearRegressor(nn.Module):
@@ -26,7 +28,7 @@ class FusedLinearRegressor(nn.Module):
       tutorial's training loop on the device.
 
     backend: "auto" | "triton" | "torch" (see linreg_fused.backend);
-    input_precision: "ieee" (default) | "tf32" for float32 products on GPUs.
+    input_precision: "ieee" (default) | "tf32" | "tf32x3" for float32 products on GPUs.
     """
 
     __constants__ = ["in_features", "out_features"]
@@ -144,6 +146,52 @@ class FusedLinearRegressor(nn.Module):
 
         return serialization.load(path, device=device, backend=backend, input_precision=input_precision)
 
+    @torch.no_grad()
+    def solve(
+        self,
+        inputs: torch.Tensor | LinearStats | Iterable[tuple[torch.Tensor, torch.Tensor]],
+        targets: torch.Tensor | None = None,
+        *,
+        alpha: float = 0.0,
+        precision: str | None = None,
+    ) -> torch.Tensor:
+        """Set weight and bias to the least-squares (alpha = 0) or ridge solution and return
+        the training loss there (mean squared error, a 0-d fp64 tensor).
+
+        inputs, targets: tensors (..., in_features), (..., out_features), moved to the
+        model's device; or inputs: a LinearStats, or an iterable of (x, t) chunks streamed
+        through LinearStats.from_batches (data larger than the device's memory), with
+        targets=None. The intercept is not penalised (scikit-learn's Ridge); a model
+        without bias fits none. precision: of the statistics pass, "fp32" | "fp64" | None
+        (the data's); fp64 is worth its cost when the fit is tight or the features nearly
+        collinear. See LinearStats.solve for the method and its accuracy.
+        """
+        stats = _statistics_of(self, inputs, targets, precision)
+        if (stats.in_features, stats.out_features) != (self.in_features, self.out_features):
+            raise ValueError(f"the statistics are of {stats.in_features}→{stats.out_features} but the model is "
+                             f"{self.in_features}→{self.out_features}")
+        weight, bias = stats.solve(alpha, fit_intercept=self.bias is not None)
+        self.weight.copy_(weight.to(self.weight))
+        if self.bias is not None:
+            self.bias.copy_(bias.to(self.bias))
+        return stats.loss(self.weight, self.bias)
+
     def extra_repr(self) -> str:
         extra = "" if self.backend == "auto" else f", backend={self.backend!r}"
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{extra}"
+
+
+def _statistics_of(model: FusedLinearRegressor, inputs, targets, precision: str | None) -> LinearStats:
+    device = model.weight.device
+    if isinstance(inputs, LinearStats):
+        if targets is not None:
+            raise ValueError("solve(stats): the targets are in the statistics; pass targets=None")
+        return inputs
+    if isinstance(inputs, torch.Tensor):
+        if not isinstance(targets, torch.Tensor):
+            raise TypeError(f"solve(inputs, targets): targets must be a torch.Tensor, got {type(targets).__name__}")
+        return LinearStats.from_tensors(inputs.to(device), targets.to(device), precision=precision,
+                                        backend=model.backend)
+    if targets is not None:
+        raise ValueError("solve(chunks): pass the targets inside the (x, t) chunks, not as a second argument")
+    return LinearStats.from_batches(inputs, device=device, precision=precision, backend=model.backend)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .kernels.specs import ColumnTarget, GradPartials, SGDHyper, accumulator_dtype
+from .kernels.specs import MOMENTUM, ColumnTarget, GradPartials, SGDHyper, accumulator_dtype
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -145,16 +145,18 @@ class TorchOps:
         *,
         batch_size: int,
         mean: bool,
-        weight_hyper: SGDHyper,
-        bias_hyper: SGDHyper,
+        weight_hyper: SGDHyper | None,
+        bias_hyper: SGDHyper | None,
         init_weight_buffer: bool,
         init_bias_buffer: bool,
     ) -> None:
-        """The semantics of kernels.fused_fit.fit_small, one step at a time."""
+        """The semantics of kernels.fused_fit.fit_small, one step at a time; a
+        hyper of None leaves that parameter (and its buffer) untouched."""
         n_rows = x.shape[0]
-        params = [(weight, weight_buffer, weight_hyper, init_weight_buffer)]
-        if bias is not None:
-            params.append((bias, bias_buffer, bias_hyper, init_bias_buffer))
+        params = [(p, buf, hyper, init, col) for p, buf, hyper, init, col in (
+            (weight, weight_buffer, weight_hyper, init_weight_buffer, 0),
+            (bias, bias_buffer, bias_hyper, init_bias_buffer, weight.numel()))
+            if p is not None and hyper is not None]
         good = [t.clone() for p in params for t in p[:2] if t is not None]
         all_finite = True
         for epoch in range(history.numel()):
@@ -166,9 +168,10 @@ class TorchOps:
                 scale = 1.0 / (rows.numel() * weight.shape[0]) if mean else 1.0
                 losses.append(partials.buffer[0, partials.loss_column] * scale)
                 first = epoch == 0 and batch == 0
-                targets = [ColumnTarget(col, param, hyper, buf, first and init) for (param, buf, hyper, init), (col, _)
-                           in zip(params, (partials.weight_columns, partials.bias_columns))]
-                self.reduce_update_(partials.buffer, targets, scale=2.0 * scale, grad_output=None)
+                targets = [ColumnTarget(col, param, hyper, buf, first and init)
+                           for param, buf, hyper, init, col in params]
+                if targets:
+                    self.reduce_update_(partials.buffer, targets, scale=2.0 * scale, grad_output=None)
             history[epoch] = torch.stack(losses).mean()
             # The kernel keeps this flag on the device; the reference reads it once per epoch.
             all_finite = all_finite and bool(torch.isfinite(history[epoch]))
@@ -177,6 +180,123 @@ class TorchOps:
         live = [t for p in params for t in p[:2] if t is not None]
         for t, g in zip(live, good):
             t.copy_(g)
+
+    # ------------------------------------------------------------ sufficient statistics
+    def linear_moments(self, x: torch.Tensor, target: torch.Tensor, *, fp64: bool) -> Moments:
+        """Count, means and centred co-moments of (x, target), in fp64 (whatever ``fp64`` says:
+        this is the oracle), a chunk of rows at a time so temporaries stay bounded."""
+        moments = None
+        for start in range(0, x.shape[0], MOMENT_CHUNK_ROWS):
+            chunk = centred_moments(x[start : start + MOMENT_CHUNK_ROWS], target[start : start + MOMENT_CHUNK_ROWS])
+            moments = chunk if moments is None else merge_moments(moments, chunk)
+        return moments
+
+    def stats_epochs_in_one_launch(self, in_features: int, out_features: int) -> bool:
+        """Whether stats_sgd_epochs runs all epochs in one launch; here each epoch is ~20 small ops."""
+        return False
+
+    @torch.no_grad()
+    def stats_sgd_epochs(
+        self,
+        n_rows: int,
+        moments: tuple[torch.Tensor, ...],
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        weight_buffer: torch.Tensor | None,
+        bias_buffer: torch.Tensor | None,
+        history: torch.Tensor,
+        *,
+        mean: bool,
+        weight_hyper: SGDHyper | None,
+        bias_hyper: SGDHyper | None,
+        init_weight_buffer: bool,
+        init_bias_buffer: bool,
+    ) -> None:
+        """The semantics of kernels.linear_stats.stats_sgd_epochs as a loop of small fp64 ops on
+        the statistics' device (no host sync): each epoch's loss before its step into history,
+        parameters stored in their dtype after every step, and only steps taken while every
+        loss so far was finite are kept."""
+        mean_x, mean_t, m_xx, m_tx, m_tt = moments
+        n = float(n_rows)
+        loss_scale = 1.0 / (n * weight.shape[0]) if mean else 1.0
+        params = [(weight, weight_buffer, weight_hyper, init_weight_buffer)]
+        if bias is not None:
+            params.append((bias, bias_buffer, bias_hyper, init_bias_buffer))
+        # state: [param, buffer or None] per parameter, in the parameter's dtype
+        state = [[p.detach().clone(), buf.clone() if _has_momentum(h) and not init else None]
+                 for p, buf, h, init in params]
+        m_tt_diag = m_tt.diagonal()
+        all_finite = torch.ones((), dtype=torch.bool, device=weight.device)
+        for epoch in range(history.numel()):
+            w = state[0][0].double()
+            b = state[1][0].double() if bias is not None else torch.zeros_like(mean_t)
+            e = w @ mean_x + b - mean_t
+            wm = w @ m_xx
+            sse = n * e * e + (w * (wm - 2.0 * m_tx)).sum(1) + m_tt_diag
+            history[epoch] = sse.sum() * loss_scale
+            all_finite &= torch.isfinite(history[epoch])
+            grads = [2.0 * loss_scale * (n * torch.outer(e, mean_x) + wm - m_tx), 2.0 * loss_scale * n * e]
+            for (p, _, hyper, init), slot, value, grad in zip(params, state, (w, b), grads):
+                if hyper is None:  # frozen
+                    continue
+                buf = slot[1].double() if slot[1] is not None else None
+                new_p, new_buf = _sgd_step(value, grad, buf, hyper, first=init and epoch == 0)
+                slot[0] = torch.where(all_finite, new_p.to(p.dtype), slot[0])
+                if new_buf is not None:
+                    old = slot[1] if slot[1] is not None else torch.zeros_like(p)
+                    slot[1] = torch.where(all_finite, new_buf.to(p.dtype), old)
+        for (p, buf, hyper, _), (new_p, new_buf) in zip(params, state):
+            p.copy_(new_p)
+            if buf is not None and new_buf is not None:
+                buf.copy_(new_buf)
+
+
+def _has_momentum(hyper: SGDHyper | None) -> bool:
+    return hyper is not None and bool(hyper.flags & MOMENTUM)
+
+
+def _sgd_step(param: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor | None, hyper: SGDHyper, *,
+              first: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """torch.optim.SGD's update, out of place, in the inputs' dtype; returns (param, buffer)."""
+    if hyper.maximize:
+        grad = -grad
+    if hyper.weight_decay != 0:
+        grad = grad + hyper.weight_decay * param
+    new_buf = None
+    if hyper.momentum != 0:
+        new_buf = grad.clone() if first or buf is None else hyper.momentum * buf + (1.0 - hyper.dampening) * grad
+        grad = grad + hyper.momentum * new_buf if hyper.nesterov else new_buf
+    return param - hyper.lr * grad, new_buf
+
+
+# ---------------------------------------------------------------- sufficient statistics
+# (count, mean_x (D), mean_t (O), M_xx (D, D), M_tx (O, D), M_tt (O, O)), fp64, with
+# M_xx = Σ (x − x̄)(x − x̄)ᵀ, M_tx = Σ (t − t̄)(x − x̄)ᵀ, M_tt = Σ (t − t̄)(t − t̄)ᵀ.
+Moments = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+MOMENT_CHUNK_ROWS = 1 << 16
+
+
+def centred_moments(x: torch.Tensor, target: torch.Tensor) -> Moments:
+    """The moments of one chunk, two-pass in fp64: means first, then the centred products."""
+    x64, t64 = x.to(torch.float64), target.to(torch.float64)
+    mean_x, mean_t = x64.mean(0), t64.mean(0)
+    xc, tc = x64 - mean_x, t64 - mean_t
+    return x.shape[0], mean_x, mean_t, xc.t() @ xc, tc.t() @ xc, tc.t() @ tc
+
+
+def merge_moments(a: Moments, b: Moments) -> Moments:
+    """The moments of the union of two row sets (Chan, Golub and LeVeque's pairwise update):
+    means move by δ·n_b/n and co-moments gain n_a·n_b/n · δδᵀ, with δ the difference of means."""
+    n_a, n_b = a[0], b[0]
+    if n_a == 0:
+        return b
+    if n_b == 0:
+        return a
+    n = n_a + n_b
+    dx, dt = b[1] - a[1], b[2] - a[2]
+    w = n_a * n_b / n
+    return (n, a[1] + dx * (n_b / n), a[2] + dt * (n_b / n), a[3] + b[3] + w * torch.outer(dx, dx),
+            a[4] + b[4] + w * torch.outer(dt, dx), a[5] + b[5] + w * torch.outer(dt, dt))
 
 
 TORCH_OPS = TorchOps()

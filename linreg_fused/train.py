@@ -14,6 +14,10 @@ small unit of its own:
   of the first.
 - ``EagerPath``: any other torch optimizer, or an iterable of batches:
   ``loss.backward(); optimizer.step()`` per batch (FusedSGD steps fused).
+- ``StatisticsPath`` (linreg_fused/stats.py): FusedSGD on a full batch, when
+  the cost model says so or ``statistics=True``: one pass over X and T for
+  their sufficient statistics, then every epoch from the (D+1)² statistics
+  alone (``statistics_cost``).
 
 Row orders are DataLoader's: with ``seed=``/``generator=`` (a CPU generator)
 or the global RNG, the batches are exactly those of
@@ -41,6 +45,7 @@ from .backend import select_ops
 from .functional import REDUCTIONS, check_inputs, fused_sgd_step
 from .kernels.specs import accumulator_dtype
 from .optim import FusedSGD, group_hyper
+from .stats import StatisticsPath, statistics_cost, statistics_memory_problem
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -179,7 +184,6 @@ class OneLaunchPath:
     def applies(model, optimizer, source, ops) -> bool:
         params = [p for p in (model.weight, model.bias) if p is not None]
         return (isinstance(source, TensorSource) and isinstance(optimizer, FusedSGD)
-                and all(optimizer.trains(p) for p in params)  # the kernel updates every parameter
                 and not optimizer.has_step_hooks()  # one launch of many steps cannot fire hooks per step
                 and all(p.is_contiguous() for p in params)
                 and ops.fit_small_supported(source.batch_size, source.x.shape[1], model.out_features))
@@ -189,8 +193,9 @@ class OneLaunchPath:
     def run(self, orders: torch.Tensor, history: torch.Tensor) -> None:
         state = {}
         for name, p in (("weight", self.model.weight), ("bias", self.model.bias)):
-            hyper = group_hyper(self.optimizer.group_of(p)) if p is not None else state["weight_hyper"]
-            buf, is_new = self.optimizer.momentum_buffer(p, hyper) if p is not None else (None, False)
+            # hyper None: the kernel leaves a frozen parameter, or one the optimizer does not hold, alone.
+            hyper = group_hyper(self.optimizer.group_of(p)) if self.optimizer.trains(p) else None
+            buf, is_new = self.optimizer.momentum_buffer(p, hyper) if hyper is not None else (None, False)
             state.update({f"{name}_hyper": hyper, f"{name}_buffer": buf, f"init_{name}_buffer": is_new})
         with torch.no_grad():
             self.ops.fit_small(self.source.x, self.source.t, self.model.weight, self.model.bias, permutations=orders,
@@ -320,11 +325,15 @@ class EagerPath(_EpochRunner):
         return xb, yb
 
 
-def choose_path(model, optimizer, source, reduction: str, epochs: int, cuda_graph: bool):
+def choose_path(model, optimizer, source, reduction: str, epochs: int, cuda_graph: bool,
+                statistics: bool | None = None):
     """The one place that decides how fit runs (see the module docstring)."""
     device = model.weight.device
     ops = select_ops(model.backend, device)
-    if OneLaunchPath.applies(model, optimizer, source, ops):
+    one_launch = OneLaunchPath.applies(model, optimizer, source, ops)
+    if statistics is not False and _statistics_chosen(model, optimizer, source, epochs, one_launch, statistics):
+        return StatisticsPath(model, optimizer, source.x, source.t, reduction, ops)
+    if one_launch:
         return OneLaunchPath(model, optimizer, source, reduction, ops)
     if isinstance(source, TensorSource) and isinstance(optimizer, FusedSGD):
         # A graph is captured after the first epoch; with fewer than 3 epochs, or one step
@@ -333,6 +342,31 @@ def choose_path(model, optimizer, source, reduction: str, epochs: int, cuda_grap
                      and _graph_capture_possible(ops, optimizer, source, device))
         return PerBatchPath(model, optimizer, source, reduction, use_graph)
     return EagerPath(model, optimizer, source, reduction)
+
+
+def _statistics_chosen(model, optimizer, source, epochs: int, one_launch: bool, statistics: bool | None) -> bool:
+    """statistics=None: when the cost model prefers it and the statistics fit; True: always, or an error."""
+    if not StatisticsPath.applies(optimizer, source):
+        if statistics:
+            got = ("an iterable of batches" if not isinstance(source, TensorSource) else
+                   f"batch_size={source.batch_size} < {source.n_rows} rows" if not source.full_batch else
+                   f"{type(optimizer).__name__}" if not isinstance(optimizer, FusedSGD) else "step hooks")
+            raise ValueError(f"statistics=True needs tensor inputs, a full batch (batch_size=None or >= the number "
+                             f"of rows) and FusedSGD without step hooks; this fit has {got}")
+        return False
+    d, o = source.x.shape[1], source.t.shape[1]
+    problem = statistics_memory_problem(d, o, model.weight.device)
+    if problem is not None:
+        if statistics:
+            raise ValueError(f"statistics=True: {problem}; use statistics=False (a pass over the data per epoch)")
+        return False
+    if statistics:
+        return True
+    ops = select_ops(model.backend, model.weight.device)
+    one_launch = one_launch and ops.name == "triton"  # the reference's fit_small is small ops per step
+    cost, passes = statistics_cost(source.n_rows, d, o, epochs, source.x.element_size(), one_launch,
+                                   ops.stats_epochs_in_one_launch(d, o))
+    return cost < passes
 
 
 # ---------------------------------------------------------------- reporting
@@ -391,6 +425,7 @@ def fit(
     progress: bool | None = None,
     check_finite: bool = True,
     cuda_graph: bool = True,
+    statistics: bool | None = None,
     print_fn: Callable[[str], None] = print,
 ) -> list[float]:
     """Train ``model`` (a FusedLinearRegressor) for ``epochs`` epochs; returns each epoch's mean batch loss.
@@ -417,15 +452,25 @@ def fit(
     cuda_graph: on CUDA, with tensor inputs, FusedSGD, the Triton kernels and
     at least 3 epochs of several batches, capture an epoch of fused steps in
     a CUDA graph after the first epoch and replay it.
+    statistics: for a full batch with FusedSGD, read the data once for its
+    sufficient statistics and run every epoch from them (O·(D+1)² work per
+    epoch instead of a pass over N rows; linreg_fused.stats). None (default):
+    when the cost model says it is cheaper (one pass + epochs × O·(D+1)²
+    against epochs passes); True: always (an error if the fit is not full
+    batch with FusedSGD or the (D+1)² statistics do not fit in memory);
+    False: a pass per epoch. Same losses and parameters within the
+    statistics' accuracy (see LinearStats).
     Raises TrainingDivergedError if an epoch's loss is not finite (the
     parameters and momentum buffers are restored to the last finite epoch).
     """
     _check_options(epochs, log_every, reduction, seed, generator, print_fn)
+    if statistics not in (None, True, False):
+        raise TypeError(f"statistics must be None, True or False, got {statistics!r}")
     optimizer = _optimizer(model, optimizer, lr)
     source = _source(model, data, targets, batch_size, shuffle, seed, generator, check_finite, epochs)
     if progress is None:
         progress = sys.stderr.isatty() and epochs * source.batches_per_epoch >= 20_000
-    path = choose_path(model, optimizer, source, reduction, epochs, cuda_graph)
+    path = choose_path(model, optimizer, source, reduction, epochs, cuda_graph, statistics)
     reporter = _Reporter(epochs, log_every, progress, print_fn)
     try:
         return _run(path, source, epochs, reporter, optimizer, model.weight)

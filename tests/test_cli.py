@@ -18,8 +18,6 @@ from linreg_fused.io import read_columns
 from linreg_fused.serialization import read_info
 
 HAS_ARROW = importlib.util.find_spec("pyarrow") is not None
-HAS_SOLVE = hasattr(FusedLinearRegressor, "solve")
-needs_solve = pytest.mark.skipif(not HAS_SOLVE, reason="FusedLinearRegressor.solve is not in this build yet")
 CROP_CSV = os.path.join(os.path.dirname(__file__), "..", "linreg_fused", "data", "crop_yields.csv")
 
 
@@ -250,7 +248,6 @@ def test_plot_is_a_png_of_the_expected_size(tmp_path, capsys):
     assert pixels.shape[:2] == (400, 1000) and pixels.std() > 0.05
 
 
-@needs_solve
 def test_exact_solver_matches_least_squares(tmp_path, capsys):
     rng = np.random.default_rng()
     x, y, _, _ = linear_data(500, 3, 2, noise=0.5, rng=rng)

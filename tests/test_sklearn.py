@@ -31,8 +31,6 @@ from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 from linreg_fused import FusedLinearRegressor, FusedSGD  # noqa: E402
 from linreg_fused.sklearn import FusedLinearRegression, FusedSGDRegressor  # noqa: E402
 
-needs_solve = pytest.mark.skipif(not hasattr(FusedLinearRegressor, "solve"),
-                                 reason="FusedLinearRegressor.solve is not in this build yet")
 SKIPPED_CHECKS = {"check_array_api_input"}
 
 
@@ -52,7 +50,6 @@ def test_sgd_regressor_passes_sklearn_checks(estimator, check):
     _only_known_skips(estimator, check)
 
 
-@needs_solve
 @parametrize_with_checks([FusedLinearRegression(backend="torch")])
 def test_linear_regression_passes_sklearn_checks(estimator, check):
     _only_known_skips(estimator, check)
@@ -193,7 +190,6 @@ def test_feature_names_from_a_dataframe():
     assert list(est.feature_names_in_) == list(x.columns)
 
 
-@needs_solve
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_exact_solution_matches_sklearn_on_its_data_sets(alpha):
     for x, y in (load_diabetes(return_X_y=True), load_linnerud(return_X_y=True)):
@@ -204,7 +200,6 @@ def test_exact_solution_matches_sklearn_on_its_data_sets(alpha):
         assert ours.score(x, y) == pytest.approx(theirs.score(x, y), abs=1e-9)
 
 
-@needs_solve
 def test_exact_without_intercept():
     x, y = load_diabetes(return_X_y=True)
     ours = FusedLinearRegression(fit_intercept=False, backend="torch", dtype="float64").fit(x, y)
