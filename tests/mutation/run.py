@@ -86,7 +86,7 @@ class Launcher:
 
     def __init__(self, scratch: Path, fork: bool) -> None:
         self.scratch, self.out = scratch, scratch.with_name(scratch.name + ".out")
-        self.zygote = None
+        self.zygote = self.proc = None
         if fork:
             self.zygote = subprocess.Popen([sys.executable, str(HERE / "zygote.py")], stdin=subprocess.PIPE,
                                            stdout=subprocess.PIPE, text=True, env=test_env())
@@ -104,9 +104,9 @@ class Launcher:
             rc = json.loads(reply)["rc"]
             output = self.out.read_text(errors="replace")
         else:
-            proc = subprocess.Popen([sys.executable, "-m", "pytest", *PYTEST_ARGS, *tests], cwd=self.scratch,
-                                    env=test_env(self.scratch), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, start_new_session=True)
+            self.proc = proc = subprocess.Popen(
+                [sys.executable, "-m", "pytest", *PYTEST_ARGS, *tests], cwd=self.scratch, env=test_env(self.scratch),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
             try:
                 output, _ = proc.communicate(timeout=timeout)
                 rc = proc.returncode
@@ -115,6 +115,13 @@ class Launcher:
                 output, _ = proc.communicate()
                 rc = None
         return rc, time.perf_counter() - start, output
+
+    def kill(self) -> None:
+        """Stop a run in progress (the zygote kills its child's process group)."""
+        if self.zygote is not None:
+            self.zygote.terminate()
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
     def close(self) -> None:
         if self.zygote is not None:
@@ -172,6 +179,8 @@ def run_mutant(m: Mutant, launchers: "queue.Queue[Launcher]", timeout: float) ->
                 "ERROR", 0.0, f"snippet found {count} times; make it unique")
         path.write_text(original.replace(m.original, m.replacement))
         try:
+            if "tests" in m.tests:  # the whole suite takes longer than a selection
+                timeout *= 8
             rc, seconds, output = launcher.run(list(m.tests), timeout)
         finally:
             path.write_text(original)
@@ -233,6 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     for launcher in made:
         launchers.put(launcher)
     results: dict[str, tuple[str, float, str]] = {}
+
+    def abort(signum, frame):  # stop the runs now, then clean up below
+        for launcher in made:
+            launcher.kill()
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, abort)
+    signal.signal(signal.SIGINT, abort)
     try:
         scratch = made[0].scratch
         where = subprocess.run([sys.executable, "-c", "import linreg_fused.kernels.fused_fit as f; print(f.__file__)"],
@@ -268,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"confirming {m.id} against the whole suite ...", flush=True)
                     one: "queue.Queue[Launcher]" = queue.Queue()
                     one.put(made[0])
-                    status, seconds, detail = run_mutant(m._replace(tests=("tests",)), one, args.timeout * 8)
+                    status, seconds, detail = run_mutant(m._replace(tests=("tests",)), one, args.timeout)
                     results[m.id] = (status, results[m.id][1] + seconds, detail or "(whole suite)")
     finally:
         for launcher in made:

@@ -46,24 +46,42 @@ def _child(request: dict, out: int) -> None:
         os._exit(99)
 
 
+_running: list[int] = []  # the child now running, if any
+
+
+def _stop(signum, frame) -> None:
+    """Killed (or orphaned): take the running child's process group along."""
+    for pid in _running:
+        os.killpg(pid, signal.SIGKILL)
+    os._exit(1)
+
+
 def run(request: dict) -> dict:
     out = os.open(request["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     pid = os.fork()
     if pid == 0:
         _child(request, out)
+    _running.append(pid)
     os.close(out)
     deadline = time.monotonic() + request["timeout"]
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return {"rc": os.waitstatus_to_exitcode(status)}
-        if time.monotonic() > deadline:
-            os.killpg(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return {"rc": None}
-        time.sleep(0.05)
+    try:
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return {"rc": os.waitstatus_to_exitcode(status)}
+            if time.monotonic() > deadline:
+                os.killpg(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return {"rc": None}
+            if os.getppid() != PARENT:
+                _stop(None, None)
+            time.sleep(0.05)
+    finally:
+        _running.remove(pid)
 
 
 if __name__ == "__main__":
+    PARENT = os.getppid()
+    signal.signal(signal.SIGTERM, _stop)
     for line in sys.stdin:
         print(json.dumps(run(json.loads(line))), flush=True)
