@@ -113,7 +113,7 @@ def regime_cases(regime: Regime, dtype_name: str, precision: str, profile) -> li
     if regime.kind == "fit" and fused_fit.fit_small_supported(regime.batch_size, d, o):
         steps = regime.epochs
         plan = fused_fit.plan_fit_small(
-            x, t, w, b, None, None, _meta(steps, n, dtype=torch.int64), _meta(steps, dtype=pdt),
+            x, t, w, b, None, None, _meta(steps, n, dtype=torch.int64), _meta(steps, 2, dtype=pdt),
             batch_size=regime.batch_size, mean=True, weight_hyper=SGDHyper(regime.lr), bias_hyper=SGDHyper(regime.lr),
             init_weight_buffer=False, init_bias_buffer=False, profile=profile)
         fp64 = ("w_lr", "w_momentum", "w_dampening", "w_weight_decay", "b_lr")

@@ -44,7 +44,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -57,6 +56,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from parity import dn, parity_checks, parity_shapes, poison_allocator
+from timing import bench_ms
 from regimes import FP32, REGIMES, Regime, peers_for, regimes_for, skip_reason
 
 BENCH = Path(__file__).resolve().parent
@@ -68,6 +68,7 @@ DEFAULT_BUDGET_S = 240.0
 SMOKE_BUDGET_S = 900.0  # the interpreter on a shared CPU is slow, and no device time is at stake
 WORKER_SHARE = 0.4
 RESERVE_S = 10.0
+INTEGRATION_S = 45.0  # section 5: opcheck, a compiled and a graphed train_step, a one-rank process group
 WORKER_GRACE_S = 10.0  # a worker still busy this long after the phase's deadline is stopped
 COMPILE_PEER_NEED_S = 30.0  # a torch.compile peer starts only with this much left (its compile, if cold)
 
@@ -323,21 +324,6 @@ def section_versions(run: Run, import_how: str, commit: str | None) -> None:
 
 
 # =============================================================== 2. copy ceiling
-def bench_ms(fn: Callable[[], Any], device: torch.device, rep_ms: float = 200, warmup_ms: float = 25) -> float:
-    """Median milliseconds of fn: triton.testing.do_bench on a GPU (CUDA events; it flushes
-    the L2 before each call); a perf_counter median of 3 calls on the CPU smoke run."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def section_copy(run: Run) -> float:
     n_bytes = (1 << 30) if run.device.type == "cuda" else (64 << 20)
     buffers = [torch.empty(n_bytes // 4, device=run.device).uniform_(), torch.empty(n_bytes // 4, device=run.device)]
@@ -694,10 +680,18 @@ def main(argv: list[str] | None = None) -> int:
             for check in parity_checks(args.cpu_smoke, device):
                 poison_allocator(device)
                 run.check("parity", check.name, check.fn, check.need_s)
-    run.deadline = None
+    # The timings end INTEGRATION_S before the budget does: the PyTorch-integration checks get the rest.
+    run.deadline = args.budget_s - RESERVE_S - INTEGRATION_S
     with run.section("4. timings (triton.testing.do_bench medians)", need_s=10.0) as ok:
         if ok:
             section_timing(run, harness, copy_gbps, with_compile=not args.skip_compile)
+    run.deadline = None
+    with run.section("5. PyTorch integration (ops, compile, CUDA graph, process group)", need_s=10.0) as ok:
+        if ok:
+            from torch_integration_check import torch_integration_checks
+
+            for check in torch_integration_checks(device, smoke=args.cpu_smoke):
+                run.check("torch", check.name, check.fn, check.need_s)
     if signatures is not None:
         run.meta["launch_signatures"] = len(worker_keys | {repr(k) for k in signatures.seen})
     return summary(run)

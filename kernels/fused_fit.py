@@ -8,7 +8,7 @@ batch's rows are gathered through a per-epoch permutation, and the update is
 torch.optim.SGD's (the same ``sgd_update`` as reduce_update.py).
 
 Divergence is handled on the device: after each epoch the kernel records the
-mean batch loss, and it keeps a copy of the parameters from the end of the
+mean batch loss (and the last batch's loss, which the tutorial prints), and it keeps a copy of the parameters from the end of the
 last epoch whose loss was finite. That copy is what it writes back, so a run
 that blew up leaves the parameters (and buffers) as they were at the last
 finite epoch; the host reads the history once per launch to report it.
@@ -86,6 +86,7 @@ def _fit_small_kernel(
     perm_row = perm_ptr  # this epoch's row order; advanced by stride_perm (64-bit pointer arithmetic)
     for epoch in range(n_epochs):
         epoch_loss = tl.zeros([BLOCK_O], dtype=ACC_DTYPE)
+        batch_loss = tl.zeros([BLOCK_O], dtype=ACC_DTYPE)
         for batch in range(n_batches):
             start = batch * batch_size
             rows_in_batch = tl.minimum(batch_size, N - start)
@@ -102,7 +103,8 @@ def _fit_small_kernel(
             loss_scale = 1.0
             if MEAN:  # 1/(rows·O) from integers, in the accumulator dtype
                 loss_scale = 1.0 / (rows_in_batch * O).to(ACC_DTYPE)
-            epoch_loss += tl.sum(r * r, axis=0) * loss_scale
+            batch_loss = tl.sum(r * r, axis=0) * loss_scale
+            epoch_loss += batch_loss
 
             # SGD's first step sets a new buffer to the gradient: buf = 0·buf + 1·g.
             first_step = (epoch == 0) & (batch == 0)
@@ -123,7 +125,8 @@ def _fit_small_kernel(
                     b, b_buf = sgd_update(b, grad_b, b_buf, b_decay, b_weight, b_lr_, b_momentum_, b_decay_, B_FLAGS)
 
         mean_loss = tl.sum(epoch_loss, axis=0) / n_batches
-        tl.store(history_ptr + epoch, mean_loss)
+        tl.store(history_ptr + 2 * epoch, mean_loss)
+        tl.store(history_ptr + 2 * epoch + 1, tl.sum(batch_loss, axis=0))
         perm_row += stride_perm
         all_finite = all_finite & (tl.abs(mean_loss) < float("inf"))  # False for NaN too
         good_w = tl.where(all_finite, w, good_w)
@@ -179,7 +182,7 @@ def plan_fit_small(
         b_buf_ptr=b_buf, perm_ptr=permutations, history_ptr=history,
         N=n_rows, D=in_features, O=out_features, stride_xn=x.stride(0), stride_xd=x.stride(1),
         stride_tn=target.stride(0), stride_to=target.stride(1), stride_perm=permutations.stride(0),
-        n_epochs=history.numel(), batch_size=batch_size,
+        n_epochs=history.shape[0], batch_size=batch_size,
         w_lr=w_hyper.lr, w_momentum=w_hyper.momentum, w_dampening=w_hyper.dampening,
         w_weight_decay=w_hyper.weight_decay,
         b_lr=b_hyper.lr, b_momentum=b_hyper.momentum, b_dampening=b_hyper.dampening,
@@ -211,13 +214,14 @@ def fit_small(
     init_weight_buffer: bool,
     init_bias_buffer: bool,
 ) -> None:
-    """Run len(history) epochs of mini-batch SGD in one launch, in place.
+    """Run history.shape[0] epochs of mini-batch SGD in one launch, in place.
 
     x: (N, D), target: (N, O), any strides; weight: (O, D) and bias: (O,)
     contiguous, updated in place, as are the momentum buffers (same shapes;
     needed where that parameter's momentum != 0). permutations: (epochs, N)
-    int, the row order of each epoch (rows contiguous). history: (epochs,)
-    fp32/fp64, receives each epoch's mean batch loss. weight_hyper /
+    int, the row order of each epoch (rows contiguous). history: (epochs, 2)
+    fp32/fp64, contiguous, receives each epoch's mean batch loss and its last
+    batch's loss. weight_hyper /
     bias_hyper: None leaves that parameter (and its buffer) untouched, e.g.
     a frozen parameter; it still takes part in the predictions.
     init_*_buffer: that buffer is new (zeroed), so the first step sets it

@@ -1,11 +1,13 @@
-"""The autograd Functions and the functional API.
+"""The functional API, on top of the registered ops (linreg_fused.ops).
 
 ``linear_mse`` is one fused op: its forward makes a single pass over X and
 T (kernels/linear_mse_grad.py) and leaves per-program partial sums of
 Σ R², Σ R and Rᵀ·X behind; its backward only finishes that reduction and
 scales it by grad_output, read on the device (no host sync). Given an
 optimizer (FusedSGD), the backward applies the SGD update in place instead
-of producing .grad: the backward + SGD-update op.
+of producing .grad: the backward + SGD-update step. With a process group
+(linreg_fused.distributed), the fused steps all-reduce the finished sums
+once, between the gradient kernel and the update kernel.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .backend import select_ops
+from . import distributed, ops
+from .backend import BACKENDS
+from .kernels.specs import ColumnTarget, GradPartials, accumulator_dtype
+from .ops import RegisteredOps, loss_scale
 from .reference import TORCH_OPS
-from .kernels.specs import ColumnTarget, GradPartials
 
 REDUCTIONS = ("mean", "sum")
 PRECISIONS = ("ieee", "tf32", "tf32x3")
@@ -69,11 +73,13 @@ def _check_target(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -
         raise ValueError(f"empty batch: x has shape {tuple(x.shape)}")
 
 
-def _check_options(reduction: str, input_precision: str) -> None:
+def _check_options(reduction: str, input_precision: str, backend: str = "auto") -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if input_precision not in PRECISIONS:
         raise ValueError(f"input_precision must be one of {PRECISIONS}, got {input_precision!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor) -> None:
@@ -87,42 +93,40 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def loss_scale(reduction: str, n_rows: int, out_features: int) -> float:
-    """The factor from Σ R² to the loss: 1/(N·O) for "mean", 1 for "sum"."""
-    return 1.0 / (n_rows * out_features) if reduction == "mean" else 1.0
-
-
 # ---------------------------------------------------------------- linear + MSE
 @dataclass(frozen=True)
 class _LossPlan:
     """What the Function needs besides tensors (keeps apply() to five arguments)."""
 
-    ops: Any
+    ops: RegisteredOps
     reduction: str
     input_precision: str
     update: Any = None  # from FusedSGD.fused_update(): applied in backward instead of returning grads
+    group: Any = None  # with update: the process group to all-reduce over, or None
 
 
 class LinearMSEFunction(torch.autograd.Function):
-    """loss = mse(x·Wᵀ + b, target) for 2-D x (N, D), target (N, O)."""
+    """loss = mse(x·Wᵀ + b, target) for 2-D x (N, D), target (N, O): the op
+    linreg_fused::linear_mse forward; its partial sums finished backward."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, target, plan: _LossPlan):
         keep_residual = ctx.needs_input_grad[0] or ctx.needs_input_grad[3]
-        partials = plan.ops.grad_partials(x, weight, bias, target, row_index=None, store_residual=keep_residual,
-                                          input_precision=plan.input_precision)
-        scale = loss_scale(plan.reduction, partials.n_rows, partials.out_features)
-        loss = plan.ops.sum_loss(partials, scale, torch.promote_types(x.dtype, weight.dtype))
+        loss, partials, residual = ops.linear_mse(x, weight, bias, target, reduction=plan.reduction,
+                                                  keep_residual=keep_residual,
+                                                  input_precision=plan.input_precision, backend=plan.ops.backend)
         # x and target are saved only for a double backward (create_graph=True); saving costs no memory.
-        ctx.save_for_backward(x, weight, bias, target)
-        ctx.plan, ctx.partials, ctx.grad_scale = plan, partials, 2.0 * scale
-        ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
-        return loss
+        ctx.save_for_backward(x, weight, bias, target, partials, residual)
+        ctx.plan, ctx.grad_scale = plan, 2.0 * loss_scale(plan.reduction, x.shape[0], weight.shape[0])
+        # The partial sums are returned too (not differentiable; callers drop them): a tracer wants the
+        # buffer whose row count the kernel's launch helper picks among a traced function's outputs.
+        ctx.mark_non_differentiable(partials, residual)
+        return loss, partials, residual
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        x, weight, bias, target = ctx.saved_tensors
-        plan, partials, grad_scale = ctx.plan, ctx.partials, ctx.grad_scale
+    def backward(ctx, grad_loss, _grad_partials, _grad_residual):
+        x, weight, bias, target, buffer, residual = ctx.saved_tensors
+        plan, grad_scale = ctx.plan, ctx.grad_scale
         if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
             if plan.update is not None:
                 raise RuntimeError("a loss built with optimizer= applies the SGD step in its backward; it has no "
@@ -131,13 +135,14 @@ class LinearMSEFunction(torch.autograd.Function):
         need_x, need_w, need_b, need_t = ctx.needs_input_grad[:4]
         grad_x = grad_w = grad_b = grad_t = None
         if need_x or need_t:  # dL/dpred = scale·R; computed before any in-place update of W
-            d_pred = partials.residual * (grad_loss.to(partials.residual.dtype) * grad_scale)
+            d_pred = residual * (grad_loss.to(residual.dtype) * grad_scale)
             if need_x:
-                grad_x = (d_pred @ weight.to(d_pred.dtype)).to(ctx.x_dtype)
+                grad_x = (d_pred @ weight.to(d_pred.dtype)).to(x.dtype)
             if need_t:
-                grad_t = (-d_pred).to(ctx.x_dtype)
+                grad_t = (-d_pred).to(x.dtype)
+        partials = GradPartials(buffer, None, x.shape[0], weight.shape[0], weight.shape[1])
         if plan.update is not None:
-            plan.update.apply_(plan.ops, partials, grad_loss, grad_scale)
+            _step_in_backward(plan, partials, grad_loss, grad_scale)
             # A parameter outside the optimizer gets its .grad, as loss.backward() would give it.
             need_w, need_b = need_w and plan.update.left_out[0], need_b and plan.update.left_out[1]
         if need_w or need_b:
@@ -147,16 +152,26 @@ class LinearMSEFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, grad_t, None
 
 
+def _step_in_backward(plan: _LossPlan, partials: GradPartials, grad_loss: torch.Tensor, grad_scale: float) -> None:
+    """The optimizer's step from this batch's sums; under a process group, from all ranks' sums."""
+    if plan.group is None:
+        plan.update.apply_(plan.ops, partials, grad_loss, grad_scale)
+        return
+    batch = distributed.all_reduce_partials(partials, plan.group)
+    scale, factor = batch.grad_scales(plan.reduction)
+    plan.update.apply_(plan.ops, batch.partials, grad_loss if factor is None else grad_loss * factor, scale)
+
+
 def _differentiable_grads(ctx, x, weight, bias, target, grad_loss):
     """The four gradients as plain torch ops, recorded by autograd (second order)."""
     acc = torch.promote_types(weight.dtype, torch.float32)
     need_x, need_w, need_b, need_t = ctx.needs_input_grad[:4]
     d_pred = (F.linear(x.to(acc), weight.to(acc), None if bias is None else bias.to(acc)) - target.to(acc)) * (
         grad_loss.to(acc) * ctx.grad_scale)
-    grad_x = (d_pred @ weight.to(acc)).to(ctx.x_dtype) if need_x else None
+    grad_x = (d_pred @ weight.to(acc)).to(x.dtype) if need_x else None
     grad_w = (d_pred.t() @ x.to(acc)).to(weight.dtype) if need_w else None
     grad_b = d_pred.sum(0).to(weight.dtype) if need_b and bias is not None else None
-    grad_t = (-d_pred).to(ctx.x_dtype) if need_t else None
+    grad_t = (-d_pred).to(x.dtype) if need_t else None
     return grad_x, grad_w, grad_b, grad_t
 
 
@@ -183,6 +198,7 @@ def linear_mse(
     optimizer: Any = None,
     backend: str = "auto",
     input_precision: str = "ieee",
+    process_group: Any = None,
 ) -> torch.Tensor:
     """Fused ``F.mse_loss(F.linear(x, weight, bias), target, reduction=reduction)``.
 
@@ -191,16 +207,26 @@ def linear_mse(
     fills weight.grad / bias.grad (and x.grad, target.grad if they require
     grad). With ``optimizer=`` a FusedSGD holding weight and bias, the
     backward instead applies the SGD step to them in place and leaves .grad
-    untouched. input_precision: "ieee" (default, matches PyTorch fp32),
-    "tf32" (faster on GPUs, ~1e-3 relative error) or "tf32x3" (three TF32
-    products, about fp32's accuracy on tensor cores) for float32 inputs.
+    untouched; with a process group (see linreg_fused.distributed: by
+    default the world group once torch.distributed is initialised) that
+    step is the step on all ranks' rows (the returned loss is this rank's).
+    input_precision: "ieee" (default, matches PyTorch fp32), "tf32" (faster
+    on GPUs, ~1e-3 relative error) or "tf32x3" (three TF32 products, about
+    fp32's accuracy on tensor cores) for float32 inputs.
     """
-    _check_options(reduction, input_precision)
+    _check_options(reduction, input_precision, backend)
     check_inputs(x, weight, bias, target)
-    ops = select_ops(backend, x.device)
-    update = optimizer.fused_update(weight, bias) if optimizer is not None else None
-    plan = _LossPlan(ops, reduction, input_precision, update)
-    return LinearMSEFunction.apply(_rows(x), weight, bias, _rows(target), plan)
+    group = None
+    if optimizer is None:
+        if process_group is not None and process_group is not False:
+            raise ValueError("process_group= applies to the fused step (optimizer=); without it, use "
+                             "DistributedDataParallel for the gradients")
+        update = None
+    else:
+        update, group = optimizer.fused_update(weight, bias), distributed.resolve_group(process_group)
+    plan = _LossPlan(RegisteredOps(backend, x.device), reduction, input_precision, update, group)
+    loss, _, _ = LinearMSEFunction.apply(_rows(x), weight, bias, _rows(target), plan)
+    return loss
 
 
 @torch.no_grad()
@@ -216,6 +242,7 @@ def fused_sgd_step(
     backend: str = "auto",
     input_precision: str = "ieee",
     validate: bool = True,
+    process_group: Any = None,
 ) -> torch.Tensor:
     """One training step without building an autograd graph: the same kernels
     as ``linear_mse(..., optimizer=optimizer).backward()`` and the same result.
@@ -226,33 +253,53 @@ def fused_sgd_step(
     Returns the detached loss (0-d, on device). validate=False skips the
     input checks, including the range check of row_index (which reads it
     back: one sync); fit passes it for the row orders it drew itself.
+    process_group: see linreg_fused.distributed (by default the world group
+    once torch.distributed is initialised): the step is then the step on
+    every rank's rows, and the loss theirs (an empty row_index is allowed:
+    this rank contributes no rows).
     """
+    group = distributed.resolve_group(process_group)
     if validate:
-        _check_options(reduction, input_precision)
+        _check_options(reduction, input_precision, backend)
         check_inputs(x, weight, bias, target)
         if x.dim() != 2:
             raise ValueError(f"fused_sgd_step takes 2-D x (N, D) and target (N, O), got x of shape {tuple(x.shape)}")
         if row_index is not None:
-            row_index = _checked_row_index(row_index, x)
-    ops = select_ops(backend, x.device)
-    partials = ops.grad_partials(x, weight, bias, target, row_index=row_index, store_residual=False,
-                                 input_precision=input_precision)
-    scale = loss_scale(reduction, partials.n_rows, partials.out_features)
-    # One launch finishes the loss and updates weight and bias: two launches per step in all.
-    return optimizer.fused_update(weight, bias).apply_(ops, partials, None, 2.0 * scale, loss_scale=scale,
-                                                        loss_dtype=torch.promote_types(x.dtype, weight.dtype))
+            row_index = _checked_row_index(row_index, x, allow_empty=group is not None)
+    ops = RegisteredOps(backend, x.device)
+    update = optimizer.fused_update(weight, bias)
+    loss_dtype = torch.promote_types(x.dtype, weight.dtype)
+    if group is None:
+        partials = ops.grad_partials(x, weight, bias, target, row_index=row_index, store_residual=False,
+                                     input_precision=input_precision)
+        scale = loss_scale(reduction, partials.n_rows, partials.out_features)
+        # One launch finishes the loss and updates weight and bias: two launches per step in all.
+        return update.apply_(ops, partials, None, 2.0 * scale, loss_scale=scale, loss_dtype=loss_dtype)
+    if (row_index.shape[0] if row_index is not None else x.shape[0]) == 0:  # no rows here; other ranks have some
+        out_features, in_features = weight.shape
+        partials = GradPartials(x.new_empty((0, out_features * in_features + out_features + 1),
+                                            dtype=accumulator_dtype(weight.dtype)), None, 0, out_features, in_features)
+    else:
+        partials = ops.grad_partials(x, weight, bias, target, row_index=row_index, store_residual=False,
+                                     input_precision=input_precision)
+    batch = distributed.all_reduce_partials(partials, group)
+    scale, factor = batch.grad_scales(reduction)
+    update.apply_(ops, batch.partials, factor, scale)
+    return batch.loss(reduction, loss_dtype)
 
 
-def _checked_row_index(row_index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _checked_row_index(row_index: torch.Tensor, x: torch.Tensor, allow_empty: bool = False) -> torch.Tensor:
     """A contiguous 1-D integer index of rows of x, every entry in range (read back once to check)."""
     if not isinstance(row_index, torch.Tensor):
         raise TypeError(f"row_index must be a torch.Tensor, got {type(row_index).__name__}")
     if row_index.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"row_index must be int64 or int32, got {row_index.dtype}")
-    if row_index.dim() != 1 or row_index.numel() == 0:
+    if row_index.dim() != 1 or (row_index.numel() == 0 and not allow_empty):
         raise ValueError(f"row_index must be a non-empty 1-D tensor, got shape {tuple(row_index.shape)}")
     if row_index.device != x.device:
         raise ValueError(f"x is on {x.device} but row_index is on {row_index.device}; move them to one device")
+    if row_index.numel() == 0:
+        return row_index.contiguous()
     low, high = (int(v) for v in torch.aminmax(row_index))
     if low < 0 or high >= x.shape[0]:
         raise IndexError(f"row_index holds {low if low < 0 else high}, outside the {x.shape[0]} rows of x")
@@ -261,14 +308,14 @@ def _checked_row_index(row_index: torch.Tensor, x: torch.Tensor) -> torch.Tensor
 
 # ---------------------------------------------------------------- linear
 class LinearFunction(torch.autograd.Function):
-    """y = x·Wᵀ + b through the inference kernel; the backward is three plain
-    GEMM-shaped torch ops (cuBLAS is the right tool for them)."""
+    """y = x·Wᵀ + b through the op linreg_fused::linear; the backward is three
+    plain GEMM-shaped torch ops (cuBLAS is the right tool for them)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, plan: _LossPlan):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return plan.ops.linear(x, weight, bias, input_precision=plan.input_precision)
+        return ops.linear(x, weight, bias, input_precision=plan.input_precision, backend=plan.ops.backend)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -290,20 +337,24 @@ def linear(
     backend: str = "auto",
     input_precision: str = "ieee",
 ) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``: x (..., D) -> (..., O).
+    """``F.linear(x, weight, bias)``: x (..., D) -> (..., O), through the op
+    linreg_fused::linear (its backward is three GEMM-shaped torch ops).
 
     Half-precision x with float32 weights is computed in float32 and returns
     float32 (nn.Linear would raise on that mix).
     """
-    _check_options("mean", input_precision)
+    _check_options("mean", input_precision, backend)
     _check_parameters(x, weight, bias)
-    ops = select_ops(backend, x.device)
-    lead = x.shape[:-1]
-    if ops.name == "torch" or x.numel() == 0:
+    if x.numel() == 0:
         # No rows or no features: F.linear's answer (the bias, or an empty output) with its gradients.
         return TORCH_OPS.linear(x, weight, bias, input_precision=input_precision)
-    y = LinearFunction.apply(_rows(x), weight, bias, _LossPlan(ops, "mean", input_precision))
-    return y.view(*lead, weight.shape[0])
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        y = LinearFunction.apply(_rows(x), weight, bias, _LossPlan(RegisteredOps(backend, x.device), "mean",
+                                                                   input_precision))
+    else:  # inference: the op alone
+        y = ops.linear(_rows(x), weight, bias, input_precision=input_precision, backend=backend)
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 __all__ = ["linear", "linear_mse", "fused_sgd_step", "check_inputs", "LinearMSEFunction", "LinearFunction"]

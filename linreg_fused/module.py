@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -91,36 +91,54 @@ class FusedLinearRegressor(nn.Module):
         reduction: str = "mean",
         *,
         optimizer: FusedSGD | None = None,
+        process_group: Any = None,
     ) -> torch.Tensor:
         """Fused ``F.mse_loss(self(x), target, reduction=reduction)`` (a 0-d tensor).
 
         x: (..., in_features); target: (..., out_features). With a FusedSGD
         ``optimizer``, ``loss.backward()`` also applies its step to weight
-        and bias in place (and leaves their .grad alone).
+        and bias in place (and leaves their .grad alone); under
+        torch.distributed that step is the step on every rank's rows
+        (process_group: see linreg_fused.distributed).
         """
         if optimizer is not None and not isinstance(optimizer, FusedSGD):
             raise TypeError(f"loss(optimizer=) takes a FusedSGD, got {type(optimizer).__name__}; with other "
                             f"optimizers call loss.backward() and optimizer.step() yourself")
         return functional.linear_mse(x, self.weight, self.bias, target, reduction, optimizer=optimizer,
-                                     backend=self.backend, input_precision=self.input_precision)
+                                     backend=self.backend, input_precision=self.input_precision,
+                                     process_group=process_group)
 
     def train_step(
-        self, x: torch.Tensor, target: torch.Tensor, optimizer: torch.optim.Optimizer, reduction: str = "mean"
+        self,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        reduction: str = "mean",
+        *,
+        process_group: Any = None,
     ) -> torch.Tensor:
         """One optimisation step on the batch (x, target); returns the detached
         loss (before the step) without a host sync.
 
         With FusedSGD this is ``loss(x, target, optimizer=optimizer).backward()``
-        run straight through the kernels (no autograd graph); with any other
-        optimizer it is zero_grad, loss, backward, step.
+        run straight through the kernels (no autograd graph); under
+        torch.distributed it is the step on every rank's rows, one all-reduce
+        per step, and the loss is theirs (process_group: see
+        linreg_fused.distributed). With any other optimizer it is zero_grad,
+        loss, backward, step on this rank's rows (for data parallelism wrap
+        the model in DistributedDataParallel).
         """
         if isinstance(optimizer, FusedSGD):
             functional.check_inputs(x, self.weight, self.bias, target)
             return functional.fused_sgd_step(
                 x.reshape(-1, x.shape[-1]), self.weight, self.bias, target.reshape(-1, target.shape[-1]), optimizer,
-                reduction=reduction, backend=self.backend, input_precision=self.input_precision)
+                reduction=reduction, backend=self.backend, input_precision=self.input_precision,
+                process_group=process_group)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer (e.g. FusedSGD), got {type(optimizer).__name__}")
+        if process_group is not None and process_group is not False:
+            raise ValueError("process_group= applies to FusedSGD's fused step; with other optimizers, wrap the "
+                             "model in DistributedDataParallel")
         optimizer.zero_grad()
         loss = self.loss(x, target, reduction)
         loss.backward()

@@ -10,8 +10,9 @@ import torch
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 from torch.optim.sgd import sgd as sgd_functional
 
-from .backend import BACKENDS, select_ops, triton_unavailable_reason
+from .backend import BACKENDS, triton_unavailable_reason
 from .kernels.specs import ColumnTarget, GradPartials, SGDHyper
+from .ops import RegisteredOps
 
 
 def group_hyper(group: dict | None) -> SGDHyper:
@@ -137,9 +138,10 @@ class FusedSGD(torch.optim.SGD):
         return triton_unavailable_reason(device)
 
     def _ops(self, group: dict, device: torch.device):
-        """The backend ops for a parameter of ``group``, refusing flags that loading a state_dict may have set."""
+        """The backend ops (through the registered linreg_fused ops) for a parameter of ``group``, refusing
+        flags that loading a state_dict may have set."""
         _check_flags(group, "FusedSGD")
-        ops = select_ops(self.backend, device)
+        ops = RegisteredOps(self.backend, device)
         if group.get("fused") and ops.name != "triton":
             raise RuntimeError("FusedSGD: fused=True asks for the fused Triton kernels, which cannot run here: "
                                f"{self._fused_unavailable_reason(device)}")

@@ -159,7 +159,7 @@ class TorchOps:
             if p is not None and hyper is not None]
         good = [t.clone() for p in params for t in p[:2] if t is not None]
         all_finite = True
-        for epoch in range(history.numel()):
+        for epoch in range(history.shape[0]):
             losses = []
             for batch, start in enumerate(range(0, n_rows, batch_size)):
                 rows = permutations[epoch, start : start + batch_size]
@@ -172,9 +172,10 @@ class TorchOps:
                            for param, buf, hyper, init, col in params]
                 if targets:
                     self.reduce_update_(partials.buffer, targets, scale=2.0 * scale, grad_output=None)
-            history[epoch] = torch.stack(losses).mean()
+            history[epoch, 0] = torch.stack(losses).mean()
+            history[epoch, 1] = losses[-1]
             # The kernel keeps this flag on the device; the reference reads it once per epoch.
-            all_finite = all_finite and bool(torch.isfinite(history[epoch]))
+            all_finite = all_finite and bool(torch.isfinite(history[epoch, 0]))
             if all_finite:
                 good = [t.clone() for p in params for t in p[:2] if t is not None]
         live = [t for p in params for t in p[:2] if t is not None]

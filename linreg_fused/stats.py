@@ -29,6 +29,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 
+from . import distributed
 from .backend import BACKENDS, select_ops
 from .functional import REDUCTIONS, loss_scale
 from .optim import FusedSGD, group_hyper
@@ -122,6 +123,16 @@ class LinearStats:
         self._moments = merge_moments(self._moments, tuple(_to(v, self.device) for v in other._moments))
         if other.precision == "fp32":
             self.precision = "fp32"
+        return self
+
+    def all_reduce_(self, process_group: Any = None) -> "LinearStats":
+        """Make these the statistics of every rank's rows, on every rank: one all-gather of the
+        (D+1)²-sized statistics over ``process_group`` (default: the world group when
+        torch.distributed is initialised; False: nothing), merged in rank order, so every rank
+        holds the same bits. Returns self."""
+        merged = distributed.merge_moments_over_ranks(self._moments, process_group)
+        if merged is not self._moments:
+            self._moments = merged
         return self
 
     @classmethod
@@ -515,8 +526,15 @@ class StatisticsPath:
 
     reads_orders = False  # a full batch: the row order cannot change the step
 
-    def __init__(self, model, optimizer: FusedSGD, x: torch.Tensor, t: torch.Tensor, reduction: str, ops) -> None:
+    def __init__(self, model, optimizer: FusedSGD, x: torch.Tensor, t: torch.Tensor, reduction: str, ops,
+                 group: Any = None) -> None:
         self.model, self.optimizer, self.x, self.t, self.reduction, self.ops = model, optimizer, x, t, reduction, ops
+        self.group = group  # data parallel: each rank reads its share of the rows; the statistics are merged
+        if group is not None:  # as DistributedPath: one check that the ranks agree, and equal replicas
+            distributed.check_same_on_every_rank(
+                {"the number of rows": x.shape[0], "in_features": x.shape[1], "out_features": t.shape[1]},
+                group, x.device)
+            distributed.broadcast_parameters_(model, group)
         self.params = [p for p in (model.weight, model.bias) if p is not None]
         self.had_buffer = [optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in self.params]
         self.moments: Moments | None = None
@@ -530,8 +548,7 @@ class StatisticsPath:
 
     def run(self, orders: torch.Tensor | None, history: torch.Tensor) -> None:
         if self.moments is None:
-            fp64 = self.x.dtype == torch.float64
-            self.moments = self.ops.linear_moments(self.x, self.t, fp64=fp64)
+            self.moments = self._statistics()
         state = {}
         for name, p in (("weight", self.model.weight), ("bias", self.model.bias)):
             hyper = buf = None
@@ -540,11 +557,27 @@ class StatisticsPath:
                 hyper = group_hyper(self.optimizer.group_of(p))
                 buf, is_new = self.optimizer.momentum_buffer(p, hyper)
             state.update({f"{name}_hyper": hyper, f"{name}_buffer": buf, f"init_{name}_buffer": is_new})
+        losses = torch.empty(history.shape[0], device=history.device, dtype=history.dtype)
         with torch.no_grad():
             self.ops.stats_sgd_epochs(self.moments[0], self.moments[1:], self.model.weight, self.model.bias,
-                                      state.pop("weight_buffer"), state.pop("bias_buffer"), history,
+                                      state.pop("weight_buffer"), state.pop("bias_buffer"), losses,
                                       mean=self.reduction == "mean", **state)
+        history.copy_(losses[:, None].expand_as(history))  # one batch per epoch: mean and last are the same
         self.optimizer._mark_stepped()
+
+    def _statistics(self):
+        fp64 = self.x.dtype == torch.float64
+        if self.group is None:
+            return self.ops.linear_moments(self.x, self.t, fp64=fp64)
+        import torch.distributed as dist
+
+        share = distributed.rank_slice(self.x.shape[0], dist.get_rank(self.group), dist.get_world_size(self.group))
+        x, t = self.x[share], self.t[share]
+        local = (self.ops.linear_moments(x, t, fp64=fp64) if x.shape[0] else
+                 (0, *(torch.zeros(shape, dtype=torch.float64, device=x.device) for shape in
+                       ((x.shape[1],), (t.shape[1],), (x.shape[1], x.shape[1]), (t.shape[1], x.shape[1]),
+                        (t.shape[1], t.shape[1])))))
+        return distributed.merge_moments_over_ranks(local, self.group)
 
     def restore(self, bad_epoch: int) -> None:
         # The epochs kept the last finite epoch's values; buffers created after the fit began did not exist then.

@@ -18,6 +18,10 @@ small unit of its own:
   the cost model says so or ``statistics=True``: one pass over X and T for
   their sufficient statistics, then every epoch from the (D+1)² statistics
   alone (``statistics_cost``).
+- ``DistributedPath``: FusedSGD and tensors under torch.distributed (a
+  process group of several ranks): each step's rows are split across the
+  ranks, and one all-reduce per step makes it the step on all of them
+  (linreg_fused.distributed).
 
 Row orders are DataLoader's: with ``seed=``/``generator=`` (a CPU generator)
 or the global RNG, the batches are exactly those of
@@ -40,10 +44,13 @@ from collections.abc import Iterator
 from typing import Any, Callable, Iterable
 
 import torch
+import torch.distributed as dist
 
+from . import distributed
 from .backend import select_ops
 from .functional import REDUCTIONS, check_inputs, fused_sgd_step
 from .kernels.specs import accumulator_dtype
+from .ops import RegisteredOps
 from .optim import FusedSGD, group_hyper
 from .stats import StatisticsPath, statistics_cost, statistics_memory_problem
 
@@ -249,7 +256,7 @@ class _EpochRunner:
     def run(self, orders: torch.Tensor | None, history: torch.Tensor) -> None:
         for e in range(history.shape[0]):
             history[e] = self.epoch(orders[e] if orders is not None else None)
-            self.last_finite.epoch_end(history[e])
+            self.last_finite.epoch_end(history[e, 0])
 
     def restore(self, bad_epoch: int) -> None:
         self.last_finite.restore(bad_epoch)
@@ -265,10 +272,12 @@ class _EpochRunner:
         return ((s.x, s.t, order[i : i + s.batch_size]) for i in range(0, s.n_rows, s.batch_size))
 
 
-def _mean_loss(losses: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def _epoch_losses(losses: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """(2,) on the device: the epoch's mean batch loss, and its last batch's loss (what the tutorial prints)."""
     if not losses:
         raise ValueError("an epoch had no batches: nothing to train on")
-    return torch.stack([loss.to(dtype) for loss in losses]).mean()
+    losses = torch.stack([loss.to(dtype) for loss in losses])
+    return torch.stack([losses.mean(), losses[-1]])
 
 
 class PerBatchPath(_EpochRunner):
@@ -285,9 +294,10 @@ class PerBatchPath(_EpochRunner):
     def _steps(self, order: torch.Tensor | None) -> torch.Tensor:
         m = self.model
         losses = [fused_sgd_step(x, m.weight, m.bias, t, self.optimizer, reduction=self.reduction, row_index=rows,
-                                 backend=m.backend, input_precision=m.input_precision, validate=False)
+                                 backend=m.backend, input_precision=m.input_precision, validate=False,
+                                 process_group=False)
                   for x, t, rows in self._tensor_batches(order)]
-        return _mean_loss(losses, accumulator_dtype(m.weight.dtype))
+        return _epoch_losses(losses, accumulator_dtype(m.weight.dtype))
 
     def epoch(self, order: torch.Tensor | None) -> torch.Tensor:
         if self.graphed is not None:
@@ -305,7 +315,14 @@ class PerBatchPath(_EpochRunner):
 
 class EagerPath(_EpochRunner):
     """``loss.backward(); optimizer.step()`` per batch, for any torch optimizer
-    and for iterables of batches (FusedSGD steps run fused: no .grad)."""
+    and for iterables of batches (FusedSGD steps run fused: no .grad). With a
+    process group (FusedSGD only), each rank iterates its own batches (e.g. a
+    DataLoader over a DistributedSampler: the same number on every rank) and
+    each step is the step on all ranks' batches."""
+
+    def __init__(self, model, optimizer, source, reduction: str, group: Any = None) -> None:
+        super().__init__(model, optimizer, source, reduction)
+        self.process_group = group if group is not None else False
 
     def epoch(self, order: torch.Tensor | None) -> torch.Tensor:
         m, device = self.model, self.model.weight.device
@@ -314,8 +331,9 @@ class EagerPath(_EpochRunner):
         else:
             batches = ((x.index_select(0, rows), t.index_select(0, rows)) if rows is not None else (x, t)
                        for x, t, rows in self._tensor_batches(order))
-        losses = [m.train_step(xb, yb, self.optimizer, self.reduction) for xb, yb in batches]
-        return _mean_loss(losses, accumulator_dtype(m.weight.dtype))
+        losses = [m.train_step(xb, yb, self.optimizer, self.reduction, process_group=self.process_group)
+                  for xb, yb in batches]
+        return _epoch_losses(losses, accumulator_dtype(m.weight.dtype))
 
     def _checked_batch(self, batch, device) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
@@ -325,14 +343,72 @@ class EagerPath(_EpochRunner):
         return xb, yb
 
 
+class DistributedPath(_EpochRunner):
+    """Data parallel over a process group, one fused step per global batch and
+    one all-reduce per step. Every rank holds the same data and the same row
+    orders (drawn from the same seed or generator state; drawn from the
+    global RNG, the first rank's are broadcast). A step's global batch is
+    world·batch_size consecutive rows of the epoch's order, split across the
+    ranks as DistributedSampler splits an epoch, so each rank reads only its
+    rows; with one step per epoch each rank reads a contiguous share of the
+    rows in storage order. The first rank's parameters are broadcast at the
+    start. Epoch losses are means over global batches, the same on every
+    rank; no one-launch kernel and no CUDA graph here."""
+
+    def __init__(self, model, optimizer: FusedSGD, source: TensorSource, reduction: str, group: Any,
+                 epochs: int) -> None:
+        super().__init__(model, optimizer, source, reduction)
+        self.group, self.rank, self.world = group, dist.get_rank(group), dist.get_world_size(group)
+        self.step_rows = source.batch_size * self.world
+        self.reads_orders = source.n_rows > self.step_rows
+        # One sync up front: ranks that disagree on the data would hang or train on garbage.
+        distributed.check_same_on_every_rank(
+            {"the number of rows": source.n_rows, "in_features": source.x.shape[1],
+             "out_features": source.t.shape[1], "batch_size": source.batch_size, "epochs": epochs},
+            group, source.x.device)
+        distributed.broadcast_parameters_(model, group)  # replicas start equal, as DDP makes them
+
+    def run(self, orders: torch.Tensor | None, history: torch.Tensor) -> None:
+        if orders is not None and self.source.shuffle and self.source.generator is None:
+            distributed.broadcast_(orders, self.group)
+        super().run(orders, history)
+
+    def epoch(self, order: torch.Tensor | None) -> torch.Tensor:
+        m, s = self.model, self.source
+        if order is None:
+            share = distributed.rank_slice(s.n_rows, self.rank, self.world)
+            steps = [(s.x[share], s.t[share], None)]
+        else:
+            steps = [(s.x, s.t, rows) for rows in distributed.rank_rows(order, self.step_rows, self.rank, self.world)]
+        losses = [fused_sgd_step(x, m.weight, m.bias, t, self.optimizer, reduction=self.reduction, row_index=rows,
+                                 backend=m.backend, input_precision=m.input_precision, validate=False,
+                                 process_group=self.group)
+                  for x, t, rows in steps]
+        return _epoch_losses(losses, accumulator_dtype(m.weight.dtype))
+
+
 def choose_path(model, optimizer, source, reduction: str, epochs: int, cuda_graph: bool,
-                statistics: bool | None = None):
-    """The one place that decides how fit runs (see the module docstring)."""
+                statistics: bool | None = None, group: Any = None):
+    """The one place that decides how fit runs (see the module docstring).
+    group: the resolved process group (distributed.resolve_group), or None."""
     device = model.weight.device
-    ops = select_ops(model.backend, device)
+    ops = RegisteredOps(model.backend, device)
+    if group is not None:
+        if not isinstance(optimizer, FusedSGD):
+            raise ValueError(f"fit under torch.distributed runs FusedSGD's fused steps; with "
+                             f"{type(optimizer).__name__}, wrap the model in DistributedDataParallel and write the "
+                             f"loop, or pass process_group=False to train each rank on its own")
+        if statistics is not False and _statistics_chosen(model, optimizer, source, epochs, False, statistics):
+            # Each rank reads its share of the rows once; one all-gather merges the statistics.
+            return StatisticsPath(model, optimizer, source.x, source.t, reduction, select_ops(model.backend, device),
+                                  group)
+        if isinstance(source, TensorSource):
+            return DistributedPath(model, optimizer, source, reduction, group, epochs)
+        return EagerPath(model, optimizer, source, reduction, group)
     one_launch = OneLaunchPath.applies(model, optimizer, source, ops)
     if statistics is not False and _statistics_chosen(model, optimizer, source, epochs, one_launch, statistics):
-        return StatisticsPath(model, optimizer, source.x, source.t, reduction, ops)
+        # The statistics primitives are the backend's own (not registered ops): fit is not traced.
+        return StatisticsPath(model, optimizer, source.x, source.t, reduction, select_ops(model.backend, device))
     if one_launch:
         return OneLaunchPath(model, optimizer, source, reduction, ops)
     if isinstance(source, TensorSource) and isinstance(optimizer, FusedSGD):
@@ -390,11 +466,12 @@ class _Reporter:
             stops.append(epoch + max(1, self.epochs // 100))
         return min(stops)
 
-    def report(self, done: int, history: list[float]) -> None:
+    def report(self, done: int, history: list[float], last_batch: list[float]) -> None:
         if self.log_every and done % self.log_every == 0:
             # Through tqdm while a bar is drawn, so the line does not tear it.
             emit = self.bar.write if self.bar is not None and self.print_fn is print else self.print_fn
-            emit(f"Epoch [{done}/{self.epochs}], Loss: {history[done - 1]:.4f}")
+            emit(f"Epoch [{done}/{self.epochs}], Loss: {last_batch[done - 1]:.4f}, "
+                 f"Epoch mean loss: {history[done - 1]:.4f}")
         if self.bar is not None:
             self.bar.update(done - self.bar.n)
             self.bar.set_postfix(loss=f"{history[done - 1]:.4g}", refresh=False)
@@ -427,6 +504,7 @@ def fit(
     cuda_graph: bool = True,
     statistics: bool | None = None,
     print_fn: Callable[[str], None] = print,
+    process_group: Any = None,
 ) -> list[float]:
     """Train ``model`` (a FusedLinearRegressor) for ``epochs`` epochs; returns each epoch's mean batch loss.
 
@@ -460,6 +538,17 @@ def fit(
     batch with FusedSGD or the (D+1)² statistics do not fit in memory);
     False: a pass per epoch. Same losses and parameters within the
     statistics' accuracy (see LinearStats).
+    process_group: under torch.distributed (by default the world group once
+    it is initialised; False trains each rank on its own; see
+    linreg_fused.distributed), data parallel with FusedSGD: every rank
+    passes the same data, batch_size is per rank (each step trains on
+    world·batch_size rows, as with a DataLoader over a DistributedSampler:
+    the same steps as one process with batch_size·world), each rank reads
+    its share of the rows, the first rank's parameters are broadcast to the
+    others at the start, and one all-reduce per step gives every rank the
+    same update and the global mean loss. An iterable of batches is each
+    rank's own (the same number of batches on every rank; the replicas must
+    start equal: see distributed.broadcast_parameters_).
     Raises TrainingDivergedError if an epoch's loss is not finite (the
     parameters and momentum buffers are restored to the last finite epoch).
     """
@@ -470,7 +559,8 @@ def fit(
     source = _source(model, data, targets, batch_size, shuffle, seed, generator, check_finite, epochs)
     if progress is None:
         progress = sys.stderr.isatty() and epochs * source.batches_per_epoch >= 20_000
-    path = choose_path(model, optimizer, source, reduction, epochs, cuda_graph, statistics)
+    path = choose_path(model, optimizer, source, reduction, epochs, cuda_graph, statistics,
+                       distributed.resolve_group(process_group))
     reporter = _Reporter(epochs, log_every, progress, print_fn)
     try:
         return _run(path, source, epochs, reporter, optimizer, model.weight)
@@ -481,8 +571,10 @@ def fit(
 def _run(path, source, epochs: int, reporter: _Reporter, optimizer, weight: torch.Tensor) -> list[float]:
     """Chunks of epochs between report points; one sync per chunk."""
     device = weight.device
-    history_dev = torch.empty(epochs, device=device, dtype=accumulator_dtype(weight.dtype))
+    # Per epoch: the mean batch loss (fit's history) and the last batch's loss (the tutorial's log line).
+    history_dev = torch.empty((epochs, 2), device=device, dtype=accumulator_dtype(weight.dtype))
     history: list[float] = []
+    last_batch: list[float] = []
     epoch = 0
     while epoch < epochs:
         stop = reporter.chunk_end(epoch)
@@ -492,13 +584,15 @@ def _run(path, source, epochs: int, reporter: _Reporter, optimizer, weight: torc
             stop = min(stop, epoch + max(1, _PERMUTATION_BUDGET // source.n_rows))
             orders = dataloader_orders(source.n_rows, stop - epoch, source.shuffle, source.generator, device)
         path.run(orders, history_dev[epoch:stop])
-        history.extend(history_dev[epoch:stop].tolist())  # the report point: one sync
+        for mean, last in history_dev[epoch:stop].tolist():  # the report point: one sync
+            history.append(mean)
+            last_batch.append(last)
         bad = next((i for i in range(epoch, stop) if not math.isfinite(history[i])), None)
         if bad is not None:
             path.restore(bad)
             raise _diverged(bad, epochs, history[: bad + 1], optimizer)
         epoch = stop
-        reporter.report(epoch, history)
+        reporter.report(epoch, history, last_batch)
     return history
 
 

@@ -17,19 +17,23 @@ from linreg_fused.backend import select_ops
 from linreg_fused.data import crop_yields
 
 
-def _tutorial_loop(linear, x, y, epochs, loader_generator, dtype=torch.float64):
-    """The tutorial's fit, verbatim, over a real DataLoader."""
+def _tutorial_loop(linear, x, y, epochs, loader_generator, log_every=None, dtype=torch.float64):
+    """The tutorial's fit, verbatim, over a real DataLoader; returns the model and what its
+    print shows every ``log_every`` epochs (the last batch's loss)."""
     ref = copy.deepcopy(linear).to(dtype)
     opt = torch.optim.SGD(ref.parameters(), lr=1e-5)
     loader = DataLoader(TensorDataset(x.cpu().to(dtype), y.cpu().to(dtype)), batch_size=5, shuffle=True,
                         generator=loader_generator)
-    for _ in range(epochs):
+    printed = []
+    for epoch in range(epochs):
         for xb, yb in loader:
             loss = F.mse_loss(ref(xb.to(DEVICE)), yb.to(DEVICE))
             loss.backward()
             opt.step()
             opt.zero_grad()
-    return ref
+        if log_every and (epoch + 1) % log_every == 0:
+            printed.append(loss.item())
+    return ref, printed
 
 
 @pytest.mark.parametrize("path", ["one-launch", "per-batch"])
@@ -44,11 +48,11 @@ def test_fit_draws_dataloaders_batches(path, backend, monkeypatch):
     model = FusedLinearRegressor.from_linear(linear, backend=backend)
     g_fit, g_loader = torch.Generator().manual_seed(42), torch.Generator().manual_seed(42)
     model.fit(x, y, epochs=20, batch_size=5, lr=1e-5, generator=g_fit)
-    ref = _tutorial_loop(linear, x, y, 20, g_loader)
+    ref, _ = _tutorial_loop(linear, x, y, 20, g_loader)
     assert_close(model.weight, ref.weight, 2e-6, "weight")
     assert_close(model.bias, ref.bias, 2e-6, "bias")
     assert torch.equal(g_fit.get_state(), g_loader.get_state())
-    other = _tutorial_loop(linear, x, y, 20, torch.Generator().manual_seed(43))
+    other, _ = _tutorial_loop(linear, x, y, 20, torch.Generator().manual_seed(43))
     assert (other.weight - ref.weight).norm() / ref.weight.norm() > 1e-3  # the order matters at this tolerance
 
 
@@ -60,7 +64,7 @@ def test_fit_without_a_seed_draws_from_the_global_rng_like_dataloader(backend):
     model.fit(x, y, epochs=5, batch_size=5, lr=1e-5)
     after_fit = torch.rand(3)
     torch.manual_seed(7)
-    ref = _tutorial_loop(linear, x, y, 5, None)
+    ref, _ = _tutorial_loop(linear, x, y, 5, None)
     assert torch.equal(torch.rand(3), after_fit)  # the global RNG moved exactly as the loader moved it
     assert_close(model.weight, ref.weight, 2e-6, "weight")
 
@@ -74,14 +78,25 @@ def test_fit_takes_numpy_arrays(backend):
     assert ha == hb and torch.equal(a.weight, b.weight)
 
 
-def test_log_prints_like_the_tutorial_and_progress_uses_tqdm(backend, capsys):
+@pytest.mark.parametrize("path", ["one-launch", "per-batch"])
+def test_log_prints_what_the_tutorial_prints_and_progress_uses_tqdm(path, backend, capsys, monkeypatch):
+    """"Loss" is the last batch's loss, as the tutorial's print(loss.item()); the epoch mean has its own label."""
+    if path == "per-batch":
+        monkeypatch.setattr(type(select_ops(backend, DEVICE)), "fit_small_supported", lambda self, *args: False)
     x, y = crop_yields(device=DEVICE)
-    model = FusedLinearRegressor(3, 2, backend=backend).to(DEVICE)
+    torch.manual_seed(0)
+    linear = nn.Linear(3, 2).to(DEVICE)
+    model = FusedLinearRegressor.from_linear(linear, backend=backend)
     lines = []
     history = model.fit(x, y, epochs=4, batch_size=5, lr=1e-5, seed=0, log_every=2, print_fn=lines.append,
                         progress=True)
-    assert lines == [f"Epoch [2/4], Loss: {history[1]:.4f}", f"Epoch [4/4], Loss: {history[3]:.4f}"]
     assert "4/4" in capsys.readouterr().err  # tqdm's bar, on stderr
+
+    _, printed = _tutorial_loop(linear, x, y, 4, torch.Generator().manual_seed(0), log_every=2)
+    assert [line.split(",")[0] for line in lines] == ["Epoch [2/4]", "Epoch [4/4]"]
+    for line, last, mean in zip(lines, printed, (history[1], history[3])):
+        assert abs(float(line.split("Loss: ")[1].split(",")[0]) - last) <= 1e-4 * abs(last) + 5e-5, line
+        assert line.endswith(f"Epoch mean loss: {mean:.4f}"), line
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

@@ -156,7 +156,7 @@ def test_fit_small_leaves_a_parameter_untouched(frozen, momentum):
     for name, run in (("kernel", fused_fit.fit_small), ("reference", TORCH_OPS.fit_small)):
         wi, bi = w.clone(), b.clone()
         bufs = [torch.full_like(wi, 0.5), torch.full_like(bi, -0.5)] if momentum else [None, None]
-        history = torch.empty(epochs, device=DEVICE)
+        history = torch.empty(epochs, 2, device=DEVICE)
         run(x, t, wi, bi, bufs[0], bufs[1], perms, history, batch_size=4, mean=True,
             weight_hyper=None if frozen in ("weight", "both") else hyper,
             bias_hyper=None if frozen in ("bias", "both") else hyper,
@@ -195,7 +195,7 @@ def test_float_arguments_are_declared_fp64():
                                          loss_scale=1 / 2565),
         reduce_update.plan_sum_column(partials.buffer, 0, 1 / 2565, torch.empty((), dtype=torch.float64)),
         fused_fit.plan_fit_small(x, t, w, b, None, None, torch.zeros(2, 10, dtype=torch.int64),
-                                 torch.empty(2, dtype=torch.float64), batch_size=4, mean=True, weight_hyper=hyper,
+                                 torch.empty(2, 2, dtype=torch.float64), batch_size=4, mean=True, weight_hyper=hyper,
                                  bias_hyper=hyper, init_weight_buffer=False, init_bias_buffer=False),
     ]
     checked = 0

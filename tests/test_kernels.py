@@ -161,7 +161,8 @@ def _eager_fit_float64(x, t, weight, bias, buffers, perms, batch_size, mean, hyp
     """The epochs of fit_small written as the tutorial's loop in float64: nn.Linear,
     F.mse_loss and torch.optim.SGD (one param group per parameter), over the given
     row orders. buffers: the momentum buffers to start from (None: SGD makes them).
-    Returns ((weight, bias), (weight buffer, bias buffer), history)."""
+    Returns ((weight, bias), (weight buffer, bias buffer), history): each
+    epoch's (mean batch loss, last batch loss), as fit_small records them."""
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None).double()
     with torch.no_grad():
         linear.weight.copy_(weight)
@@ -183,7 +184,7 @@ def _eager_fit_float64(x, t, weight, bias, buffers, perms, batch_size, mean, hyp
             loss.backward()
             opt.step()
             losses.append(loss.item())
-        history.append(sum(losses) / len(losses))
+        history.append((sum(losses) / len(losses), losses[-1]))
     bufs = [opt.state[p].get("momentum_buffer") for p in params] + [None] * (2 - len(params))
     return (linear.weight, linear.bias), bufs, torch.tensor(history, dtype=torch.float64)
 
@@ -209,7 +210,7 @@ def test_persistent_fit_matches_eager_sgd(case, init, kernels):
         start_bufs = (torch.zeros_like(w), torch.zeros_like(b) if b is not None else None)
     wk, bk = w.clone(), (b.clone() if b is not None else None)
     bufk = [v.clone() if v is not None else None for v in start_bufs]
-    history = torch.full((epochs,), float("nan"), device=DEVICE)
+    history = torch.full((epochs, 2), float("nan"), device=DEVICE)  # mean and last batch loss per epoch
     fused_fit.fit_small(x, t, wk, bk, bufk[0], bufk[1], perms, history, batch_size=c["batch"], mean=c["mean"],
                         weight_hyper=hypers[0], bias_hyper=hypers[1], init_weight_buffer=init,
                         init_bias_buffer=init)
@@ -243,11 +244,11 @@ def test_persistent_fit_keeps_last_finite_epoch(kernels):
     runs = []
     for n_epochs in (40, None):
         if n_epochs is None:  # the second run: only the finite epochs of the first
-            finite = torch.isfinite(runs[0][-1])
+            finite = torch.isfinite(runs[0][-1][:, 0])
             n_epochs = int((~finite).nonzero()[0, 0])
             assert n_epochs > 1 and finite[:n_epochs].all()
         state = [w.clone(), b.clone(), torch.zeros_like(w), torch.zeros_like(b)]
-        history = torch.full((n_epochs,), float("nan"), device=DEVICE)
+        history = torch.full((n_epochs, 2), float("nan"), device=DEVICE)
         fused_fit.fit_small(x, t, *state, perms[:n_epochs], history, batch_size=4, mean=True, weight_hyper=w_hyper,
                             bias_hyper=b_hyper, init_weight_buffer=True, init_bias_buffer=True)
         runs.append((*state, history))
