@@ -70,10 +70,11 @@ def loader_orders(n_rows, epochs, seed=None, shuffle=True):
     return orders
 
 
-def eager_fit(linear, x, y, orders, batch_size, options, reduction="mean", dtype=torch.float64):
+def eager_fit(linear, x, y, orders, batch_size, options, reduction="mean", dtype=torch.float64, last_losses=None):
     """The tutorial's fit, in float64 (nn.Linear + F.mse_loss + optim.SGD), over
     the given per-epoch row orders. Returns the model, the optimizer and each
-    epoch's mean batch loss."""
+    epoch's mean batch loss; appends each epoch's last batch loss (the
+    tutorial's printed loss.item()) to ``last_losses`` if given."""
     ref = copy.deepcopy(linear).to(dtype)
     opt = torch.optim.SGD(ref.parameters(), **options)
     x, y = x.to(dtype), y.to(dtype)
@@ -89,6 +90,8 @@ def eager_fit(linear, x, y, orders, batch_size, options, reduction="mean", dtype
             opt.zero_grad()
             losses.append(loss.item())
         history.append(sum(losses) / len(losses))
+        if last_losses is not None:
+            last_losses.append(losses[-1])
     return ref, opt, history
 
 

@@ -356,10 +356,15 @@ def test_main_job(backend_arg, capsys):
 
     torch.manual_seed(0)
     x, y = crop_yields()
+    last = []
     ref, _, ref_history = eager_fit(nn.Linear(3, 2), x, y, loader_orders(15, 20, 0), 4,
-                                     dict(lr=2e-5, momentum=0.5))
-    logged = [float(v) for v in re.findall(r"^Epoch \[\d+/20\], Loss: (\S+)$", out, re.MULTILINE)]
-    assert_close(torch.tensor(logged), torch.tensor(ref_history[4::5]), 1e-4, "logged losses")
+                                     dict(lr=2e-5, momentum=0.5), last_losses=last)
+    logged = re.findall(r"^Epoch \[(\d+)/20\], Loss: (\S+), Epoch mean loss: (\S+)$", out, re.MULTILINE)
+    assert [int(e) for e, _, _ in logged] == [5, 10, 15, 20]
+    # Loss: the epoch's last batch loss, as the tutorial prints loss.item(); then the epoch's mean.
+    assert_close(torch.tensor([float(v) for _, v, _ in logged]), torch.tensor(last[4::5]), 1e-4, "logged losses")
+    assert_close(torch.tensor([float(v) for _, _, v in logged]), torch.tensor(ref_history[4::5]), 1e-4,
+                 "logged mean losses")
     with torch.no_grad():
         preds, new = ref(x.double()), ref(torch.tensor([[75.0, 63.0, 44.0]], dtype=torch.float64))
     rows = [line.split() for line in out.splitlines() if re.fullmatch(r" +-?\d+\.\d\d +-?\d+\.\d\d +\d+ +\d+", line)]
