@@ -1,14 +1,17 @@
-"""fit: the tutorial's training loop on the device, against the eager loop
-(nn.Linear + F.mse_loss + optim.SGD over the same shuffled batches)."""
+"""fit: the tutorial's training loop on the device, against the tutorial's
+loop itself (nn.Linear + F.mse_loss + optim.SGD in float64) over the batches
+a real DataLoader draws. Every way through fit is walked: the one-launch
+kernel, one fused step per batch, and the eager path of other optimizers."""
 
 import copy
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE
-from oracle import TOLERANCE, assert_close
+from oracle import TOLERANCE, assert_close, assert_state_close, eager_fit, loader_orders
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -20,32 +23,6 @@ from linreg_fused.data import crop_yields
 TRAJECTORY_TOL = 5e-5  # fp32 fit vs float64 eager, a few hundred steps
 
 
-def _eager_fit(linear, x, y, perms, batch_size, options, dtype=torch.float64):
-    """The tutorial's fit, in float64, over the given per-epoch row orders.
-    Returns the model, the optimizer and each epoch's mean batch loss."""
-    ref = copy.deepcopy(linear).to(dtype)
-    opt = torch.optim.SGD(ref.parameters(), **options)
-    history = []
-    for perm in perms:
-        losses = []
-        for s in range(0, x.shape[0], batch_size):
-            rows = perm[s : s + batch_size]
-            loss = F.mse_loss(ref(x[rows].to(dtype)), y[rows].to(dtype))
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-        history.append(sum(losses) / len(losses))
-    return ref, opt, history
-
-
-def _loader_orders(n_rows, epochs, seed):
-    """Each epoch's row order as DataLoader(shuffle=True) draws it from a generator seeded with ``seed``."""
-    loader = DataLoader(TensorDataset(torch.arange(n_rows)), batch_size=n_rows, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
-    return torch.stack([torch.cat([rows for (rows,) in loader]) for _ in range(epochs)]).to(DEVICE)
-
-
 def _problem(n=37, d=4, o=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g)
@@ -53,35 +30,77 @@ def _problem(n=37, d=4, o=3, seed=0):
     return x.to(DEVICE), y.to(DEVICE)
 
 
-def _per_step_only(monkeypatch, backend):
-    """Force the one-step-per-batch path (no persistent kernel)."""
-    monkeypatch.setattr(type(select_ops(backend, DEVICE)), "fit_small_supported", lambda self, *args: False)
+def _walk(path, backend, monkeypatch):
+    """Make fit take ``path`` ("one-launch" or "per-batch" with FusedSGD);
+    returns a list that records every one-launch kernel call, so the test
+    can check that the path it meant to walk is the one that ran."""
+    ops_type = type(select_ops(backend, DEVICE))
+    if path == "per-batch":
+        monkeypatch.setattr(ops_type, "fit_small_supported", lambda self, *args: False)
+    calls, real = [], ops_type.fit_small
+
+    def spy(self, *args, **kwargs):
+        calls.append(True)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ops_type, "fit_small", spy)
+    return calls
 
 
+def _optimizer(path, params, backend, **options):
+    """FusedSGD for the fused paths; torch.optim.SGD walks the eager path."""
+    return torch.optim.SGD(params, **options) if path == "eager" else FusedSGD(params, backend=backend, **options)
+
+
+PATHS = ["one-launch", "per-batch"]
+ALL_PATHS = ["one-launch", "per-batch", "eager"]
 OPTIONS = [dict(lr=0.02), dict(lr=0.01, momentum=0.9, nesterov=True, weight_decay=0.01),
            dict(lr=0.01, momentum=0.9, dampening=0.2, maximize=True)]
 
 
-@pytest.mark.parametrize("path", ["persistent", "per-step"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("options", OPTIONS, ids=["plain", "nesterov-wd", "dampening-maximize"])
 def test_fit_trajectory_matches_eager_loop(options, path, backend, monkeypatch):
-    if path == "per-step":
-        _per_step_only(monkeypatch, backend)
+    one_launch = _walk(path, backend, monkeypatch)
     x, y = _problem()
     linear = nn.Linear(4, 3).to(DEVICE)
     model = FusedLinearRegressor.from_linear(linear, backend=backend)
     opt = FusedSGD(model.parameters(), backend=backend, **options)
     epochs, batch_size = 12, 8  # 37 rows: the last batch of each epoch has 5
     history = model.fit(x, y, epochs=epochs, batch_size=batch_size, optimizer=opt, seed=3, progress=False)
-    perms = _loader_orders(37, epochs, 3)
-    ref, ref_opt, ref_history = _eager_fit(linear, x, y, perms, batch_size, options)
+    assert bool(one_launch) == (path == "one-launch")
+    ref, ref_opt, ref_history = eager_fit(linear, x, y, loader_orders(37, epochs, 3), batch_size, options)
     assert len(history) == epochs and all(isinstance(v, float) for v in history)
     assert_close(torch.tensor(history), torch.tensor(ref_history), TRAJECTORY_TOL, "loss history")
-    assert_close(model.weight, ref.weight, TRAJECTORY_TOL, "weight")
-    assert_close(model.bias, ref.bias, TRAJECTORY_TOL, "bias")
-    if options.get("momentum"):
-        assert_close(opt.state[model.weight]["momentum_buffer"], ref_opt.state[ref.weight]["momentum_buffer"],
-                     TRAJECTORY_TOL, "momentum buffer")
+    assert_state_close(model, opt, ref, ref_opt, TRAJECTORY_TOL)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_each_epoch_draws_a_new_row_order(path, backend, monkeypatch):
+    """With lr=0 nothing moves, so each epoch's loss is the mean over its batches
+    at fixed parameters: it depends only on how the rows were split (the last
+    batch of 37 rows in 8s has 5). Each epoch must give DataLoader's split, and
+    a new one."""
+    _walk(path, backend, monkeypatch)
+    x, y = _problem(seed=5)
+    linear = nn.Linear(4, 3).to(DEVICE)
+    model = FusedLinearRegressor.from_linear(linear, backend=backend)
+    history = model.fit(x, y, epochs=6, batch_size=8, optimizer=_optimizer(path, model.parameters(), backend, lr=0.0),
+                        seed=8)
+    _, _, ref_history = eager_fit(linear, x, y, loader_orders(37, 6, 8), 8, dict(lr=0.0))
+    assert_close(torch.tensor(history), torch.tensor(ref_history), TOLERANCE[torch.float32], "per-epoch loss")
+    assert len(set(history)) == 6, f"epochs repeat a split: {history}"
+
+
+def test_crop_yields_are_the_tutorials_data():
+    inputs, targets = crop_yields()
+    assert inputs.dtype == targets.dtype == torch.float32
+    assert inputs.tolist() == [[73, 67, 43], [91, 88, 64], [87, 134, 58], [102, 43, 37], [69, 96, 70],
+                               [74, 66, 43], [91, 87, 65], [88, 134, 59], [101, 44, 37], [68, 96, 71],
+                               [73, 66, 44], [92, 87, 64], [87, 135, 57], [103, 43, 36], [68, 97, 70]]
+    assert targets.tolist() == [[56, 70], [81, 101], [119, 133], [22, 37], [103, 119], [57, 69], [80, 102],
+                                [118, 132], [21, 38], [104, 118], [57, 69], [82, 100], [118, 134], [20, 38],
+                                [102, 120]]
 
 
 def test_tutorial_fit(backend):
@@ -91,10 +110,10 @@ def test_tutorial_fit(backend):
     linear = nn.Linear(3, 2).to(DEVICE)
     model = FusedLinearRegressor.from_linear(linear, backend=backend)
     history = model.fit(x, y, epochs=100, batch_size=5, lr=1e-5, seed=0, log_every=10, print_fn=lambda s: None)
-    perms = _loader_orders(15, 100, 0)
-    ref, _, ref_history = _eager_fit(linear, x, y, perms, 5, dict(lr=1e-5))
+    ref, _, ref_history = eager_fit(linear, x, y, loader_orders(15, 100, 0), 5, dict(lr=1e-5))
     assert_close(torch.tensor(history), torch.tensor(ref_history), TRAJECTORY_TOL, "loss history")
     assert_close(model.weight, ref.weight, TRAJECTORY_TOL, "weight")
+    assert_close(model.bias, ref.bias, TRAJECTORY_TOL, "bias")
     assert history[-1] < history[0] / 5  # it learned
 
 
@@ -103,10 +122,11 @@ def test_fit_on_a_dataloader(backend):
     linear = nn.Linear(3, 2)
     model = FusedLinearRegressor.from_linear(linear, backend=backend).to(DEVICE)
     dl = DataLoader(TensorDataset(x, y), batch_size=5, shuffle=True, generator=torch.Generator().manual_seed(1))
-    history = model.fit(dl, epochs=6, optimizer=FusedSGD(model.parameters(), lr=1e-5, backend=backend))
+    opt = FusedSGD(model.parameters(), lr=1e-5, momentum=0.5, backend=backend)
+    history = model.fit(dl, epochs=6, optimizer=opt)
 
     ref = copy.deepcopy(linear).double()
-    opt = torch.optim.SGD(ref.parameters(), lr=1e-5)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=1e-5, momentum=0.5)
     dl_ref = DataLoader(TensorDataset(x, y), batch_size=5, shuffle=True, generator=torch.Generator().manual_seed(1))
     ref_history = []
     for _ in range(6):  # the tutorial's fit, verbatim
@@ -114,12 +134,12 @@ def test_fit_on_a_dataloader(backend):
         for xb, yb in dl_ref:
             loss = F.mse_loss(ref(xb.double()), yb.double())
             loss.backward()
-            opt.step()
-            opt.zero_grad()
+            ref_opt.step()
+            ref_opt.zero_grad()
             losses.append(loss.item())
         ref_history.append(sum(losses) / len(losses))
     assert_close(torch.tensor(history), torch.tensor(ref_history), TRAJECTORY_TOL, "history")
-    assert_close(model.weight, ref.weight, TRAJECTORY_TOL, "weight")
+    assert_state_close(model, opt, ref, ref_opt, TRAJECTORY_TOL)
 
 
 def test_fit_with_a_torch_optimizer(backend):
@@ -127,51 +147,124 @@ def test_fit_with_a_torch_optimizer(backend):
     linear = nn.Linear(4, 3).to(DEVICE)
     model = FusedLinearRegressor.from_linear(linear, backend=backend)
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
-    model.fit(x, y, epochs=5, batch_size=10, optimizer=opt, seed=2)
-    perms = _loader_orders(37, 5, 2)
-    ref, _, _ = _eager_fit(linear, x, y, perms, 10, dict(lr=0.02, momentum=0.9))
-    assert_close(model.weight, ref.weight, TRAJECTORY_TOL, "weight")
+    history = model.fit(x, y, epochs=5, batch_size=10, optimizer=opt, seed=2)
+    ref, ref_opt, ref_history = eager_fit(linear, x, y, loader_orders(37, 5, 2), 10, dict(lr=0.02, momentum=0.9))
+    assert_close(torch.tensor(history), torch.tensor(ref_history), TRAJECTORY_TOL, "history")
+    assert_state_close(model, opt, ref, ref_opt, TRAJECTORY_TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("path", PATHS)
+def test_fit_dtypes(path, dtype, backend, monkeypatch):
+    """float64 end to end (the kernels accumulate in float64: a float64 bound
+    holds), and bfloat16 data with float32 weights (computed in float32)."""
+    one_launch = _walk(path, backend, monkeypatch)
+    x, y = _problem(n=21, seed=9)
+    x, y = x.to(dtype), y.to(dtype)
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    start = nn.Linear(4, 3).to(device=DEVICE, dtype=param_dtype)
+    model = FusedLinearRegressor.from_linear(start, backend=backend)
+    options = dict(lr=0.02, momentum=0.5)
+    opt = FusedSGD(model.parameters(), backend=backend, **options)
+    history = model.fit(x, y, epochs=4, batch_size=5, optimizer=opt, seed=2)
+    assert bool(one_launch) == (path == "one-launch")
+    ref, ref_opt, ref_history = eager_fit(start, x, y, loader_orders(21, 4, 2), 5, options)
+    tol = 1e-12 if dtype == torch.float64 else TRAJECTORY_TOL
+    assert_close(torch.tensor(history, dtype=torch.float64), torch.tensor(ref_history, dtype=torch.float64), tol,
+                 "history")
+    assert_state_close(model, opt, ref, ref_opt, tol)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS + ["batches"])
+def test_reduction_sum(path, backend, monkeypatch):
+    """reduction="sum" trains on F.mse_loss(..., reduction="sum") on every path
+    (batches: an iterable of (xb, yb), here a DataLoader)."""
+    one_launch = _walk(path, backend, monkeypatch)
+    x, y = _problem(n=23, seed=6)
+    linear = nn.Linear(4, 3).to(DEVICE)
+    model = FusedLinearRegressor.from_linear(linear, backend=backend)
+    options = dict(lr=0.002, momentum=0.5)
+    opt = _optimizer(path, model.parameters(), backend, **options)
+    if path == "batches":
+        loader = DataLoader(TensorDataset(x.cpu(), y.cpu()), batch_size=6, shuffle=True,
+                            generator=torch.Generator().manual_seed(4))
+        history = model.fit(loader, epochs=4, optimizer=opt, reduction="sum")
+    else:
+        history = model.fit(x, y, epochs=4, batch_size=6, optimizer=opt, seed=4, reduction="sum")
+    assert bool(one_launch) == (path == "one-launch")
+    ref, ref_opt, ref_history = eager_fit(linear, x, y, loader_orders(23, 4, 4), 6, options, reduction="sum")
+    assert_close(torch.tensor(history), torch.tensor(ref_history), TRAJECTORY_TOL, "history")
+    assert_state_close(model, opt, ref, ref_opt, TRAJECTORY_TOL)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_non_contiguous_inputs(path, backend, monkeypatch):
+    """x = (D, N) tensor transposed, targets likewise: the kernels read them
+    through their strides (no copy), and train exactly as on contiguous data."""
+    one_launch = _walk(path, backend, monkeypatch)
+    g = torch.Generator().manual_seed(7)
+    xt = torch.randn(4, 29, generator=g)  # (D, N)
+    yt = torch.randn(2, 4, generator=g) @ xt + 0.1 * torch.randn(2, 29, generator=g)  # (O, N)
+    x, y = xt.to(DEVICE).t(), yt.to(DEVICE).t()
+    assert x.stride() == (1, 29) and not y.is_contiguous()
+    linear = nn.Linear(4, 2).to(DEVICE)
+    model = FusedLinearRegressor.from_linear(linear, backend=backend)
+    options = dict(lr=0.03, momentum=0.5)
+    opt = _optimizer(path, model.parameters(), backend, **options)
+    history = model.fit(x, y, epochs=5, batch_size=7, optimizer=opt, seed=1)
+    assert bool(one_launch) == (path == "one-launch")
+    ref, ref_opt, ref_history = eager_fit(linear, x, y, loader_orders(29, 5, 1), 7, options)
+    assert_close(torch.tensor(history), torch.tensor(ref_history), TRAJECTORY_TOL, "history")
+    assert_state_close(model, opt, ref, ref_opt, TRAJECTORY_TOL)
 
 
 def test_paths_agree_and_seed_reproduces(backend, monkeypatch):
     x, y = _problem(seed=2)
     base = FusedLinearRegressor(4, 3, backend=backend).to(DEVICE)
     runs = []
-    for per_step in (False, False, True):
-        if per_step:
-            _per_step_only(monkeypatch, backend)
-        model = copy.deepcopy(base)
-        history = model.fit(x, y, epochs=4, batch_size=6, lr=0.01, seed=11)
-        runs.append((history, model.weight.detach().clone()))
+    for path in PATHS:
+        for _ in range(2 if path == "one-launch" else 1):
+            _walk(path, backend, monkeypatch)
+            model = copy.deepcopy(base)
+            history = model.fit(x, y, epochs=4, batch_size=6, lr=0.01, seed=11)
+            runs.append((history, model.weight.detach().clone()))
     assert runs[0][0] == runs[1][0] and torch.equal(runs[0][1], runs[1][1])  # same seed, same run
     assert_close(torch.tensor(runs[2][0]), torch.tensor(runs[0][0]), TOLERANCE[torch.float32] * 10, "paths")
     other = copy.deepcopy(base).fit(x, y, epochs=4, batch_size=6, lr=0.01, seed=12)
-    assert other != runs[0][0]
+    assert other != runs[2][0]
 
 
-@pytest.mark.parametrize("path", ["persistent", "per-step"])
-def test_no_shuffle_and_full_batch(path, backend, monkeypatch):
-    if path == "per-step":
-        _per_step_only(monkeypatch, backend)
+@pytest.mark.parametrize("batch_size", [8, None], ids=["batch-8", "full-batch"])
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_no_shuffle(path, batch_size, backend, monkeypatch):
+    """shuffle=False: the batches are the rows in storage order, every epoch."""
+    one_launch = _walk(path, backend, monkeypatch)
     x, y = _problem(seed=3)
     linear = nn.Linear(4, 3).to(DEVICE)
     model = FusedLinearRegressor.from_linear(linear, backend=backend)
-    model.fit(x, y, epochs=3, lr=0.05, shuffle=False)  # full batch by default
-    perms = [torch.arange(37, device=DEVICE)] * 3
-    ref, _, _ = _eager_fit(linear, x, y, perms, 37, dict(lr=0.05))
-    assert_close(model.weight, ref.weight, TRAJECTORY_TOL, "weight")
+    options = dict(lr=0.05, momentum=0.5)
+    opt = _optimizer(path, model.parameters(), backend, **options)
+    history = model.fit(x, y, epochs=3, batch_size=batch_size, optimizer=opt, shuffle=False)  # default: full batch
+    assert bool(one_launch) == (path == "one-launch")
+    orders = loader_orders(37, 3, shuffle=False)
+    assert torch.equal(orders[-1], torch.arange(37))
+    ref, ref_opt, ref_history = eager_fit(linear, x, y, orders, batch_size or 37, options)
+    assert_close(torch.tensor(history), torch.tensor(ref_history), TRAJECTORY_TOL, "history")
+    assert_state_close(model, opt, ref, ref_opt, TRAJECTORY_TOL)
 
 
 @pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")  # the interpreter's NumPy
-@pytest.mark.parametrize("path", ["persistent", "per-step"])
+@pytest.mark.parametrize("path", ALL_PATHS)
 def test_divergence_is_reported_and_parameters_restored(path, backend, monkeypatch):
-    """lr 5e-4 with momentum 0.9 on the raw crop data blows up after a few epochs."""
-    if path == "per-step":
-        _per_step_only(monkeypatch, backend)
+    """lr 5e-4 with momentum 0.9 on the raw crop data blows up after a few
+    epochs; the parameters and both momentum buffers are left as they were at
+    the end of the last finite epoch."""
+    _walk(path, backend, monkeypatch)
     x, y = crop_yields(device=DEVICE)
-    start = FusedLinearRegressor(3, 2, backend=backend).to(DEVICE)
-    model = copy.deepcopy(start)
-    opt = FusedSGD(model.parameters(), lr=5e-4, momentum=0.9, backend=backend)
+    linear = nn.Linear(3, 2).to(DEVICE)
+    model = FusedLinearRegressor.from_linear(linear, backend=backend)
+    options = dict(lr=5e-4, momentum=0.9)
+    opt = _optimizer(path, model.parameters(), backend, **options)
     with pytest.raises(TrainingDivergedError, match="smaller learning rate") as info:
         model.fit(x, y, epochs=60, batch_size=5, optimizer=opt, seed=0)
     err = info.value
@@ -179,31 +272,40 @@ def test_divergence_is_reported_and_parameters_restored(path, backend, monkeypat
     assert f"end of epoch {err.epoch - 1}" in str(err)
     assert not math.isfinite(err.history[-1]) and all(math.isfinite(v) for v in err.history[:-1])
 
-    # The parameters and buffers are those at the end of the last finite epoch: replay it.
-    perms = _loader_orders(15, 60, 0)
-    ref = copy.deepcopy(start)
-    ref_opt = FusedSGD(ref.parameters(), lr=5e-4, momentum=0.9, backend="torch")
-    for perm in perms[: err.epoch - 1]:
-        for s in range(0, 15, 5):
-            ref.train_step(x[perm[s : s + 5]], y[perm[s : s + 5]], ref_opt)
-    # Loose: the run is chaotic just before it diverges, so rounding grows fast.
-    assert_close(model.weight, ref.weight, 1e-3, "weight at the last finite epoch")
-    assert_close(opt.state[model.weight]["momentum_buffer"], ref_opt.state[ref.weight]["momentum_buffer"], 1e-3,
-                 "momentum buffer at the last finite epoch")
+    # The tutorial's loop over the finite epochs only.
+    ref, ref_opt, ref_history = eager_fit(linear, x, y, loader_orders(15, 60, 0)[: err.epoch - 1], 5, options)
+    # Loose: the run is chaotic just before it diverges (the loss grows ~10x an epoch), so rounding grows fast.
+    assert_close(torch.tensor(err.history[:-1]), torch.tensor(ref_history), 1e-3, "history")
+    assert_state_close(model, opt, ref, ref_opt, 1e-3, "at the last finite epoch: ")
 
 
 @pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")  # the interpreter's NumPy
-def test_divergence_in_the_first_epoch_restores_the_start(backend):
+@pytest.mark.parametrize("buffers", ["new", "kept"])
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_divergence_in_the_first_epoch_restores_the_start(path, buffers, backend, monkeypatch):
+    """Parameters and momentum buffers as they were before fit, bitwise: a
+    buffer that fit created is removed, one that existed keeps its value."""
+    one_launch = _walk(path, backend, monkeypatch)
     x, y = crop_yields(device=DEVICE)
     model = FusedLinearRegressor(3, 2, backend=backend).to(DEVICE)
     start = copy.deepcopy(model.state_dict())
-    opt = FusedSGD(model.parameters(), lr=1e6, momentum=0.5, backend=backend)  # inf within 3 steps
+    opt = _optimizer(path, model.parameters(), backend, lr=1e6, momentum=0.5)  # inf within 3 steps
+    if buffers == "kept":
+        for p in model.parameters():
+            opt.state[p]["momentum_buffer"] = torch.randn_like(p)
+    before = {name: opt.state[p].get("momentum_buffer") for name, p in model.named_parameters()}
+    before = {name: b.clone() if b is not None else None for name, b in before.items()}
     with pytest.raises(TrainingDivergedError, match="at epoch 1/") as info:
         model.fit(x, y, epochs=5, batch_size=5, optimizer=opt)
+    assert bool(one_launch) == (path == "one-launch")
     assert "values before fit" in str(info.value)
     for k, v in start.items():
-        assert torch.equal(model.state_dict()[k], v)
-    assert "momentum_buffer" not in opt.state[model.weight]
+        assert torch.equal(model.state_dict()[k], v), k
+    for name, p in model.named_parameters():
+        if before[name] is None:
+            assert "momentum_buffer" not in opt.state[p], f"{name}: the buffer made in the diverged epoch is left"
+        else:
+            assert torch.equal(opt.state[p]["momentum_buffer"], before[name]), f"{name}: buffer not restored"
 
 
 def test_log_every_prints_like_the_tutorial(backend, capsys):
@@ -241,19 +343,48 @@ def test_fit_bad_arguments():
         model.fit(bad, y, epochs=1, lr=0.1, check_finite=False)
 
 
-def test_main_job(capsys):
-    assert main(["--seed", "0", "--epochs", "20"]) == 0
+@pytest.mark.parametrize("backend_arg", ["triton", "torch", "auto"])
+def test_main_job(backend_arg, capsys):
+    """The command line trains what the tutorial's loop trains with the same
+    options: its printed losses, predictions and new-region forecast against
+    the loop in float64 (nn.Linear initialised from the seed, DataLoader batches)."""
+    args = dict(seed=0, epochs=20, lr=2e-5, momentum=0.5, batch_size=4, log_every=5)
+    assert main([f"--{k.replace('_', '-')}={v}" for k, v in args.items()] + [f"--backend={backend_arg}"]) == 0
     out = capsys.readouterr().out
-    assert "Epoch [10/20], Loss:" in out and "Epoch [20/20], Loss:" in out
-    assert "new region (temp 75, rainfall 63, humidity 44)" in out
-    assert ("Triton kernels" in out) or ("PyTorch reference" in out)
-    assert len([line for line in out.splitlines() if line.startswith("   ")]) == 15  # predictions vs targets
+    triton = backend_arg == "triton" or (backend_arg == "auto" and select_ops("auto", DEVICE).name == "triton")
+    assert out.startswith("linreg-fused: Triton kernels" if triton else "linreg-fused: PyTorch reference")
+
+    torch.manual_seed(0)
+    x, y = crop_yields()
+    last = []
+    ref, _, ref_history = eager_fit(nn.Linear(3, 2), x, y, loader_orders(15, 20, 0), 4,
+                                     dict(lr=2e-5, momentum=0.5), last_losses=last)
+    logged = re.findall(r"^Epoch \[(\d+)/20\], Loss: (\S+), Epoch mean loss: (\S+)$", out, re.MULTILINE)
+    assert [int(e) for e, _, _ in logged] == [5, 10, 15, 20]
+    # Loss: the epoch's last batch loss, as the tutorial prints loss.item(); then the epoch's mean.
+    assert_close(torch.tensor([float(v) for _, v, _ in logged]), torch.tensor(last[4::5]), 1e-4, "logged losses")
+    assert_close(torch.tensor([float(v) for _, _, v in logged]), torch.tensor(ref_history[4::5]), 1e-4,
+                 "logged mean losses")
+    with torch.no_grad():
+        preds, new = ref(x.double()), ref(torch.tensor([[75.0, 63.0, 44.0]], dtype=torch.float64))
+    rows = [line.split() for line in out.splitlines() if re.fullmatch(r" +-?\d+\.\d\d +-?\d+\.\d\d +\d+ +\d+", line)]
+    assert len(rows) == 15
+    printed = torch.tensor([[float(v) for v in row] for row in rows], dtype=torch.float64)
+    assert torch.allclose(printed[:, :2], preds, rtol=1e-4, atol=0.006), "predictions"
+    assert torch.equal(printed[:, 2:], y.double()), "targets"
+    forecast = re.search(r"new region \(temp 75, rainfall 63, humidity 44\): apples (\S+), oranges (\S+)$", out,
+                         re.MULTILINE)
+    assert forecast is not None
+    assert torch.allclose(torch.tensor([float(v) for v in forecast.groups()], dtype=torch.float64), new[0],
+                          rtol=1e-4, atol=0.006), "new-region forecast"
 
 
 @pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")  # the interpreter's NumPy
 def test_main_job_reports_divergence(capsys):
     assert main(["--lr", "1.0", "--epochs", "5"]) == 1
-    assert "smaller learning rate" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "error: non-finite loss" in captured.err and "smaller learning rate" in captured.err
+    assert "new region" not in captured.out
 
 
 class _ReplayStandIn:
@@ -279,7 +410,7 @@ def test_graphed_epochs_are_wired_like_eager_ones(backend, monkeypatch):
     eager per-batch run exactly; the graph itself is checked on a GPU."""
     import linreg_fused.train as train
 
-    _per_step_only(monkeypatch, backend)
+    _walk("per-batch", backend, monkeypatch)
     x, y = _problem(seed=4)
     base = FusedLinearRegressor(4, 3, backend=backend).to(DEVICE)
     eager, graphed = copy.deepcopy(base), copy.deepcopy(base)
@@ -297,31 +428,39 @@ def test_graphed_epochs_are_wired_like_eager_ones(backend, monkeypatch):
 
 
 def test_failed_capture_warns_and_stays_eager(backend, monkeypatch):
+    """A capture that fails warns once; the run goes on eagerly and is the
+    run without graphs, bitwise, and the tutorial's loop in float64."""
     import linreg_fused.train as train
 
     def failing(*args):
         raise RuntimeError("capture not supported here")
 
-    _per_step_only(monkeypatch, backend)
+    _walk("per-batch", backend, monkeypatch)
+    x, y = _problem(seed=6)
+    linear = nn.Linear(4, 3).to(DEVICE)
+    plain, failed = (FusedLinearRegressor.from_linear(linear, backend=backend) for _ in range(2))
+    h_plain = plain.fit(x, y, epochs=3, batch_size=8, lr=0.01, seed=0, cuda_graph=False)
     monkeypatch.setattr(train, "_graph_capture_possible", lambda *args: True)
     monkeypatch.setattr(train, "graphed_epoch", failing)
-    x, y = _problem(seed=6)
-    model = FusedLinearRegressor(4, 3, backend=backend).to(DEVICE)
     with pytest.warns(RuntimeWarning, match="CUDA graph failed"):
-        history = model.fit(x, y, epochs=3, batch_size=8, lr=0.01, seed=0)
-    assert len(history) == 3 and all(math.isfinite(v) for v in history)
+        h_failed = failed.fit(x, y, epochs=3, batch_size=8, lr=0.01, seed=0)
+    assert h_failed == h_plain
+    assert torch.equal(failed.weight, plain.weight) and torch.equal(failed.bias, plain.bias)
+    ref, _, ref_history = eager_fit(linear, x, y, loader_orders(37, 3, 0), 8, dict(lr=0.01))
+    assert_close(torch.tensor(h_failed), torch.tensor(ref_history), TRAJECTORY_TOL, "history")
+    assert_close(failed.weight, ref.weight, TRAJECTORY_TOL, "weight")
 
 
 def test_permutations_drawn_in_bounded_chunks(backend, monkeypatch):
     """Row orders are drawn per chunk of epochs, capped in memory; the batches
-    are still each epoch's permutation from the seeded generator."""
+    are still DataLoader's, epoch after epoch."""
     import linreg_fused.train as train
 
     monkeypatch.setattr(train, "_PERMUTATION_BUDGET", 80)  # 2 epochs of 37 rows per draw
     x, y = _problem(seed=7)
     linear = nn.Linear(4, 3).to(DEVICE)
     model = FusedLinearRegressor.from_linear(linear, backend=backend)
-    model.fit(x, y, epochs=5, batch_size=8, lr=0.02, seed=9)
-    perms = _loader_orders(37, 5, 9)
-    ref, _, _ = _eager_fit(linear, x, y, perms, 8, dict(lr=0.02))
+    history = model.fit(x, y, epochs=5, batch_size=8, lr=0.02, seed=9)
+    ref, _, ref_history = eager_fit(linear, x, y, loader_orders(37, 5, 9), 8, dict(lr=0.02))
+    assert_close(torch.tensor(history), torch.tensor(ref_history), TRAJECTORY_TOL, "history")
     assert_close(model.weight, ref.weight, TRAJECTORY_TOL, "weight")

@@ -1,17 +1,19 @@
 """The kernels' launch helpers directly: small block configs that force every
 loop (D chunks, several tiles per program, several programs), row gathers,
-outputs poisoned with NaN before each launch, and the persistent fit kernel
-against its pure-PyTorch reference. Runs wherever the Triton backend can."""
+outputs poisoned with NaN before each launch; the SGD update and the
+persistent fit kernel against torch.optim.SGD in float64. Runs wherever the
+Triton backend can."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import DEVICE
 from oracle import TOLERANCE, assert_close, random_problem
+from torch import nn
 
 from linreg_fused.backend import select_ops
 from linreg_fused.kernels.config import TileConfig, ReduceConfig
 from linreg_fused.kernels.specs import ColumnTarget, SGDHyper
-from linreg_fused.reference import TORCH_OPS
 
 
 def tiny(out_features: int, use_dot: bool) -> TileConfig:
@@ -32,18 +34,6 @@ def kernels():
 
     select_ops("triton", DEVICE)  # skips nothing: fails loudly if Triton cannot run here
     return linear_mse_grad, reduce_update, linear_forward, fused_fit
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Every torch.empty returns NaN-filled memory, so an unwritten output shows."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", empty)
 
 
 @pytest.mark.parametrize("shape", [(70, 37, 3), (100, 16, 17), (5, 50, 1)], ids=str)
@@ -95,6 +85,11 @@ def test_reduce_is_deterministic_and_scaled(kernels, poisoned):
         reduce_update.reduce_update_(partials, [], scale=1.0)
 
 
+def _sgd_group(param: torch.Tensor, h: SGDHyper) -> dict:
+    return dict(params=[param], lr=h.lr, momentum=h.momentum, dampening=h.dampening, weight_decay=h.weight_decay,
+                nesterov=h.nesterov, maximize=h.maximize)
+
+
 HYPERS = [
     SGDHyper(lr=0.1),
     SGDHyper(lr=0.1, momentum=0.9, dampening=0.2),
@@ -105,26 +100,34 @@ HYPERS = [
 
 @pytest.mark.parametrize("hyper", HYPERS, ids=["plain", "dampening", "nesterov-wd", "maximize-wd"])
 @pytest.mark.parametrize("init_buffer", [True, False])
-def test_sgd_update_matches_reference(hyper, init_buffer, kernels):
-    """Weight-like and bias-like targets with different hyper-parameters, one launch."""
+def test_sgd_update_matches_torch_sgd(hyper, init_buffer, kernels):
+    """Weight-like and bias-like targets with different hyper-parameters, one
+    launch, against torch.optim.SGD in float64 given the summed gradient."""
     _, reduce_update, _, _ = kernels
     partials = torch.randn(5, 77, device=DEVICE)
     params = [torch.randn(11, 6, device=DEVICE), torch.randn(4, device=DEVICE)]
-    hypers = [hyper, SGDHyper(lr=0.2, momentum=0.3)]
+    hypers = [hyper, SGDHyper(lr=0.2, momentum=0.3, dampening=0.6)]
     bufs = [torch.zeros_like(p) if init_buffer else torch.randn_like(p) for p in params]
     grad_output = torch.tensor(2.0, device=DEVICE)
-    refs = [(p.double(), b.double()) for p, b in zip(params, bufs)]
-    ref_targets = [ColumnTarget(col, p, h, b if h.momentum else None, init_buffer)
-                   for col, (p, b), h in zip((3, 69), refs, hypers)]
-    TORCH_OPS.reduce_update_(partials.double(), ref_targets, scale=0.5, grad_output=grad_output.double())
+
+    refs = [p.double().clone().requires_grad_() for p in params]
+    sums = partials.double().sum(0) * 0.5 * 2.0
+    for ref, col in zip(refs, (3, 69)):
+        ref.grad = sums[col : col + ref.numel()].view_as(ref)
+    ref_opt = torch.optim.SGD([_sgd_group(r, h) for r, h in zip(refs, hypers)], lr=0.1)
+    for ref, buf, h in zip(refs, bufs, hypers):
+        if h.momentum and not init_buffer:
+            ref_opt.state[ref]["momentum_buffer"] = buf.double().clone()
+    ref_opt.step()
+
     targets = [ColumnTarget(col, p, h, b if h.momentum else None, init_buffer)
                for col, p, b, h in zip((3, 69), params, bufs, hypers)]
     reduce_update.reduce_update_(partials, targets, scale=0.5, grad_output=grad_output,
                                  config=ReduceConfig(block_p=2, block_cols=16))
-    for i, ((param, buf), (ref_param, ref_buf), h) in enumerate(zip(zip(params, bufs), refs, hypers)):
-        assert_close(param, ref_param, TOLERANCE[torch.float32], f"param {i}")
+    for i, (param, buf, ref, h) in enumerate(zip(params, bufs, refs, hypers)):
+        assert_close(param, ref, TOLERANCE[torch.float32], f"param {i}")
         if h.momentum:
-            assert_close(buf, ref_buf, TOLERANCE[torch.float32], f"momentum buffer {i}")
+            assert_close(buf, ref_opt.state[ref]["momentum_buffer"], TOLERANCE[torch.float32], f"momentum buffer {i}")
 
 
 @pytest.mark.parametrize("shape", [(9, 70, 1), (33, 5, 70)], ids=str)
@@ -139,65 +142,119 @@ def test_inference_kernel_multi_block(shape, use_dot, kernels, poisoned):
 
 
 FIT_CASES = {
-    "tutorial": dict(n=15, d=3, o=2, batch=5, bias=True, mean=True, w=SGDHyper(lr=1e-5), b=SGDHyper(lr=1e-5)),
+    "tutorial": dict(n=15, d=3, o=2, batch=5, bias=True, mean=True, w=SGDHyper(lr=1e-2), b=SGDHyper(lr=1e-2)),
     "ragged-momentum": dict(n=23, d=4, o=3, batch=6, bias=True, mean=True,
                             w=SGDHyper(lr=0.02, momentum=0.9, weight_decay=0.01, nesterov=True),
                             b=SGDHyper(lr=0.05, momentum=0.5, dampening=0.1)),
+    "dampening-maximize": dict(n=13, d=5, o=2, batch=4, bias=True, mean=True,
+                               w=SGDHyper(lr=0.03, momentum=0.8, dampening=0.4, weight_decay=0.05, maximize=True),
+                               b=SGDHyper(lr=0.02, momentum=0.7, dampening=0.25, weight_decay=0.2, maximize=True)),
+    "bias-momentum-only": dict(n=11, d=3, o=4, batch=3, bias=True, mean=True,
+                               w=SGDHyper(lr=0.02), b=SGDHyper(lr=0.03, momentum=0.9, dampening=0.3)),
     "no-bias-sum": dict(n=10, d=1, o=1, batch=3, bias=False, mean=False,
-                        w=SGDHyper(lr=0.005, momentum=0.9, maximize=False), b=SGDHyper(lr=0.0)),
+                        w=SGDHyper(lr=0.005, momentum=0.9, dampening=0.2), b=SGDHyper(lr=0.0)),
     "single-row": dict(n=1, d=2, o=1, batch=1, bias=True, mean=True, w=SGDHyper(lr=0.1), b=SGDHyper(lr=0.1)),
 }
 
 
+def _eager_fit_float64(x, t, weight, bias, buffers, perms, batch_size, mean, hypers):
+    """The epochs of fit_small written as the tutorial's loop in float64: nn.Linear,
+    F.mse_loss and torch.optim.SGD (one param group per parameter), over the given
+    row orders. buffers: the momentum buffers to start from (None: SGD makes them).
+    Returns ((weight, bias), (weight buffer, bias buffer), history): each
+    epoch's (mean batch loss, last batch loss), as fit_small records them."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None).double()
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    params = [linear.weight] + ([linear.bias] if bias is not None else [])
+    opt = torch.optim.SGD([_sgd_group(p, h) for p, h in zip(params, hypers)], lr=hypers[0].lr)
+    for p, h, buf in zip(params, hypers, buffers):
+        if h.momentum and buf is not None:
+            opt.state[p]["momentum_buffer"] = buf.double().clone()
+    x, t = x.double(), t.double()
+    history = []
+    for perm in perms:
+        losses = []
+        for start in range(0, x.shape[0], batch_size):
+            rows = perm[start : start + batch_size]
+            loss = F.mse_loss(linear(x[rows]), t[rows], reduction="mean" if mean else "sum")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        history.append((sum(losses) / len(losses), losses[-1]))
+    bufs = [opt.state[p].get("momentum_buffer") for p in params] + [None] * (2 - len(params))
+    return (linear.weight, linear.bias), bufs, torch.tensor(history, dtype=torch.float64)
+
+
 @pytest.mark.parametrize("init", [True, False], ids=["new-buffers", "old-buffers"])
 @pytest.mark.parametrize("case", list(FIT_CASES))
-def test_persistent_fit_matches_reference(case, init, kernels):
-    """The one-launch fit against TorchOps.fit_small (the same steps, one at a time)."""
+def test_persistent_fit_matches_eager_sgd(case, init, kernels):
+    """The one-launch fit against the tutorial's loop in float64 (nn.Linear +
+    F.mse_loss + optim.SGD) over the same row orders: weight, bias, both
+    momentum buffers and the loss history. Buffers of parameters without
+    momentum are left untouched."""
     fused_fit = kernels[3]
     c = FIT_CASES[case]
     n, d, o = c["n"], c["d"], c["o"]
     x, w, b, t = random_problem(n, d, o, device=DEVICE, bias=c["bias"])
+    if not init:  # the same values in column-major storage: the kernel must follow the strides
+        x, t = x.t().contiguous().t(), t.t().contiguous().t()
     epochs = 7
     perms = torch.stack([torch.randperm(n, device=DEVICE) for _ in range(epochs)])
-    results = []
-    for impl in ("kernel", "reference"):
-        wi, bi = w.clone(), (b.clone() if b is not None else None)
-        bufs = [torch.zeros_like(wi) if init else torch.full_like(wi, 0.1),
-                (torch.zeros_like(bi) if init else torch.full_like(bi, -0.2)) if bi is not None else None]
-        history = torch.empty(epochs, 2, device=DEVICE)  # mean and last batch loss per epoch
-        kwargs = dict(batch_size=c["batch"], mean=c["mean"], weight_hyper=c["w"], bias_hyper=c["b"],
-                      init_weight_buffer=init, init_bias_buffer=init)
-        run = fused_fit.fit_small if impl == "kernel" else TORCH_OPS.fit_small
-        run(x, t, wi, bi, bufs[0], bufs[1], perms, history, **kwargs)
-        results.append((history, wi, bi, bufs))
-    (hk, wk, bk, bufk), (hr, wr, br, bufr) = results
-    tol = 1e-5
-    assert_close(hk, hr, tol, "history")
+    hypers = (c["w"], c["b"])
+    start_bufs = (torch.randn_like(w), torch.randn_like(b) if b is not None else None)
+    if init:  # new buffers: zero-filled by FusedSGD; SGD's first step sets them to the gradient
+        start_bufs = (torch.zeros_like(w), torch.zeros_like(b) if b is not None else None)
+    wk, bk = w.clone(), (b.clone() if b is not None else None)
+    bufk = [v.clone() if v is not None else None for v in start_bufs]
+    history = torch.full((epochs, 2), float("nan"), device=DEVICE)  # mean and last batch loss per epoch
+    fused_fit.fit_small(x, t, wk, bk, bufk[0], bufk[1], perms, history, batch_size=c["batch"], mean=c["mean"],
+                        weight_hyper=hypers[0], bias_hyper=hypers[1], init_weight_buffer=init,
+                        init_bias_buffer=init)
+
+    (wr, br), bufr, hr = _eager_fit_float64(x, t, w, b, [None, None] if init else start_bufs, perms.cpu(),
+                                            c["batch"], c["mean"], hypers)
+    tol = 2e-5  # float32 steps against float64 ones, a few dozen steps
+    assert_close(history, hr, tol, "history")
     assert_close(wk, wr, tol, "weight")
     if c["bias"]:
         assert_close(bk, br, tol, "bias")
-    if c["w"].momentum:
-        assert_close(bufk[0], bufr[0], tol, "weight buffer")
+    for i, (name, h) in enumerate(zip(("weight", "bias"), hypers)):
+        if bufk[i] is None:
+            continue
+        if h.momentum:
+            assert_close(bufk[i], bufr[i], tol, f"{name} momentum buffer")
+        else:
+            assert torch.equal(bufk[i], start_bufs[i]), f"{name} has no momentum, yet its buffer changed"
 
 
 @pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")
 def test_persistent_fit_keeps_last_finite_epoch(kernels):
+    """A run that diverges writes back the weight, bias and both momentum
+    buffers as they were at the end of the last finite epoch: exactly what a
+    run of only those epochs writes."""
     fused_fit = kernels[3]
     x, w, b, t = random_problem(12, 3, 2, device=DEVICE, scale=30.0)
     perms = torch.stack([torch.randperm(12, device=DEVICE) for _ in range(40)])
-    hyper = SGDHyper(lr=0.02)  # diverges on this scale of x after a few epochs
-    history = torch.empty(40, 2, device=DEVICE)
-    w1, b1 = w.clone(), b.clone()
-    fused_fit.fit_small(x, t, w1, b1, None, None, perms, history, batch_size=4, mean=True, weight_hyper=hyper,
-                        bias_hyper=hyper, init_weight_buffer=False, init_bias_buffer=False)
-    finite = torch.isfinite(history[:, 0])
-    bad = int((~finite).nonzero()[0, 0])
-    assert bad > 0 and finite[:bad].all()
-    w2, b2 = w.clone(), b.clone()
-    fused_fit.fit_small(x, t, w2, b2, None, None, perms[:bad], torch.empty(bad, 2, device=DEVICE), batch_size=4,
-                        mean=True, weight_hyper=hyper, bias_hyper=hyper, init_weight_buffer=False,
-                        init_bias_buffer=False)
-    assert torch.equal(w1, w2) and torch.equal(b1, b2)
+    w_hyper = SGDHyper(lr=0.01, momentum=0.5, dampening=0.1)  # diverges on this scale of x after a few epochs
+    b_hyper = SGDHyper(lr=0.02, momentum=0.3)
+    runs = []
+    for n_epochs in (40, None):
+        if n_epochs is None:  # the second run: only the finite epochs of the first
+            finite = torch.isfinite(runs[0][-1][:, 0])
+            n_epochs = int((~finite).nonzero()[0, 0])
+            assert n_epochs > 1 and finite[:n_epochs].all()
+        state = [w.clone(), b.clone(), torch.zeros_like(w), torch.zeros_like(b)]
+        history = torch.full((n_epochs, 2), float("nan"), device=DEVICE)
+        fused_fit.fit_small(x, t, *state, perms[:n_epochs], history, batch_size=4, mean=True, weight_hyper=w_hyper,
+                            bias_hyper=b_hyper, init_weight_buffer=True, init_bias_buffer=True)
+        runs.append((*state, history))
+    for name, diverged, finite_only in zip(("weight", "bias", "weight buffer", "bias buffer"), runs[0], runs[1]):
+        assert torch.isfinite(finite_only).all() and torch.equal(diverged, finite_only), name
+    assert torch.equal(runs[0][-1][: len(runs[1][-1])], runs[1][-1])
 
 
 def test_config_must_cover_out_features(kernels):

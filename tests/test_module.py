@@ -3,11 +3,11 @@
 import pytest
 import torch
 from conftest import DEVICE
-from oracle import TOLERANCE, assert_close
+from oracle import TOLERANCE, assert_close, linear_mse_grads
 from torch import nn
 
-from linreg_fused import FusedLinearRegressor, linear, linear_mse
-from linreg_fused.backend import select_ops
+from linreg_fused import FusedLinearRegressor, FusedSGD, linear, linear_mse
+from linreg_fused.backend import interpreter_enabled, select_ops
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -62,6 +62,7 @@ def test_forward_equals_nn_linear(shape, backend):
     assert_close(out, expected(x.double()), TOLERANCE[torch.float32], "forward")
     assert_close(xg.grad, xr.grad, TOLERANCE[torch.float32], "dX")
     assert_close(model.weight.grad, expected.weight.grad, TOLERANCE[torch.float32], "dW")
+    assert_close(model.bias.grad, expected.bias.grad, TOLERANCE[torch.float32], "db")
 
 
 def test_strided_forward(backend):
@@ -79,6 +80,68 @@ def test_module_loss_matches_mse(backend):
                                  y.double())
     assert_close(model.loss(x, y), ref, TOLERANCE[torch.float32], "loss")
     assert_close(model.loss(x, y, "sum"), ref * 30, TOLERANCE[torch.float32], "sum loss")
+
+
+# ---------------------------------------------------------------- training steps
+@pytest.mark.parametrize("how", ["train_step", "in-backward", "torch-sgd"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_steps_follow_the_reduction(reduction, how, backend):
+    """train_step and loss(optimizer=).backward() step on F.mse_loss(..., reduction)
+    like torch.optim.SGD after a float64 backward; the returned loss is that loss."""
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(9, 4, generator=g).to(DEVICE), torch.randn(9, 3, generator=g).to(DEVICE))
+               for _ in range(5)]
+    start = nn.Linear(4, 3).to(DEVICE)
+    model = FusedLinearRegressor.from_linear(start, backend=backend)
+    options = dict(lr=0.01, momentum=0.6, dampening=0.2)
+    opt = torch.optim.SGD(model.parameters(), **options) if how == "torch-sgd" else FusedSGD(
+        model.parameters(), backend=backend, **options)
+    ref = nn.Linear(4, 3).double().to(DEVICE)
+    ref.load_state_dict({k: v.double() for k, v in start.state_dict().items()})
+    ref_opt = torch.optim.SGD(ref.parameters(), **options)
+    for x, y in batches:
+        if how == "in-backward":
+            loss = model.loss(x, y, reduction, optimizer=opt)
+            loss.backward()
+        else:
+            loss = model.train_step(x, y, opt, reduction)
+        ref_opt.zero_grad()
+        ref_loss = nn.functional.mse_loss(ref(x.double()), y.double(), reduction=reduction)
+        ref_loss.backward()
+        ref_opt.step()
+        assert_close(loss, ref_loss, TOLERANCE[torch.float32] * 10, f"{reduction} loss")
+    for name in ("weight", "bias"):
+        p, r = getattr(model, name), getattr(ref, name)
+        assert_close(p, r, 1e-5, name)
+        assert_close(opt.state[p]["momentum_buffer"], ref_opt.state[r]["momentum_buffer"], 1e-5, f"{name} buffer")
+
+
+@pytest.mark.parametrize("how", ["train_step", "in-backward"])
+@pytest.mark.parametrize("frozen", ["weight", "bias"])
+def test_steps_leave_a_frozen_parameter_alone(frozen, how, backend):
+    x, y = torch.randn(12, 4, device=DEVICE), torch.randn(12, 2, device=DEVICE)
+    start = nn.Linear(4, 2).to(DEVICE)
+    model = FusedLinearRegressor.from_linear(start, backend=backend)
+    getattr(model, frozen).requires_grad_(False)
+    before = getattr(model, frozen).detach().clone()
+    opt = FusedSGD(model.parameters(), lr=0.1, momentum=0.5, backend=backend)
+    for _ in range(2):
+        if how == "train_step":
+            model.train_step(x, y, opt)
+        else:
+            model.loss(x, y, optimizer=opt).backward()
+    assert torch.equal(getattr(model, frozen), before)
+    assert "momentum_buffer" not in opt.state[getattr(model, frozen)]
+    ref = nn.Linear(4, 2).double().to(DEVICE)
+    ref.load_state_dict({k: v.double() for k, v in start.state_dict().items()})
+    getattr(ref, frozen).requires_grad_(False)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.5)
+    for _ in range(2):
+        ref_opt.zero_grad()
+        nn.functional.mse_loss(ref(x.double()), y.double()).backward()
+        ref_opt.step()
+    trained = "bias" if frozen == "weight" else "weight"
+    assert_close(getattr(model, trained), getattr(ref, trained), 1e-5, trained)
 
 
 # ---------------------------------------------------------------- bad input
@@ -124,19 +187,36 @@ def test_bad_options():
 
 
 def test_mixed_precision_half_inputs_with_float32_weights(backend):
-    """Half-precision x with fp32 master weights is allowed: computed in fp32."""
+    """Half-precision x with fp32 master weights is allowed: computed in fp32,
+    float32 loss, output and weight gradients (nn.Linear would raise on the mix)."""
     x, t = torch.randn(21, 5, device=DEVICE), torch.randn(21, 2, device=DEVICE)
-    w = torch.randn(2, 5, device=DEVICE, requires_grad=True)
+    weight, bias = torch.randn(2, 5, device=DEVICE), torch.randn(2, device=DEVICE)
     for half in (torch.bfloat16, torch.float16):
         xh, th = x.to(half), t.to(half)
-        loss = linear_mse(xh, w, None, th, backend=backend)
-        assert loss.dtype == torch.float32
-        ref = nn.functional.mse_loss(xh.double() @ w.double().t(), th.double())
-        assert_close(loss, ref, TOLERANCE[torch.float32], f"{half} loss")
+        w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+        loss = linear_mse(xh, w, b, th, backend=backend)
+        loss.backward()
+        assert loss.dtype == torch.float32 and w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+        ref = linear_mse_grads(xh, weight, bias, th)
+        assert_close(loss, ref["loss"], TOLERANCE[torch.float32], f"{half} loss")
+        assert_close(w.grad, ref["weight"], TOLERANCE[torch.float32], f"{half} dW")
+        assert_close(b.grad, ref["bias"], TOLERANCE[torch.float32], f"{half} db")
+
+        w.grad = None
+        y = linear(xh, w, b, backend=backend)
+        assert y.dtype == torch.float32
+        assert_close(y, xh.double() @ weight.double().t() + bias.double(), TOLERANCE[torch.float32], f"{half} y")
+        y.square().sum().backward()
+        w64 = weight.double().requires_grad_()
+        (xh.double() @ w64.t() + bias.double()).square().sum().backward()
+        assert_close(w.grad, w64.grad, TOLERANCE[torch.float32], f"{half} dW through the forward")
 
 
 def test_backend_selection():
     assert select_ops("torch", torch.device("cpu")).name == "torch"
+    assert select_ops("triton", DEVICE).name == "triton"
+    # auto runs the kernels wherever they can run: CUDA, or the CPU with the interpreter on (as in these tests).
+    assert select_ops("auto", DEVICE).name == ("triton" if DEVICE.type == "cuda" or interpreter_enabled() else "torch")
     assert select_ops("auto", torch.device("meta")).name == "torch"
     with pytest.raises(RuntimeError, match="cannot run here"):
         select_ops("triton", torch.device("meta"))

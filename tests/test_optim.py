@@ -115,6 +115,7 @@ def test_train_step_with_any_torch_optimizer(backend):
     assert_close(model.weight, ref.weight, TRAJECTORY_TOL, "weight")
 
 
+@pytest.mark.filterwarnings("error")  # e.g. "lr_scheduler.step() before optimizer.step()": a missed step
 def test_param_groups_and_lr_scheduler(backend):
     """Per-group hyper-parameters, and lr changing every step (no recompilation per value)."""
     batches = _batches(STEPS, 8, 3, 2, seed=4)
