@@ -195,7 +195,7 @@ class OneLaunchPath:
                 and all(p.is_contiguous() for p in params)
                 and ops.fit_small_supported(source.batch_size, source.x.shape[1], model.out_features))
 
-    reads_orders = True  # the kernel gathers every batch through the epoch's order, full batches too
+    reads_orders = True  # the kernel gathers every batch through the epoch's order (storage order for a full batch)
 
     def run(self, orders: torch.Tensor, history: torch.Tensor) -> None:
         state = {}
@@ -582,7 +582,10 @@ def _run(path, source, epochs: int, reporter: _Reporter, optimizer, weight: torc
         if path.reads_orders:
             # The row orders of a chunk are drawn at once; cap their memory (int64, epochs × N).
             stop = min(stop, epoch + max(1, _PERMUTATION_BUDGET // source.n_rows))
-            orders = dataloader_orders(source.n_rows, stop - epoch, source.shuffle, source.generator, device)
+            if source.full_batch:  # every path alike: a full batch draws nothing (its order cannot change the step)
+                orders = torch.arange(source.n_rows, device=device).expand(stop - epoch, -1)
+            else:
+                orders = dataloader_orders(source.n_rows, stop - epoch, source.shuffle, source.generator, device)
         path.run(orders, history_dev[epoch:stop])
         for mean, last in history_dev[epoch:stop].tolist():  # the report point: one sync
             history.append(mean)

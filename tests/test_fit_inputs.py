@@ -152,3 +152,27 @@ def test_lr_scheduler_sees_the_steps_of_a_one_launch_fit(backend):
         warnings.simplefilter("error")  # "lr_scheduler.step() before optimizer.step()" would raise here
         sched.step()
     assert opt.param_groups[0]["lr"] == 0.5e-5
+
+
+@pytest.mark.parametrize("path", ["one-launch", "per-batch"])
+def test_a_full_batch_draws_nothing_on_every_path(path, backend, monkeypatch):
+    """batch_size >= N: the row order cannot change the step, so no path draws one (the generator and the
+    global RNG stay where they were), and both paths train alike."""
+    if path == "per-batch":
+        monkeypatch.setattr(type(select_ops(backend, DEVICE)), "fit_small_supported", lambda self, *args: False)
+    x, y = crop_yields(device=DEVICE)
+    torch.manual_seed(0)
+    linear = nn.Linear(3, 2).to(DEVICE)
+    model = FusedLinearRegressor.from_linear(linear, backend=backend)
+    g = torch.Generator().manual_seed(5)
+    before, rng_before = g.get_state(), torch.get_rng_state()
+    model.fit(x, y, epochs=3, lr=1e-5, generator=g, statistics=False)
+    model.fit(x, y, epochs=2, lr=1e-5, statistics=False)
+    assert torch.equal(g.get_state(), before) and torch.equal(torch.get_rng_state(), rng_before)
+    ref = copy.deepcopy(linear).double()
+    opt = torch.optim.SGD(ref.parameters(), lr=1e-5)
+    for _ in range(5):
+        opt.zero_grad()
+        F.mse_loss(ref(x.double()), y.double()).backward()
+        opt.step()
+    assert_close(model.weight, ref.weight, 2e-6, "weight")
