@@ -18,7 +18,11 @@ import sys
 import time
 import traceback
 
-sys.path.pop(0)  # this folder: the children must find nothing here
+if __name__ == "__main__":
+    # This folder: the children must find nothing here. Only when run as the launcher: a process
+    # a test spawns (multiprocessing's spawn) re-imports this file as __mp_main__, with sys.path[0]
+    # then the scratch copy it needs.
+    sys.path.pop(0)
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton's first import, as tests/conftest.py needs it
 
 import numpy  # noqa: E402,F401
