@@ -220,7 +220,9 @@ def _tutorial(args: argparse.Namespace) -> int:
     device = _device(args.device, args.backend)
     torch.manual_seed(args.seed)
     inputs, targets = crop_yields(device=device)
-    model = FusedLinearRegressor(len(FEATURES), len(TARGETS), device=device, backend=args.backend)
+    # Initialised on the CPU, then moved: a seed gives the same model on every device
+    # (CUDA's generator draws other numbers than the CPU's).
+    model = FusedLinearRegressor(len(FEATURES), len(TARGETS), backend=args.backend).to(device)
     opt = FusedSGD(model.parameters(), lr=args.lr, momentum=args.momentum, backend=args.backend)
     say = (lambda *a: None) if args.quiet else print
     say(f"linreg-fused: {describe(select_ops(args.backend, device), device)}")
@@ -293,7 +295,7 @@ def _train(args: argparse.Namespace) -> int:
     del train_table, val_table
 
     torch.manual_seed(args.seed)
-    model = FusedLinearRegressor(d, len(targets), device=device, backend=args.backend)
+    model = FusedLinearRegressor(d, len(targets), backend=args.backend).to(device)  # CPU init, as above
     say(f"linreg-fused: {describe(select_ops(args.backend, device), device)}")
     held_out = f" ({n_val} more held out for validation)" if n_val else ""
     history, val_history = None, None

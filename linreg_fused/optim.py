@@ -314,7 +314,8 @@ class FusedUpdate:
         schedulers see it."""
         optimizer = self.optimizer
         optimizer._pre_step_hooks()
-        targets, new_buffers, hypers = [], [], {}
+        targets, new_buffers = [], []
+        last_group, hyper = None, None
         for param, group, (col_start, _) in zip((self.weight, self.bias), self.groups,
                                                 (partials.weight_columns, partials.bias_columns)):
             if group is None:
@@ -322,9 +323,10 @@ class FusedUpdate:
             if group.get("fused") and ops.name != "triton":
                 raise RuntimeError("FusedSGD: fused=True asks for the fused Triton kernels, but the model's "
                                    "backend runs the PyTorch reference")
-            if id(group) not in hypers:  # read once per group (a CUDA tensor lr costs a sync to read)
-                hypers[id(group)] = group_hyper(group)
-            hyper = hypers[id(group)]
+            # Read once per group (a CUDA tensor lr costs a sync to read); compared with `is`,
+            # not id(): torch.compile (2.11) cannot trace id() of a dict.
+            if group is not last_group:
+                last_group, hyper = group, group_hyper(group)
             buf, is_new = optimizer.momentum_buffer(param, hyper)
             new_buffers.append((param, is_new))
             targets.append(ColumnTarget(col_start, param, hyper, buf, is_new))
