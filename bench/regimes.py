@@ -11,6 +11,7 @@ running) it that are timed against each other:
     eager-compile    the eager step under torch.compile (GPU only)
     fused            FusedLinearRegressor.train_step with FusedSGD (one fused step)
     fused-tf32       the same with input_precision="tf32" (GPU, fp32 only)
+    fused-tf32x3     the same with input_precision="tf32x3" (GPU, fp32 full batch)
     fused-fit        FusedLinearRegressor.fit (the persistent kernel where it applies)
 
 bf16 regimes keep fp32 master weights: the baseline is eager under
@@ -114,7 +115,7 @@ class Peer:
     baseline: bool = False
     gpu_only: bool = False
     backend: str = "triton"  # fused peers: linreg_fused backend
-    precision: str = "ieee"  # fused peers: input_precision
+    precision: str = "auto"  # fused peers: input_precision ("auto": ieee for fp32, tf32x3 for bf16 inputs)
     numerics: str = "fp32"  # what its check against float64 allows (bench/harness.py TOLERANCES)
     sgd_fused: bool = False
     eager_mode: str = "fp32"  # "fp32" | "autocast" | "pure-bf16"
@@ -158,6 +159,8 @@ def peers_for(regime: Regime, on_gpu: bool) -> list[Peer]:
     if regime.dtype == FP32:
         # TF32 exists on GPUs only; the interpreter would run the same IEEE products as "fused".
         fused.append(Peer("fused-tf32", "fused", gpu_only=True, precision="tf32", numerics="tf32"))
+        if regime.batch_size is None:  # fp32's accuracy on tensor cores: where FMAs are the bound
+            fused.append(Peer("fused-tf32x3", "fused", gpu_only=True, precision="tf32x3", numerics="fp32"))
     if regime.batch_size is not None:
         fused += _fused_variants("fused-fit", "fused-fit", fused_numerics, on_gpu)
     return [*eager, *fused]

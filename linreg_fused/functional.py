@@ -26,7 +26,7 @@ from .ops import RegisteredOps, loss_scale
 from .reference import TORCH_OPS
 
 REDUCTIONS = ("mean", "sum")
-PRECISIONS = ("ieee", "tf32", "tf32x3")
+PRECISIONS = ("auto", "ieee", "tf32", "tf32x3")
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -197,7 +197,7 @@ def linear_mse(
     *,
     optimizer: Any = None,
     backend: str = "auto",
-    input_precision: str = "ieee",
+    input_precision: str = "auto",
     process_group: Any = None,
 ) -> torch.Tensor:
     """Fused ``F.mse_loss(F.linear(x, weight, bias), target, reduction=reduction)``.
@@ -210,9 +210,12 @@ def linear_mse(
     untouched; with a process group (see linreg_fused.distributed: by
     default the world group once torch.distributed is initialised) that
     step is the step on all ranks' rows (the returned loss is this rank's).
-    input_precision: "ieee" (default, matches PyTorch fp32), "tf32" (faster
-    on GPUs, ~1e-3 relative error) or "tf32x3" (three TF32 products, about
-    fp32's accuracy on tensor cores) for float32 inputs.
+    input_precision: how the Triton kernels form products: "ieee" (FMAs,
+    as PyTorch's fp32 matmul), "tf32" (tensor cores, ~1e-3 relative error),
+    "tf32x3" (three TF32 products: fp32's accuracy on tensor cores), or
+    "auto" (default; linreg_fused.backend.resolve_precision: what
+    torch.get_float32_matmul_precision() asks for float32 inputs, "tf32x3"
+    for bfloat16/float16 inputs).
     """
     _check_options(reduction, input_precision, backend)
     check_inputs(x, weight, bias, target)
@@ -240,7 +243,7 @@ def fused_sgd_step(
     reduction: str = "mean",
     row_index: torch.Tensor | None = None,
     backend: str = "auto",
-    input_precision: str = "ieee",
+    input_precision: str = "auto",
     validate: bool = True,
     process_group: Any = None,
 ) -> torch.Tensor:
@@ -335,7 +338,7 @@ def linear(
     bias: torch.Tensor | None = None,
     *,
     backend: str = "auto",
-    input_precision: str = "ieee",
+    input_precision: str = "auto",
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)``: x (..., D) -> (..., O), through the op
     linreg_fused::linear (its backward is three GEMM-shaped torch ops).

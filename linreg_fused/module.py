@@ -28,7 +28,8 @@ class FusedLinearRegressor(nn.Module):
       tutorial's training loop on the device.
 
     backend: "auto" | "triton" | "torch" (see linreg_fused.backend);
-    input_precision: "ieee" (default) | "tf32" | "tf32x3" for float32 products on GPUs.
+    input_precision: "auto" (default) | "ieee" | "tf32" | "tf32x3": how the Triton kernels
+    form products (linreg_fused.functional.linear_mse; linreg_fused.backend.resolve_precision).
     """
 
     __constants__ = ["in_features", "out_features"]
@@ -45,7 +46,7 @@ class FusedLinearRegressor(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         backend: str = "auto",
-        input_precision: str = "ieee",
+        input_precision: str = "auto",
     ) -> None:
         super().__init__()
         if backend not in BACKENDS:
@@ -157,7 +158,7 @@ class FusedLinearRegressor(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: torch.device | str | None = None,
-             backend: str = "auto", input_precision: str = "ieee") -> "FusedLinearRegressor":
+             backend: str = "auto", input_precision: str = "auto") -> "FusedLinearRegressor":
         """A model read from a file written by ``save`` (or any safetensors file of
         nn.Linear's weight and bias); its metadata: linreg_fused.serialization.read_info."""
         from . import serialization

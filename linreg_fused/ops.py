@@ -99,22 +99,22 @@ def _define(name: str, schema: str):
 
 
 # ---------------------------------------------------------------- linear
-@_define("linear", "(Tensor x, Tensor weight, Tensor? bias, *, str input_precision='ieee', str backend='auto') "
+@_define("linear", "(Tensor x, Tensor weight, Tensor? bias, *, str input_precision='auto', str backend='auto') "
                    "-> Tensor")
-def _linear(x, weight, bias, *, input_precision="ieee", backend="auto"):
+def _linear(x, weight, bias, *, input_precision="auto", backend="auto"):
     """y = x·Wᵀ + b. x: (N, D); weight: (O, D); bias: (O,) or None -> (N, O)."""
     return select_ops(backend, x.device).linear(x, weight, bias, input_precision=input_precision)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::linear")
-def _(x, weight, bias, *, input_precision="ieee", backend="auto"):
+def _(x, weight, bias, *, input_precision="auto", backend="auto"):
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.promote_types(x.dtype, weight.dtype))
 
 
 # ---------------------------------------------------------------- linear + MSE
 @_define("linear_mse_partials", "(Tensor x, Tensor weight, Tensor? bias, Tensor target, Tensor? row_index, *, "
-                                "str input_precision='ieee', str backend='auto') -> Tensor")
-def _linear_mse_partials(x, weight, bias, target, row_index, *, input_precision="ieee", backend="auto"):
+                                "str input_precision='auto', str backend='auto') -> Tensor")
+def _linear_mse_partials(x, weight, bias, target, row_index, *, input_precision="auto", backend="auto"):
     """One pass over a batch: (P, K) partial sums, K = O·D + O + 1, columns
     [Rᵀ·X (O·D, row-major) | Σ R (O) | Σ R² (1)], R = x·Wᵀ + b − target.
     x: (N, D), target: (N, O); row_index: optional (n,) int64, the batch is then those rows."""
@@ -123,14 +123,14 @@ def _linear_mse_partials(x, weight, bias, target, row_index, *, input_precision=
 
 
 @torch.library.register_fake(f"{NAMESPACE}::linear_mse_partials")
-def _(x, weight, bias, target, row_index, *, input_precision="ieee", backend="auto"):
+def _(x, weight, bias, target, row_index, *, input_precision="auto", backend="auto"):
     return _fake_partials(x, weight)
 
 
 @_define("linear_mse", "(Tensor x, Tensor weight, Tensor? bias, Tensor target, *, str reduction='mean', "
-                       "bool keep_residual=False, str input_precision='ieee', str backend='auto') "
+                       "bool keep_residual=False, str input_precision='auto', str backend='auto') "
                        "-> (Tensor, Tensor, Tensor)")
-def _linear_mse(x, weight, bias, target, *, reduction="mean", keep_residual=False, input_precision="ieee",
+def _linear_mse(x, weight, bias, target, *, reduction="mean", keep_residual=False, input_precision="auto",
                 backend="auto"):
     """F.mse_loss(x·Wᵀ + b, target, reduction) for x (N, D), target (N, O).
 
@@ -147,7 +147,7 @@ def _linear_mse(x, weight, bias, target, *, reduction="mean", keep_residual=Fals
 
 
 @torch.library.register_fake(f"{NAMESPACE}::linear_mse")
-def _(x, weight, bias, target, *, reduction="mean", keep_residual=False, input_precision="ieee", backend="auto"):
+def _(x, weight, bias, target, *, reduction="mean", keep_residual=False, input_precision="auto", backend="auto"):
     return (x.new_empty((), dtype=torch.promote_types(x.dtype, weight.dtype)), _fake_partials(x, weight),
             x.new_empty((x.shape[0] if keep_residual else 0, weight.shape[0]), dtype=accumulator_dtype(weight.dtype)))
 

@@ -116,7 +116,7 @@ def load(
     *,
     device: torch.device | str | None = None,
     backend: str = "auto",
-    input_precision: str = "ieee",
+    input_precision: str = "auto",
 ) -> FusedLinearRegressor:
     """A FusedLinearRegressor with the weights of the file at ``path``, on ``device``."""
     from .module import FusedLinearRegressor
