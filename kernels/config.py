@@ -128,7 +128,9 @@ def _shared_estimate(block_n: int, block_d: int, block_o: int, tile_bytes: int, 
     and SHARED_MARGIN for the reductions."""
     parts = 2 if input_precision == "tf32x3" else 1
     x_operand = (2 if input_bytes < 4 else 1) * block_n * block_d * 4
-    return stages * tile_bytes + parts * (x_operand + block_o * block_d * 4) + SHARED_MARGIN
+    # Measured (sm_90, sm_80): a W tile of BLOCK_O < 16 rows is not staged through shared memory.
+    w_operand = block_o * block_d * 4 if block_o >= 16 else 0
+    return stages * tile_bytes + parts * (x_operand + w_operand) + SHARED_MARGIN
 
 
 def _fp64_blocks(in_features: int, block_o: int, num_warps: int) -> tuple[int, int]:
