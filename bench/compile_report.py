@@ -199,6 +199,73 @@ def all_cases(arch: Arch) -> list[Case]:
     return cases + probe_cases(profile)
 
 
+# Awkward shapes: D and O not multiples of any block, 1-sized dims (Triton makes an integer
+# argument equal to 1 a constant), D beyond one block, O beyond one block of the forward,
+# every dtype and precision. (N, D, O, dtype, precision, bias); N = 1 also gives n_rows = 1.
+SHAPES = (
+    (1, 1, 1, "fp32", "ieee", True), (517, 300, 33, "fp32", "ieee", False), (50001, 700, 70, "fp32", "tf32", True),
+    (10001, 1000, 200, "fp32", "ieee", True), (517, 3, 2, "bf16", "tf32", False),
+    (517, 1500, 257, "fp32", "tf32x3", False), (517, 4100, 1, "bf16", "ieee", True),
+    (517, 1000, 200, "fp32", "tf32x3", True), (517, 700, 70, "fp64", "ieee", True),
+    (517, 4100, 257, "fp64", "ieee", False),
+)
+
+
+def shape_cases(arch: Arch) -> list[Case]:
+    """The launches the helpers choose for SHAPES: gradient and forward on every shape, the
+    reduce-update where its specialisation differs (1-sized, fp64), the fused fit and the
+    statistics kernels at 1-sized dims."""
+    from linreg_fused.kernels import fused_fit, linear_forward, linear_mse_grad, linear_stats, reduce_update
+    from linreg_fused.kernels.config import DeviceProfile
+    from linreg_fused.kernels.plan import LaunchPlan
+    from linreg_fused.kernels.specs import ColumnTarget, SGDHyper
+
+    profile = DeviceProfile(gpu=True, multiprocessors=arch.multiprocessors, shared_per_block=arch.shared_per_block,
+                            shared_per_sm=arch.shared_per_sm)
+    cases: list[Case] = []
+    for n, d, o, dtype_name, precision, has_bias in SHAPES:
+        dt = _DTYPES[dtype_name]
+        pdt = torch.float64 if dt == torch.float64 else torch.float32
+        common = dict(regime=f"{n}x{d}x{o}{'' if has_bias else ' nobias'}", dtype=dtype_name, precision=precision,
+                      hot=False, memory_bound=False, tile_bytes=0)
+        x, t, w = _meta(n, d, dtype=dt), _meta(n, o, dtype=dt), _meta(o, d, dtype=pdt)
+        b = _meta(o, dtype=pdt) if has_bias else None
+        grad, partials = linear_mse_grad.plan_linear_mse_partials(x, w, b, t, input_precision=precision,
+                                                                  profile=profile)
+        tc = grad.constexprs["USE_DOT"] and precision != "ieee"
+        cases.append(Case(kernel="grad", plan=grad, tensor_core=tc, **common))
+        forward, _ = linear_forward.plan_linear_forward(x, w, b, out_dtype=pdt, input_precision=precision,
+                                                        profile=profile)
+        cases.append(Case(kernel="forward", plan=forward, tensor_core=tc, **common))
+        if n == 1 or dt == torch.float64:
+            targets = [ColumnTarget(0, w, SGDHyper(0.1, momentum=0.9), _meta(o, d, dtype=pdt))]
+            targets += [ColumnTarget(o * d, b, SGDHyper(0.1))] if b is not None else []
+            update = reduce_update.plan_reduce_update(partials.buffer, targets, scale=1.0, loss_out=_meta(dtype=pdt),
+                                                      loss_column=partials.loss_column, profile=profile)
+            cases.append(Case(kernel="update", plan=update, tensor_core=False, **common))
+    # The fused fit and the statistics epochs at N = D = O = batch = 1 (every integer argument 1).
+    common = dict(regime="1x1x1", dtype="fp32", precision="ieee", hot=False, memory_bound=False, tile_bytes=0,
+                  tensor_core=False)
+    x, t, w, b = _meta(1, 1, dtype=torch.float32), _meta(1, 1, dtype=torch.float32), _meta(1, 1, dtype=torch.float32), \
+        _meta(1, dtype=torch.float32)
+    fit = fused_fit.plan_fit_small(x, t, w, b, None, None, _meta(1, 1, dtype=torch.int64),
+                                   _meta(1, 2, dtype=torch.float32), batch_size=1, mean=True,
+                                   weight_hyper=SGDHyper(0.1), bias_hyper=SGDHyper(0.1), init_weight_buffer=False,
+                                   init_bias_buffer=False, profile=profile)
+    cases.append(Case(kernel="fit", plan=fit, **common))
+    f64 = _meta(1, dtype=torch.float64)
+    epochs = dict(mean_x_ptr=f64, mean_t_ptr=f64, m_xx_ptr=f64, m_tx_ptr=f64, m_tt_ptr=f64,
+                  hyper_ptr=_meta(8, dtype=torch.float64), history_ptr=_meta(1, dtype=torch.float32),
+                  w_ptr=w, b_ptr=b, w_buf_ptr=w, b_buf_ptr=b, w_state_ptr=_meta(2, 1, 1, dtype=torch.float32),
+                  b_state_ptr=_meta(2, 1, dtype=torch.float32), w_buf_state_ptr=_meta(2, 1, 1, dtype=torch.float32),
+                  b_buf_state_ptr=_meta(2, 1, dtype=torch.float32), n_rows=1, D=1, O=1, n_epochs=1)
+    flags = dict(HAS_BIAS=True, UPDATE_W=True, UPDATE_B=True, MEAN=True, W_FLAGS=15, B_FLAGS=15,
+                 INIT_W_BUFFER=True, INIT_B_BUFFER=True, **linear_stats.epoch_blocks(1, 1))
+    cases.append(Case(kernel="stats-epochs", plan=LaunchPlan(linear_stats._stats_sgd_kernel, (1,), epochs, flags,
+                                                             linear_stats.EPOCH_WARPS, 1), **common))
+    return cases
+
+
 # ------------------------------------------------------------------ compiling
 def compile_spec(plan, capability: int) -> tuple[dict, tuple]:
     """What Triton's launcher would compile for ``plan`` on sm_<capability>:
@@ -368,7 +435,7 @@ def analyse(arch: Arch, case: Case, signature: dict, result: dict) -> Row:
 
 
 def report(capabilities: list[int], jobs: int = 1, only: str | None = None, hot_only: bool = False,
-           progress=None) -> tuple[list[Row], dict]:
+           progress=None, cases_of=None) -> tuple[list[Row], dict]:
     """Compile every case for every architecture: (rows, summary)."""
     reason = tools_available()
     if reason:
@@ -377,7 +444,7 @@ def report(capabilities: list[int], jobs: int = 1, only: str | None = None, hot_
     planned: list[tuple[Arch, Case, tuple, dict]] = []
     for capability in capabilities:
         arch = ARCHS[capability]
-        for case in all_cases(arch):
+        for case in (cases_of or all_cases)(arch):
             if only and not re.search(only, f"{case.regime} {case.kernel} {case.dtype} {case.precision}"):
                 continue
             if hot_only and not (case.hot or case.regime.startswith("probe")):
@@ -436,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     parser.add_argument("--only", help="regex over 'regime kernel dtype precision'")
     parser.add_argument("--hot", action="store_true", help="only the fp32/bf16 launches (and the probes)")
+    parser.add_argument("--shapes", action="store_true", help="the awkward SHAPES instead of the regimes")
     parser.add_argument("--warm-cache", action="store_true",
                         help="use Triton's cache directory (default: a fresh one, so compile times are cold)")
     args = parser.parse_args(argv)
@@ -444,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as cache:
         if not args.warm_cache:
             os.environ["TRITON_CACHE_DIR"] = cache  # read by Triton at compile time, also in the workers
-        rows, summary = report(args.arch, args.jobs, args.only, args.hot,
+        rows, summary = report(args.arch, args.jobs, args.only, args.hot, cases_of=shape_cases if args.shapes else None,
                                progress=lambda i, n: print(f"\rcompiled {i}/{n}", end="", file=sys.stderr))
     print(file=sys.stderr)
     print(format_table(rows))

@@ -29,7 +29,7 @@ GPU rules:
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from triton import cdiv
@@ -84,11 +84,13 @@ class ReduceConfig:
 IN_FLIGHT_PER_SM = 32 * 1024  # bytes of loads each SM should have outstanding (>= ~25 KB, Little's law)
 TILE_BYTES = 16 * 1024  # target bytes of X (+T) per row tile
 MAX_STAGE_BYTES = 160 * 1024  # shared memory for one program's pipeline buffers
-SHARED_MARGIN = 8 * 1024  # what the compiler adds besides the estimate (reductions, layout conversions)
+SHARED_MARGIN = 16 * 1024  # what the compiler adds besides the estimate (reductions, layout conversions)
 MAX_PROGRAMS_PER_SM = 4
 MAX_STAGES = 6
 MAX_ONE_BLOCK_D = 1024  # larger D is walked in chunks of CHUNK_D
 CHUNK_D = 256
+W_ELEMENTS = 8192  # BLOCK_O·BLOCK_D of the gradient kernel's W (and dW) tile, held in registers
+FORWARD_CHUNK_D = 64  # D chunk of the inference kernel beyond one block (32 for tf32x3)
 FMA_PRODUCTS_PER_THREAD = 64  # fp64 broadcast products: BLOCK_N·BLOCK_D·BLOCK_O / threads
 
 
@@ -118,10 +120,17 @@ def _pipeline(tile_bytes: int, extra_bytes: int, profile: DeviceProfile) -> tupl
     return stages, programs
 
 
-def _shared_estimate(block_n: int, block_d: int, tile_bytes: int, stages: int, input_bytes: int) -> int:
-    """Shared memory of a dot-path gradient program, as the compile report measures it: the
-    pipeline buffers plus the fp32 operand tile(s) of the dots (two when inputs are upcast)."""
-    return stages * tile_bytes + (2 if input_bytes < 4 else 1) * block_n * block_d * 4
+def _shared_estimate(block_n: int, block_d: int, block_o: int, tile_bytes: int, stages: int, input_bytes: int,
+                     input_precision: str) -> int:
+    """Shared memory of a dot-path program (an upper bound of what the compile report measures):
+    the pipeline buffers, the fp32 operand tiles of the dots as their layouts are converted (the
+    x tile, twice when inputs are upcast; the W tile), both twice for tf32x3 (high and low parts),
+    and SHARED_MARGIN for the reductions."""
+    parts = 2 if input_precision == "tf32x3" else 1
+    x_operand = (2 if input_bytes < 4 else 1) * block_n * block_d * 4
+    # Measured (sm_90, sm_80): a W tile of BLOCK_O < 16 rows is not staged through shared memory.
+    w_operand = block_o * block_d * 4 if block_o >= 16 else 0
+    return stages * tile_bytes + parts * (x_operand + w_operand) + SHARED_MARGIN
 
 
 def _fp64_blocks(in_features: int, block_o: int, num_warps: int) -> tuple[int, int]:
@@ -147,26 +156,35 @@ def grad_config(in_features: int, out_features: int, profile: DeviceProfile, acc
                           max_programs=4)
     if use_dot:
         # tf32x3 holds a high and a low part of each operand: chunks of CHUNK_D beyond that.
-        one_block_d = CHUNK_D if input_precision == "tf32x3" else MAX_ONE_BLOCK_D
-        block_d = max(16, p2(in_features)) if p2(in_features) <= one_block_d else CHUNK_D
-        block_n = 16 if input_precision == "tf32x3" else _rows_for_bytes(
-            (min(block_d, in_features) + out_features) * input_bytes, 16, 128)
+        # W and dW stay in registers: BLOCK_O·BLOCK_D <= W_ELEMENTS, chunks of D beyond that.
+        one_block_d = min(CHUNK_D if input_precision == "tf32x3" else MAX_ONE_BLOCK_D, max(16, W_ELEMENTS // block_o))
+        chunk_d = max(16, min(CHUNK_D, W_ELEMENTS // block_o))
+        block_d = max(16, p2(in_features)) if p2(in_features) <= one_block_d else chunk_d
+
+        def rows_for(bd: int) -> int:
+            if input_precision == "tf32x3":
+                return 16
+            return _rows_for_bytes((min(bd, in_features) + out_features) * input_bytes, 16, 128)
+
+        block_n = rows_for(block_d)
+        budget = profile.shared_per_block
         if block_d >= in_features and _shared_estimate(
-                block_n, block_d, block_n * (in_features + out_features) * input_bytes, 2, input_bytes
-        ) > profile.shared_per_block - SHARED_MARGIN:
-            block_d = CHUNK_D  # one block of D does not fit this card's shared memory: chunks
+                block_n, block_d, block_o, block_n * (in_features + out_features) * input_bytes, 2, input_bytes,
+                input_precision) > budget:
+            block_d = chunk_d  # one block of D does not fit this card's shared memory: chunks
+            block_n = rows_for(block_d)
         # More warps where the x tile or dW would take >= 64 registers per thread (tf32x3
         # holds two parts of each operand, the chunk loops a second x chunk).
         doubled = input_precision == "tf32x3" or block_d < in_features
         elements = max(block_n, block_o, 16) * block_d * (2 if doubled else 1)
         num_warps = 4 if elements < 8192 else (8 if elements < 32768 else 16)
-        extra = _shared_estimate(block_n, block_d, 0, 0, input_bytes)
+        extra = _shared_estimate(block_n, block_d, block_o, 0, 0, input_bytes, input_precision)
     else:
         num_warps = 8 if p2(in_features) * block_o > 2048 else 4
         block_n, block_d = _fp64_blocks(in_features, block_o, num_warps)
         extra = 0
     one_block = block_d >= in_features
-    tile_bytes = block_n * ((in_features + out_features) if one_block else block_d) * input_bytes
+    tile_bytes = block_n * ((in_features if one_block else block_d) + out_features) * input_bytes
     num_stages, per_sm = _pipeline(tile_bytes, extra, profile)
     return TileConfig(block_n, block_d, block_o, use_dot, max_programs=per_sm * profile.multiprocessors,
                       num_warps=num_warps, num_stages=num_stages)
@@ -184,10 +202,18 @@ def forward_config(in_features: int, out_features: int, profile: DeviceProfile, 
             return TileConfig(16, max(16, min(p2(in_features), 64)), block_o, True)
         block_o = min(block_o, 16)
         return TileConfig(16, min(p2(in_features), 128, max(1, 8192 // (16 * block_o))), block_o, False)
-    if use_dot:
-        block_d = max(16, min(p2(in_features), CHUNK_D))
-        block_n = _rows_for_bytes(min(block_d, in_features) * input_bytes, 16, 128)
-        num_warps = 8 if block_n * block_d >= 8192 else 4
+    if use_dot and input_precision == "tf32x3":
+        # High and low parts of both operands: 64 rows in chunks of 32 keep a 64-wide output
+        # block unspilled (one 64×64×64 block spills on some Triton releases).
+        block_d = max(16, min(p2(in_features), FORWARD_CHUNK_D // 2))
+        block_n, num_warps = 64, 8
+    elif use_dot:
+        if p2(in_features) <= CHUNK_D:  # one block of D, its x tile about TILE_BYTES
+            block_d = max(16, p2(in_features))
+            block_n = _rows_for_bytes(block_d * input_bytes, 16, 128)
+            num_warps = 8 if block_n * block_d >= 8192 else 4
+        else:  # chunks: three stages of (64 rows + BLOCK_O) × 64 columns stay within ~100 KB
+            block_d, block_n, num_warps = FORWARD_CHUNK_D, 64, 8
     else:
         block_o = min(block_o, 16)
         num_warps = 8 if p2(in_features) * block_o > 2048 else 4
@@ -206,3 +232,15 @@ def reduce_config(n_partials: int, n_columns: int, profile: DeviceProfile) -> Re
     block_p = max(1, min(p2(max(n_partials, 1)), 4096 // block_cols))
     return ReduceConfig(block_p=block_p, block_cols=block_cols, num_warps=4,
                         num_stages=3 if n_partials > block_p else 1)
+
+
+def smaller_config(cfg: TileConfig | ReduceConfig) -> TileConfig | ReduceConfig | None:
+    """The next config to try when a kernel does not fit shared memory: one pipeline stage
+    fewer, then half the rows (tl.dot needs 16), then half the reduce block; None: nothing smaller."""
+    if cfg.num_stages > 1:
+        return replace(cfg, num_stages=cfg.num_stages - 1)
+    if isinstance(cfg, ReduceConfig):
+        return replace(cfg, block_p=cfg.block_p // 2) if cfg.block_p > 1 else None
+    if cfg.block_n > (16 if cfg.use_dot else 1):
+        return replace(cfg, block_n=cfg.block_n // 2)
+    return None

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .config import DeviceProfile, TileConfig, device_profile, forward_config
-from .plan import LaunchPlan
+from .plan import LaunchPlan, fitted
 from .specs import accumulator_dtype
 from .tiles import load_rows, x_times_wt
 
@@ -69,19 +69,26 @@ def plan_linear_forward(
     acc = accumulator_dtype(weight.dtype)
     if acc == torch.float64:
         input_precision = "ieee"  # tf32 is a float32 mode
-    cfg = config or forward_config(in_features, out_features, profile or device_profile(x.device), acc,
-                                   input_precision, x.element_size())
+    profile = profile or device_profile(x.device)
+    cfg = config or forward_config(in_features, out_features, profile, acc, input_precision, x.element_size())
     y = torch.empty((n_rows, out_features), device=x.device, dtype=out_dtype)
-    grid = (triton.cdiv(n_rows, cfg.block_n), triton.cdiv(out_features, cfg.block_o))
-    args = dict(x_ptr=x, w_ptr=weight, b_ptr=bias if bias is not None else weight, y_ptr=y,
-                n_rows=n_rows, D=in_features, O=out_features,
-                stride_xn=x.stride(0), stride_xd=x.stride(1), stride_wo=weight.stride(0), stride_wd=weight.stride(1),
-                stride_yn=y.stride(0), stride_yo=y.stride(1))
-    constexprs = dict(HAS_BIAS=bias is not None, INPUT_PRECISION=input_precision, USE_DOT=cfg.use_dot,
-                      ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32,
-                      ONE_D_BLOCK=cfg.block_d >= in_features, NUM_STAGES=cfg.num_stages,
-                      BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_O=cfg.block_o)
-    return LaunchPlan(_linear_forward_kernel, grid, args, constexprs, cfg.num_warps, cfg.num_stages), y
+
+    def make(cfg: TileConfig) -> tuple[LaunchPlan, torch.Tensor]:
+        grid = (triton.cdiv(n_rows, cfg.block_n), triton.cdiv(out_features, cfg.block_o))
+        args = dict(x_ptr=x, w_ptr=weight, b_ptr=bias if bias is not None else weight, y_ptr=y,
+                    n_rows=n_rows, D=in_features, O=out_features,
+                    stride_xn=x.stride(0), stride_xd=x.stride(1), stride_wo=weight.stride(0),
+                    stride_wd=weight.stride(1), stride_yn=y.stride(0), stride_yo=y.stride(1))
+        constexprs = dict(HAS_BIAS=bias is not None, INPUT_PRECISION=input_precision, USE_DOT=cfg.use_dot,
+                          ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32,
+                          ONE_D_BLOCK=cfg.block_d >= in_features, NUM_STAGES=cfg.num_stages,
+                          BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_O=cfg.block_o)
+        return LaunchPlan(_linear_forward_kernel, grid, args, constexprs, cfg.num_warps, cfg.num_stages), y
+
+    if config is not None:  # the caller's config, as given
+        return make(cfg)
+    key = ("forward", cfg, profile, x.device, x.dtype, weight.dtype, out_dtype, bias is not None, input_precision)
+    return fitted(make, cfg, profile, x.device, key)
 
 
 def linear_forward(

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .config import DeviceProfile, TileConfig, device_profile, grad_config
-from .plan import LaunchPlan
+from .plan import LaunchPlan, fitted
 from .specs import GradPartials, accumulator_dtype
 from .tiles import accumulate, load_rows, rt_times_x, x_times_wt
 
@@ -62,7 +62,7 @@ def _linear_mse_partials_kernel(
     w = load_rows(w_ptr, offs_o, offs_d, mask_o, mask_d, stride_wo, stride_wd, acc_dtype)
     if not ONE_D_BLOCK:
         # The chunks of dW after the first are summed in this program's partial row: zero it first.
-        for d0 in range(BLOCK_D, D, BLOCK_D):
+        for d0 in tl.range(BLOCK_D, D, BLOCK_D, num_stages=1):
             dd = d0 + offs_d
             tl.store(partial_row + offs_o[:, None] * D + dd[None, :], tl.zeros([BLOCK_O, BLOCK_D], dtype=acc_dtype),
                      mask=mask_o[:, None] & (dd < D)[None, :])
@@ -82,7 +82,9 @@ def _linear_mse_partials_kernel(
         x = load_rows(x_ptr, rows, offs_d, mask_n, mask_d, stride_xn, stride_xd, acc_dtype)
         pred = x_times_wt(x, w, INPUT_PRECISION, USE_DOT)
         if not ONE_D_BLOCK:
-            for d0 in range(BLOCK_D, D, BLOCK_D):
+            # The D chunks inside a row tile are not pipelined (num_stages=1): pipeline buffers
+            # for a W chunk would take BLOCK_O·BLOCK_D·4 bytes of shared memory per stage.
+            for d0 in tl.range(BLOCK_D, D, BLOCK_D, num_stages=1):
                 dd = d0 + offs_d
                 md = dd < D
                 xc = load_rows(x_ptr, rows, dd, mask_n, md, stride_xn, stride_xd, acc_dtype)
@@ -104,7 +106,7 @@ def _linear_mse_partials_kernel(
         # touches that row, so the read-modify-write needs no atomics).
         dw_acc = accumulate(dw_acc, rt_times_x(r, x, INPUT_PRECISION, USE_DOT), INPUT_PRECISION)
         if not ONE_D_BLOCK:
-            for d0 in range(BLOCK_D, D, BLOCK_D):
+            for d0 in tl.range(BLOCK_D, D, BLOCK_D, num_stages=1):
                 dd = d0 + offs_d
                 md = dd < D
                 xc = load_rows(x_ptr, rows, dd, mask_n, md, stride_xn, stride_xd, acc_dtype)
@@ -141,32 +143,41 @@ def plan_linear_mse_partials(
     acc = accumulator_dtype(weight.dtype)
     if acc == torch.float64:
         input_precision = "ieee"  # tf32 is a float32 mode
-    cfg = config or grad_config(in_features, out_features, profile or device_profile(x.device), acc,
-                                input_precision, x.element_size())
+    profile = profile or device_profile(x.device)
+    cfg = config or grad_config(in_features, out_features, profile, acc, input_precision, x.element_size())
     if cfg.block_o < out_features:
         raise ValueError(f"block_o={cfg.block_o} < out_features={out_features}: one program holds every output")
-    n_programs = triton.cdiv(n_rows, cfg.block_n)
-    if cfg.max_programs:
-        n_programs = min(n_programs, cfg.max_programs)
-    n_cols = out_features * in_features + out_features + 1
-    partials = torch.empty((n_programs, n_cols), device=x.device, dtype=acc)
-    residual = torch.empty((n_rows, out_features), device=x.device, dtype=acc) if store_residual else None
-    args = dict(
-        x_ptr=x, w_ptr=weight, b_ptr=bias if bias is not None else weight, t_ptr=target,
-        row_index_ptr=row_index if row_index is not None else partials, partials_ptr=partials,
-        residual_ptr=residual if residual is not None else partials,
-        n_rows=n_rows, D=in_features, O=out_features,
-        stride_xn=x.stride(0), stride_xd=x.stride(1), stride_wo=weight.stride(0), stride_wd=weight.stride(1),
-        stride_tn=target.stride(0), stride_to=target.stride(1),
-        stride_index=row_index.stride(0) if row_index is not None else 1, stride_partials=partials.stride(0),
-    )
-    constexprs = dict(
-        HAS_BIAS=bias is not None, HAS_ROW_INDEX=row_index is not None, STORE_RESIDUAL=store_residual,
-        INPUT_PRECISION=input_precision, USE_DOT=cfg.use_dot, ONE_D_BLOCK=cfg.block_d >= in_features,
-        NUM_STAGES=cfg.num_stages, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_O=cfg.block_o,
-    )
-    plan = LaunchPlan(_linear_mse_partials_kernel, (n_programs,), args, constexprs, cfg.num_warps, cfg.num_stages)
-    return plan, GradPartials(partials, residual, n_rows, out_features, in_features)
+
+    def make(cfg: TileConfig) -> tuple[LaunchPlan, GradPartials]:
+        n_programs = triton.cdiv(n_rows, cfg.block_n)
+        if cfg.max_programs:
+            n_programs = min(n_programs, cfg.max_programs)
+        n_cols = out_features * in_features + out_features + 1
+        partials = torch.empty((n_programs, n_cols), device=x.device, dtype=acc)
+        residual = torch.empty((n_rows, out_features), device=x.device, dtype=acc) if store_residual else None
+        args = dict(
+            x_ptr=x, w_ptr=weight, b_ptr=bias if bias is not None else weight, t_ptr=target,
+            row_index_ptr=row_index if row_index is not None else partials, partials_ptr=partials,
+            residual_ptr=residual if residual is not None else partials,
+            n_rows=n_rows, D=in_features, O=out_features,
+            stride_xn=x.stride(0), stride_xd=x.stride(1), stride_wo=weight.stride(0), stride_wd=weight.stride(1),
+            stride_tn=target.stride(0), stride_to=target.stride(1),
+            stride_index=row_index.stride(0) if row_index is not None else 1, stride_partials=partials.stride(0),
+        )
+        constexprs = dict(
+            HAS_BIAS=bias is not None, HAS_ROW_INDEX=row_index is not None, STORE_RESIDUAL=store_residual,
+            INPUT_PRECISION=input_precision, USE_DOT=cfg.use_dot, ONE_D_BLOCK=cfg.block_d >= in_features,
+            NUM_STAGES=cfg.num_stages, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_O=cfg.block_o,
+        )
+        plan = LaunchPlan(_linear_mse_partials_kernel, (n_programs,), args, constexprs, cfg.num_warps,
+                          cfg.num_stages)
+        return plan, GradPartials(partials, residual, n_rows, out_features, in_features)
+
+    if config is not None:  # the caller's config, as given
+        return make(cfg)
+    key = ("grad", cfg, profile, x.device, x.dtype, weight.dtype, target.dtype, bias is not None,
+           row_index is not None, store_residual, input_precision)
+    return fitted(make, cfg, profile, x.device, key)
 
 
 def linear_mse_partials(

@@ -378,9 +378,11 @@ def _stats_sgd_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     offs_j = tl.arange(0, BLOCK_J)
     n_w = O * D
-    n = n_rows.to(f64)
+    # Integer arguments equal to 1 arrive as Python ints on a GPU (Triton specialises them):
+    # tl.cast takes both, where int.to would not.
+    n = tl.cast(n_rows, f64)
     if MEAN:
-        loss_scale = 1.0 / (n * O.to(f64))
+        loss_scale = 1.0 / (n * tl.cast(O, f64))
     else:
         loss_scale = n * 0.0 + 1.0
     grad_scale = 2.0 * loss_scale
@@ -403,8 +405,8 @@ def _stats_sgd_kernel(
             _copy_state(b_buf_ptr, b_buf_state_ptr, O, BLOCK_COPY)
     tl.debug_barrier()
 
-    cur = n_rows * 0  # the slot holding the current state
-    all_finite = n_rows >= 0  # True
+    cur = tl.full([], 0, tl.int32)  # the slot holding the current state
+    all_finite = tl.full([], 1, tl.int1)  # True
     for epoch in range(n_epochs):
         src = cur * n_w
         dst = (1 - cur) * n_w
