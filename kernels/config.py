@@ -133,6 +133,77 @@ def _shared_estimate(block_n: int, block_d: int, block_o: int, tile_bytes: int, 
     return stages * tile_bytes + parts * (x_operand + w_operand) + SHARED_MARGIN
 
 
+# ---------------------------------------------------------------- measured choices
+# The fastest blocks of bench/sweep.py on an H200 (torch 2.11.0, Triton 3.6.0, 2026-11-26; the
+# data: bench/results/H200-2026-11-26-sweep.json), for the shapes it swept: D classes 64, 256,
+# 1024 (D up to 64, up to 256, up to 1024) with O <= 16: the fastest of those that do not spill
+# registers when compiled by the Triton these tests run (tests/test_compile.py; a few faster ones
+# spill 16-24 B/thread with Triton 3.9) and whose row-tile loop is pipelined (D in one block: the
+# sweep's faster D-chunked deep tf32 runs predate the unpipelined chunk loops). Elsewhere, and where a choice would not fit this card's
+# shared memory, the rules below decide.
+MEASURED_SHARED_PER_BLOCK = 232448
+#   gradient: (precision, input bytes, D class) -> (BLOCK_N, D in chunks of CHUNK_D?, warps, stages, programs per SM)
+MEASURED_GRAD: dict[tuple[str, int, int], tuple[int, bool, int, int, int]] = {
+    ("ieee", 4, 64): (128, False, 4, 3, 2), ("tf32", 4, 64): (64, False, 4, 2, 4),
+    ("tf32x3", 4, 64): (128, False, 4, 2, 2),
+    ("ieee", 2, 64): (128, False, 4, 3, 2), ("tf32x3", 2, 64): (16, False, 4, 6, 4),
+    ("ieee", 4, 256): (32, False, 4, 2, 2),
+    ("tf32x3", 4, 256): (16, False, 4, 2, 2),
+    ("ieee", 2, 256): (32, False, 4, 2, 2), ("tf32x3", 2, 256): (16, False, 4, 3, 2),
+    ("ieee", 4, 1024): (16, False, 8, 3, 1), ("tf32", 4, 1024): (16, False, 4, 2, 1),
+    ("tf32x3", 4, 1024): (16, False, 8, 2, 1),
+    ("ieee", 2, 1024): (16, False, 8, 3, 1), ("tf32x3", 2, 1024): (16, False, 8, 3, 1),
+}
+#   inference, fp32: (precision, D class, O class 16 or 256) -> (BLOCK_N, BLOCK_D (0: one block), BLOCK_O cap, warps)
+MEASURED_FORWARD: dict[tuple[str, int, int], tuple[int, int, int, int]] = {
+    ("ieee", 64, 16): (128, 0, 16, 4), ("tf32", 64, 16): (64, 0, 16, 8), ("tf32x3", 64, 16): (64, 0, 16, 4),
+    ("ieee", 256, 16): (64, 0, 16, 4), ("tf32", 256, 16): (64, 0, 16, 8), ("tf32x3", 256, 16): (16, 0, 16, 4),
+    ("ieee", 1024, 16): (64, 256, 16, 4), ("tf32", 1024, 16): (64, 256, 16, 4),
+    ("tf32x3", 1024, 16): (16, 256, 16, 4),
+    ("tf32", 64, 256): (128, 0, 64, 8),
+}
+
+
+def _d_class(in_features: int) -> int | None:
+    d = p2(in_features)
+    return 64 if d <= 64 else 256 if d <= 256 else 1024 if d <= 1024 else None
+
+
+def _measured_grad(in_features: int, out_features: int, profile: DeviceProfile, input_precision: str,
+                   input_bytes: int) -> TileConfig | None:
+    """MEASURED_GRAD's choice for this problem, if it has one that fits the card."""
+    d_class = _d_class(in_features)
+    entry = MEASURED_GRAD.get((input_precision, input_bytes, d_class)) if out_features <= 16 else None
+    if entry is None:
+        return None
+    block_n, chunked, num_warps, num_stages, per_sm = entry
+    block_o = p2(out_features)
+    block_d = CHUNK_D if chunked and in_features > CHUNK_D else max(16, p2(in_features))
+    one_block = block_d >= in_features
+    tile_bytes = block_n * ((in_features if one_block else block_d) + out_features) * input_bytes
+    # Each entry ran on the H200 (an sm_90 block's 232,448 B); a card with less shared memory per
+    # block takes it only where the (conservative) estimate fits.
+    if profile.shared_per_block < MEASURED_SHARED_PER_BLOCK and _shared_estimate(
+            block_n, block_d, block_o, tile_bytes, num_stages, input_bytes, input_precision) > profile.shared_per_block:
+        return None
+    return TileConfig(block_n, block_d, block_o, True, max_programs=per_sm * profile.multiprocessors,
+                      num_warps=num_warps, num_stages=num_stages)
+
+
+def _measured_forward(in_features: int, out_features: int, input_precision: str,
+                      input_bytes: int) -> TileConfig | None:
+    """MEASURED_FORWARD's choice (fp32 inputs), if it has one."""
+    o_class = 16 if out_features <= 16 else 256 if out_features <= 256 else None
+    entry = MEASURED_FORWARD.get((input_precision, _d_class(in_features), o_class)) if input_bytes == 4 else None
+    if entry is None:
+        return None
+    block_n, block_d, block_o_cap, num_warps = entry
+    block_d = block_d if block_d and in_features > block_d else max(16, p2(in_features))
+    block_o = min(p2(out_features), block_o_cap)
+    return TileConfig(block_n, block_d, block_o, True, num_warps=num_warps,
+                      num_stages=1 if block_d >= in_features else 3)
+
+
 def _fp64_blocks(in_features: int, block_o: int, num_warps: int) -> tuple[int, int]:
     """(block_n, block_d) of the fp64 broadcast products on a GPU, within the register budget."""
     budget = FMA_PRODUCTS_PER_THREAD * 32 * num_warps
@@ -154,6 +225,9 @@ def grad_config(in_features: int, out_features: int, profile: DeviceProfile, acc
             return TileConfig(16, max(16, min(p2(in_features), 64)), block_o, True, max_programs=4)
         return TileConfig(16, min(p2(in_features), 128, max(1, 8192 // (16 * block_o))), block_o, False,
                           max_programs=4)
+    measured = _measured_grad(in_features, out_features, profile, input_precision, input_bytes) if use_dot else None
+    if measured is not None:
+        return measured
     if use_dot:
         # tf32x3 holds a high and a low part of each operand: chunks of CHUNK_D beyond that.
         # W and dW stay in registers: BLOCK_O·BLOCK_D <= W_ELEMENTS, chunks of D beyond that.
@@ -202,6 +276,9 @@ def forward_config(in_features: int, out_features: int, profile: DeviceProfile, 
             return TileConfig(16, max(16, min(p2(in_features), 64)), block_o, True)
         block_o = min(block_o, 16)
         return TileConfig(16, min(p2(in_features), 128, max(1, 8192 // (16 * block_o))), block_o, False)
+    measured = _measured_forward(in_features, out_features, input_precision, input_bytes) if use_dot else None
+    if measured is not None:
+        return measured
     if use_dot and input_precision == "tf32x3":
         # High and low parts of both operands: 64 rows in chunks of 32 keep a 64-wide output
         # block unspilled (one 64×64×64 block spills on some Triton releases).
@@ -213,7 +290,8 @@ def forward_config(in_features: int, out_features: int, profile: DeviceProfile, 
             block_n = _rows_for_bytes(block_d * input_bytes, 16, 128)
             num_warps = 8 if block_n * block_d >= 8192 else 4
         else:  # chunks: three stages of (64 rows + BLOCK_O) × 64 columns stay within ~100 KB
-            block_d, block_n, num_warps = FORWARD_CHUNK_D, 64, 8
+            # (IEEE FMA dots hold more per thread: 32 rows, or a 64-wide output block spills)
+            block_d, block_n, num_warps = FORWARD_CHUNK_D, 32 if input_precision == "ieee" else 64, 8
     else:
         block_o = min(block_o, 16)
         num_warps = 8 if p2(in_features) * block_o > 2048 else 4

@@ -64,6 +64,9 @@ def fitted(make: Callable[[Config], tuple], config: Config, profile: DeviceProfi
             shared = shared_bytes(planned[0])
         except OutOfResources:
             shared = None
+        except Exception:  # this Triton cannot compile ahead (e.g. another warmup API): launch as planned,
+            _FITTED[key] = tried  # where any real error surfaces at the launch itself
+            return planned
         if shared is not None and shared <= profile.shared_per_block:
             _FITTED[key] = tried
             return planned
