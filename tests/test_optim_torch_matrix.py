@@ -25,6 +25,10 @@ import torch
 from conftest import DEVICE
 from torch import nn
 
+# PyTorch's test helpers import expecttest, which torch does not install (the test extra does).
+pytest.importorskip("expecttest", reason="PyTorch's optimizer test matrix (torch.testing._internal) needs "
+                                         "expecttest: pip install -e '.[test]'")
+
 # Importing PyTorch's test helpers freezes torch.backends flags for the whole process
 # (common_utils calls torch.backends.disable_global_flags()); put the flag back after.
 _flags_were_frozen = torch.backends.flags_frozen()
