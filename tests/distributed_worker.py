@@ -1,6 +1,6 @@
 """Scenarios for tests/test_distributed.py, run by every rank of a gloo
-process group (spawned processes on this machine) and, with world == 1 and
-process_group=False, by the test itself as the one-process reference on the
+process group (spawned processes on this machine) and, with process_group=False,
+by rank 0 after it has left the group, as the one-process reference on the
 concatenated batches. Each scenario returns a dict of tensors.
 
 Shapes are tiny and most scenarios use the PyTorch reference backend: each
@@ -159,7 +159,8 @@ def checks_only_distributed(s: Shard) -> dict[str, torch.Tensor]:
 
 
 def run(rank: int, world: int, init_file: str, out_dir: str, fail_rank: int = -1) -> None:
-    """One rank: join the gloo group over loopback, run every scenario, save the results."""
+    """One rank: join the gloo group over loopback, run every scenario, save the results; rank 0
+    then leaves the group and runs every scenario as the one process on all rows (reference.pt)."""
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=TIMEOUT)
@@ -172,3 +173,6 @@ def run(rank: int, world: int, init_file: str, out_dir: str, fail_rank: int = -1
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    if rank == 0:  # the one-process reference on every rank's rows, outside any process group
+        reference = {name: scenario(Shard(0, world, False)) for name, scenario in SCENARIOS.items()}
+        torch.save(reference, Path(out_dir) / "reference.pt")

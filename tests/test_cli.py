@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import DEVICE
 
 from linreg_fused import FusedLinearRegressor
 from linreg_fused.cli import main
@@ -30,6 +31,14 @@ def run(args) -> subprocess.CompletedProcess:
     """linreg-fused in a fresh interpreter (python -m linreg_fused), as a user runs it."""
     return subprocess.run([sys.executable, "-m", "linreg_fused", *args], capture_output=True, text=True,
                           env=USER_ENV)
+
+
+def predicted(model: FusedLinearRegressor, x) -> np.ndarray:
+    """What ``predict`` computes for ``x``: the model's float32 outputs on the device the CLI
+    picks by default (CUDA when there is one, as conftest's DEVICE), all rows in one call. The
+    same matmul on the same device gives the same bits; a CPU and a CUDA one can differ in the last."""
+    with torch.no_grad():
+        return model.to(DEVICE)(torch.as_tensor(x, dtype=torch.float32, device=DEVICE)).cpu().numpy()
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:
@@ -135,9 +144,7 @@ def test_train_on_a_million_row_csv_then_predict(tmp_path):
     written = read_columns(out_path)
     assert written.shape == (1_000_000, 2)
     rows = rng.choice(1_000_000, 1000, replace=False)
-    features = read_columns(data, ["f0", "f1", "f2", "f3"])[rows]
-    with torch.no_grad():
-        expected = model(torch.as_tensor(features, dtype=torch.float32)).numpy()
+    expected = predicted(model, read_columns(data, ["f0", "f1", "f2", "f3"]))[rows]
     # the written predictions read back as the float32 values the model computed
     np.testing.assert_array_equal(written[rows].astype(np.float32), expected)
 
@@ -187,9 +194,7 @@ def test_train_crop_csv_like_the_tutorial_and_predict_to_stdout(tmp_path, capsys
     lines = out.splitlines()
     assert lines[0] == "apples,oranges" and len(lines) == 16
     model = FusedLinearRegressor.load(model_path, backend="torch")
-    x = torch.as_tensor(read_columns(CROP_CSV, ["temp", "rainfall", "humidity"]), dtype=torch.float32)
-    with torch.no_grad():
-        expected = model(x).numpy()
+    expected = predicted(model, read_columns(CROP_CSV, ["temp", "rainfall", "humidity"]))
     got = np.array([[float(v) for v in line.split(",")] for line in lines[1:]], dtype=np.float32)
     np.testing.assert_array_equal(got, expected)
 
@@ -349,9 +354,7 @@ def test_predict_without_feature_names_uses_every_column_in_order(tmp_path, caps
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0] == "y0"
-    with torch.no_grad():
-        expected = model(torch.from_numpy(x)).numpy()[:, 0]
-    np.testing.assert_array_equal(np.array(lines[1:], dtype=np.float32), expected)
+    np.testing.assert_array_equal(np.array(lines[1:], dtype=np.float32), predicted(model, x)[:, 0])
     np.save(tmp_path / "x3.npy", np.ones((4, 3)))
     code, _, err = cli(capsys, "predict", str(tmp_path / "m.safetensors"), str(tmp_path / "x3.npy"))
     assert code == 2 and "records no feature names and expects 2 features" in err

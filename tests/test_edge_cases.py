@@ -120,9 +120,12 @@ def test_double_backward_of_a_loss_with_an_optimizer_is_refused(backend):
 
 # ------------------------------------------------------------ row_index
 def _step_loss(backend, x, y, rows, **kwargs):
-    model = FusedLinearRegressor(3, 2, backend=backend).to(DEVICE)
+    # Initialised on the CPU from the seed, as the reference nn.Linear is, then moved:
+    # the CPU and CUDA generators draw different numbers from one seed.
+    model = FusedLinearRegressor(3, 2, backend=backend)
     torch.manual_seed(0)
     model.reset_parameters()
+    model.to(DEVICE)
     return fused_sgd_step(x, model.weight, model.bias, y, FusedSGD(model.parameters(), lr=0.0, backend=backend),
                           row_index=rows, backend=backend, **kwargs)
 

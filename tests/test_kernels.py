@@ -162,7 +162,8 @@ def _eager_fit_float64(x, t, weight, bias, buffers, perms, batch_size, mean, hyp
     F.mse_loss and torch.optim.SGD (one param group per parameter), over the given
     row orders. buffers: the momentum buffers to start from (None: SGD makes them).
     Returns ((weight, bias), (weight buffer, bias buffer), history): each
-    epoch's (mean batch loss, last batch loss), as fit_small records them."""
+    epoch's (mean batch loss, last batch loss), as fit_small records them.
+    Runs on the CPU whatever device the inputs are on (copy_ and .cpu() bring them over)."""
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None).double()
     with torch.no_grad():
         linear.weight.copy_(weight)
@@ -172,8 +173,8 @@ def _eager_fit_float64(x, t, weight, bias, buffers, perms, batch_size, mean, hyp
     opt = torch.optim.SGD([_sgd_group(p, h) for p, h in zip(params, hypers)], lr=hypers[0].lr)
     for p, h, buf in zip(params, hypers, buffers):
         if h.momentum and buf is not None:
-            opt.state[p]["momentum_buffer"] = buf.double().clone()
-    x, t = x.double(), t.double()
+            opt.state[p]["momentum_buffer"] = buf.double().cpu().clone()
+    x, t, perms = x.double().cpu(), t.double().cpu(), perms.cpu()
     history = []
     for perm in perms:
         losses = []

@@ -191,7 +191,7 @@ def test_state_dict_interop_and_resume(backend):
         F.mse_loss(linear(x), y).backward()
         torch_opt.step()
     assert_close(linear.weight, straight.weight, TRAJECTORY_TOL, "SGD resumed from FusedSGD state")
-    back = FusedSGD(FusedLinearRegressor(4, 3).parameters(), **options)
+    back = FusedSGD(FusedLinearRegressor(4, 3).to(DEVICE).parameters(), **options)  # buffers follow their params
     back.load_state_dict(torch_opt.state_dict())
     assert torch.equal(back.state_dict()["state"][0]["momentum_buffer"],
                        torch_opt.state_dict()["state"][0]["momentum_buffer"])

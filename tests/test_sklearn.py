@@ -18,6 +18,7 @@ import unittest
 import numpy as np
 import pytest
 import torch
+from conftest import DEVICE
 
 pytest.importorskip("sklearn")
 
@@ -90,16 +91,19 @@ def test_sgd_is_the_library_fit_with_the_same_seed_and_lr():
     rng = np.random.default_rng()
     x, y = _data(50, 3, 2, rng)
     est = FusedSGDRegressor(lr=0.05, epochs=7, batch_size=8, momentum=0.5, random_state=3, backend="torch").fit(x, y)
-    model = FusedLinearRegressor(3, 2, backend="torch")
+    # The estimator's default device is CUDA when there is one (conftest's DEVICE): the same
+    # fit on the same device is the same arithmetic, bit for bit (a CPU one can differ in the last bit).
+    model = FusedLinearRegressor(3, 2, backend="torch", device=DEVICE)
+    assert est.model_.weight.device == model.weight.device
     with torch.no_grad():
         model.weight.zero_()
         model.bias.zero_()
     opt = FusedSGD(model.parameters(), lr=0.05, momentum=0.5, backend="torch")
     seed = int(np.random.RandomState(3).randint(2**31 - 1))
-    model.fit(torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32), epochs=7, batch_size=8,
-              optimizer=opt, seed=seed)
-    np.testing.assert_array_equal(est.coef_, model.weight.detach().double().numpy())
-    np.testing.assert_array_equal(est.intercept_, model.bias.detach().double().numpy())
+    x32, y32 = (torch.tensor(v, dtype=torch.float32, device=DEVICE) for v in (x, y))
+    model.fit(x32, y32, epochs=7, batch_size=8, optimizer=opt, seed=seed)
+    np.testing.assert_array_equal(est.coef_, model.weight.detach().double().cpu().numpy())
+    np.testing.assert_array_equal(est.intercept_, model.bias.detach().double().cpu().numpy())
 
 
 def test_auto_lr_and_explicit_lr():

@@ -20,7 +20,8 @@ GPU_MOMENT_TOL = 2e-5
 
 def _data(n, d, o, dtype=torch.float32, offset=3.0):
     x = torch.randn(n, d, device=CUDA) + offset
-    t = x[:, :o] * 0.5 - 1.0 + torch.randn(n, o, device=CUDA)
+    features = torch.arange(o, device=CUDA) % d  # target j follows feature j mod d (o may exceed d)
+    t = x[:, features] * 0.5 - 1.0 + torch.randn(n, o, device=CUDA)
     return x.to(dtype), t.to(dtype)
 
 
