@@ -7,6 +7,7 @@ itself, so ``specs`` can be used without Triton.
 - reduce_update:   finish the partial sums; write gradients or apply SGD in place
 - linear_forward:  inference, Y = X·Wᵀ + b
 - fused_fit:       many SGD steps of a small problem in one launch
+- probe:           whether Triton's interpreter can run these kernels here (checked at first use)
 - specs:           plain data the kernels share (no Triton)
 - tiles:           jit helpers shared by the kernels (loads, fp64 scalars, the two tile products)
 - config:          block sizes, warps, pipeline stages, grid sizes

@@ -138,7 +138,7 @@ def _shared_estimate(block_n: int, block_d: int, block_o: int, tile_bytes: int, 
 # data: bench/results/H200-2026-11-26-sweep.json), for the shapes it swept: D classes 64, 256,
 # 1024 (D up to 64, up to 256, up to 1024) with O <= 16: the fastest of those that do not spill
 # registers when compiled by the Triton these tests run (tests/test_compile.py; a few faster ones
-# spill 16-24 B/thread with Triton 3.9) and whose row-tile loop is pipelined (D in one block: the
+# spill 8-64 B/thread with Triton 3.9 or 3.6) and whose row-tile loop is pipelined (D in one block: the
 # sweep's faster D-chunked deep tf32 runs predate the unpipelined chunk loops). Elsewhere, and where a choice would not fit this card's
 # shared memory, the rules below decide.
 MEASURED_SHARED_PER_BLOCK = 232448
@@ -150,7 +150,7 @@ MEASURED_GRAD: dict[tuple[str, int, int], tuple[int, bool, int, int, int]] = {
     ("ieee", 4, 256): (32, False, 4, 2, 2),
     ("tf32x3", 4, 256): (16, False, 4, 2, 2),
     ("ieee", 2, 256): (32, False, 4, 2, 2), ("tf32x3", 2, 256): (16, False, 4, 3, 2),
-    ("ieee", 4, 1024): (16, False, 8, 3, 1), ("tf32", 4, 1024): (16, False, 4, 2, 1),
+    ("ieee", 4, 1024): (16, False, 8, 3, 1), ("tf32", 4, 1024): (16, False, 8, 2, 1),
     ("tf32x3", 4, 1024): (16, False, 8, 2, 1),
     ("ieee", 2, 1024): (16, False, 8, 3, 1), ("tf32x3", 2, 1024): (16, False, 8, 3, 1),
 }
@@ -158,7 +158,7 @@ MEASURED_GRAD: dict[tuple[str, int, int], tuple[int, bool, int, int, int]] = {
 MEASURED_FORWARD: dict[tuple[str, int, int], tuple[int, int, int, int]] = {
     ("ieee", 64, 16): (128, 0, 16, 4), ("tf32", 64, 16): (64, 0, 16, 8), ("tf32x3", 64, 16): (64, 0, 16, 4),
     ("ieee", 256, 16): (64, 0, 16, 4), ("tf32", 256, 16): (64, 0, 16, 8), ("tf32x3", 256, 16): (16, 0, 16, 4),
-    ("ieee", 1024, 16): (64, 256, 16, 4), ("tf32", 1024, 16): (64, 256, 16, 4),
+    ("ieee", 1024, 16): (32, 256, 16, 4), ("tf32", 1024, 16): (64, 256, 16, 4),
     ("tf32x3", 1024, 16): (16, 256, 16, 4),
     ("tf32", 64, 256): (128, 0, 64, 8),
 }

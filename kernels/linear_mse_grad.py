@@ -35,14 +35,14 @@ from .tiles import accumulate, load_rows, rt_times_x, x_times_wt
 @triton.jit
 def _linear_mse_partials_kernel(
     x_ptr, w_ptr, b_ptr, t_ptr, row_index_ptr, partials_ptr, residual_ptr,
-    n_rows, D, O,
+    n_rows, D, O, n_programs,
     stride_xn, stride_xd, stride_wo, stride_wd, stride_tn, stride_to, stride_index, stride_partials,
     HAS_BIAS: tl.constexpr, HAS_ROW_INDEX: tl.constexpr, STORE_RESIDUAL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr, ONE_D_BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    n_programs = tl.num_programs(0)
+    # n_programs is the grid, passed in: Triton 3.6's interpreter gives tl.num_programs as a 1-element array.
     # Products run in the accumulator dtype: half-precision inputs are upcast on
     # chip (exact), so fp32 master weights keep their precision in both products.
     acc_dtype: tl.constexpr = partials_ptr.dtype.element_ty
@@ -159,7 +159,7 @@ def plan_linear_mse_partials(
             x_ptr=x, w_ptr=weight, b_ptr=bias if bias is not None else weight, t_ptr=target,
             row_index_ptr=row_index if row_index is not None else partials, partials_ptr=partials,
             residual_ptr=residual if residual is not None else partials,
-            n_rows=n_rows, D=in_features, O=out_features,
+            n_rows=n_rows, D=in_features, O=out_features, n_programs=n_programs,
             stride_xn=x.stride(0), stride_xd=x.stride(1), stride_wo=weight.stride(0), stride_wd=weight.stride(1),
             stride_tn=target.stride(0), stride_to=target.stride(1),
             stride_index=row_index.stride(0) if row_index is not None else 1, stride_partials=partials.stride(0),

@@ -36,10 +36,18 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
         return None
     if device.type == "cpu":
         if interpreter_enabled():
-            return None if _interpreter_consistent() else (
-                "TRITON_INTERPRET=1 was set after Triton was imported (PyTorch imports it lazily, e.g. in "
-                "optimizer steps), so Triton's own functions were built for a GPU; set it in the environment "
-                "before the program starts")
+            if not _interpreter_consistent():
+                return ("TRITON_INTERPRET=1 was set after Triton was imported (PyTorch imports it lazily, e.g. "
+                        "in optimizer steps), so Triton's own functions were built for a GPU; set it in the "
+                        "environment before the program starts")
+            from .kernels.probe import interpreter_runs_runtime_loops
+
+            if not interpreter_runs_runtime_loops():
+                import triton
+
+                return (f"Triton {triton.__version__}'s interpreter cannot run a loop over a runtime bound with "
+                        "this NumPy (it reads the bound with int() of a 1-element array; Triton 3.9's does not)")
+            return None
         return ("the tensors are on the CPU and Triton's interpreter is off; use CUDA tensors, or set "
                 "TRITON_INTERPRET=1 in the environment before the first kernel runs")
     return f"Triton kernels run on CUDA devices (or the CPU through the interpreter), not on {device.type!r}"

@@ -251,7 +251,10 @@ class FusedSGD(torch.optim.SGD):
         ``step()`` would: LR schedulers then see the step (no "lr_scheduler.step()
         before optimizer.step()" warning)."""
         # torch.optim.lr_scheduler wraps optimizer.step to set this flag and reads it in its first step().
-        self._opt_called = True
+        # Not while torch.compile traces (torch 2.11 cannot trace a setattr on an optimizer): a compiled
+        # step leaves the flag to the eager steps, so at worst a scheduler warns about the order.
+        if not torch.compiler.is_compiling():
+            self._opt_called = True
 
     def _pre_step_hooks(self) -> None:
         """The step pre-hooks, for a step taken outside ``step()`` (it has no arguments to change)."""

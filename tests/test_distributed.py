@@ -66,6 +66,9 @@ def world(request, tmp_path_factory):
 @pytest.mark.parametrize("scenario", [s for s in worker.SCENARIOS if s != "train_step_exact"])
 def test_every_rank_ends_where_one_process_on_all_rows_ends(world, scenario):
     _, ranks, reference = world
+    if ranks[0][scenario] is None:
+        pytest.skip("the ranks' Triton interpreter cannot run the kernels here (see "
+                    "linreg_fused.backend.triton_unavailable_reason: Triton < 3.9 with NumPy 2)")
     for r, result in enumerate(ranks[1:], start=1):
         for key, value in result[scenario].items():
             assert torch.equal(value, ranks[0][scenario][key]), f"rank {r} differs from rank 0 in {key}"
