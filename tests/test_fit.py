@@ -308,6 +308,24 @@ def test_divergence_in_the_first_epoch_restores_the_start(path, buffers, backend
             assert torch.equal(opt.state[p]["momentum_buffer"], before[name]), f"{name}: buffer not restored"
 
 
+@pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")  # the interpreter's NumPy
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_a_nan_epoch_is_a_divergence_too(path, backend, monkeypatch):
+    """A NaN loss that never overflowed (a NaN in unchecked data) is not finite either: fit
+    raises at that epoch and leaves the parameters as they were before it, not NaN."""
+    _walk(path, backend, monkeypatch)
+    x, y = crop_yields(device=DEVICE)
+    x = x.clone()
+    x[7, 1] = float("nan")
+    model = FusedLinearRegressor(3, 2, backend=backend).to(DEVICE)
+    start = copy.deepcopy(model.state_dict())
+    opt = _optimizer(path, model.parameters(), backend, lr=1e-5, momentum=0.5)
+    with pytest.raises(TrainingDivergedError, match="at epoch 1/"):
+        model.fit(x, y, epochs=4, batch_size=5, optimizer=opt, seed=0, check_finite=False)
+    for k, v in start.items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
 def test_log_every_prints_like_the_tutorial(backend, capsys):
     x, y = crop_yields(device=DEVICE)
     model = FusedLinearRegressor(3, 2, backend=backend).to(DEVICE)

@@ -205,3 +205,19 @@ def test_statistics_true_errors(backend):
     with pytest.raises(ValueError, match=r"statistics=True: the statistics of in_features=300000 need .* GiB"):
         wide.fit(torch.randn(2, 300_000, device=DEVICE), torch.randn(2, 1, device=DEVICE), epochs=2, lr=0.1,
                  statistics=True)
+
+
+def test_the_logged_last_batch_loss_is_the_epoch_loss(backend, capsys, poisoned):
+    """One batch per epoch: the log line's last-batch loss is the epoch's loss, as on a pass per
+    epoch (the history's second column is written, not left as allocated: here NaN)."""
+    import re
+
+    x, y = _problem()
+    linear = nn.Linear(7, 3).to(DEVICE)
+    _, _, ref_history = _eager(linear, x, y, 4, dict(lr=0.05))
+    _fit(linear, x, y, 4, dict(lr=0.05), backend, True, log_every=1)
+    logged = re.findall(r"^Epoch \[\d+/4\], Loss: (\S+), Epoch mean loss: (\S+)$", capsys.readouterr().out,
+                        re.MULTILINE)
+    assert len(logged) == 4
+    assert_close(torch.tensor([float(last) for last, _ in logged]), torch.tensor(ref_history), 1e-4, "last batch")
+    assert_close(torch.tensor([float(mean) for _, mean in logged]), torch.tensor(ref_history), 1e-4, "mean")
