@@ -164,6 +164,19 @@ MEASURED_FORWARD: dict[tuple[str, int, int], tuple[int, int, int, int]] = {
 }
 
 
+def forward_uses_library(in_features: int, out_features: int, profile: DeviceProfile, x_dtype: torch.dtype,
+                         weight_dtype: torch.dtype, input_precision: str) -> bool:
+    """Whether IEEE fp32 inference should run as PyTorch's own GEMM (cuBLAS) rather than the kernel.
+
+    Measured on the H200 (bench/results/H200-2026-11-26*.json): the IEEE FMA dot of the inference
+    kernel is 0.38-0.62x nn.Linear's GEMM once D > 64 or O > 16 (wide, deep, many outputs), and
+    1.13x it on tall data (D = 64, O = 4). Only where the GEMM computes the same thing: fp32
+    inputs and weights, and PyTorch's float32 matmuls set to IEEE ("highest").
+    """
+    return (profile.gpu and input_precision == "ieee" and x_dtype == weight_dtype == torch.float32
+            and torch.get_float32_matmul_precision() == "highest" and (p2(in_features) > 64 or out_features > 16))
+
+
 def _d_class(in_features: int) -> int | None:
     d = p2(in_features)
     return 64 if d <= 64 else 256 if d <= 256 else 1024 if d <= 1024 else None

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import DeviceProfile, TileConfig, device_profile, forward_config
+from .config import DeviceProfile, TileConfig, device_profile, forward_config, forward_uses_library
 from .plan import LaunchPlan, fitted
 from .specs import accumulator_dtype
 from .tiles import load_rows, x_times_wt
@@ -100,7 +100,14 @@ def linear_forward(
     input_precision: str = "ieee",
     config: TileConfig | None = None,
 ) -> torch.Tensor:
-    """x: (N, D) any strides, weight: (O, D), bias: (O,) or None -> (N, O) contiguous, out_dtype."""
+    """x: (N, D) any strides, weight: (O, D), bias: (O,) or None -> (N, O) contiguous, out_dtype.
+
+    IEEE fp32 inference of wide, deep or many-output problems runs PyTorch's GEMM instead
+    (config.forward_uses_library: there the kernel's FMA dot was measured slower)."""
+    if config is None and forward_uses_library(x.shape[1], weight.shape[0], device_profile(x.device), x.dtype,
+                                               weight.dtype, input_precision):
+        y = torch.nn.functional.linear(x, weight, bias)
+        return y if y.dtype == out_dtype and y.is_contiguous() else y.to(out_dtype).contiguous()
     plan, y = plan_linear_forward(x, weight, bias, out_dtype=out_dtype, input_precision=input_precision,
                                   config=config)
     plan.launch()

@@ -63,3 +63,22 @@ def test_the_kernels_receive_the_resolved_precision(monkeypatch, matmul_precisio
 def test_an_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="input_precision must be one of"):
         FusedLinearRegressor(2, 1, input_precision="bf16x3")
+
+
+def test_ieee_inference_goes_to_the_gemm_only_where_it_was_measured_faster(matmul_precision):
+    """kernels.config.forward_uses_library: on a GPU, IEEE fp32 inference with D > 64 or O > 16
+    is PyTorch's GEMM (the kernel measured 0.38-0.62x nn.Linear there); tall data stays on the kernel."""
+    from linreg_fused.kernels.config import INTERPRETER, DeviceProfile, forward_uses_library
+
+    gpu = DeviceProfile(gpu=True, multiprocessors=132, shared_per_block=232448, shared_per_sm=233472)
+    f32, bf16 = torch.float32, torch.bfloat16
+    matmul_precision("highest")
+    assert not forward_uses_library(64, 4, gpu, f32, f32, "ieee")  # tall: the kernel, 1.13x nn.Linear
+    assert forward_uses_library(256, 16, gpu, f32, f32, "ieee")
+    assert forward_uses_library(1024, 8, gpu, f32, f32, "ieee")
+    assert forward_uses_library(64, 200, gpu, f32, f32, "ieee")
+    assert not forward_uses_library(256, 16, INTERPRETER, f32, f32, "ieee")  # the interpreter runs the kernel
+    assert not forward_uses_library(256, 16, gpu, f32, f32, "tf32x3")  # other precisions: the kernel
+    assert not forward_uses_library(256, 16, gpu, bf16, f32, "ieee")  # mixed dtypes: no GEMM without a copy
+    matmul_precision("high")  # the GEMM would be TF32 then: not what "ieee" asks
+    assert not forward_uses_library(256, 16, gpu, f32, f32, "ieee")
