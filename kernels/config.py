@@ -1,11 +1,13 @@
 """Block sizes, warps, pipeline stages and grid sizes, chosen per shape, dtype and device.
 
-These are heuristics (cached per shape key), not autotuned: bench/compile_report.py
-compiles what they choose for every benchmark regime and shows whether it fits
-an sm_90/sm_80 (shared memory, registers, spills) and how many bytes each SM
-keeps in flight; the timings wait for a GPU (bench/NOTES.md). On the CPU the
-kernels run in Triton's interpreter, where small blocks keep the test shapes
-exercising several tiles and several programs.
+Measured choices first (MEASURED_GRAD, MEASURED_FORWARD: the fastest blocks of
+bench/sweep.py on an H200 for the shapes it swept), then the rules below (cached
+per shape key); not autotuned at run time. bench/compile_report.py compiles what
+they choose for every benchmark regime and awkward shapes and shows whether it
+fits an sm_90/sm_80 (shared memory, registers, spills) and how many bytes each SM
+keeps in flight; bench/NOTES.md has the timings. On the CPU the kernels run in
+Triton's interpreter, where small blocks keep the test shapes exercising several
+tiles and several programs.
 
 GPU rules:
 
