@@ -70,19 +70,22 @@ def _lstsq(x, y):
 @pytest.mark.parametrize("n_targets", [1, 3])
 def test_sgd_converges_to_least_squares_with_sklearn_shapes(n_targets):
     rng = np.random.default_rng()
-    x, y = _data(301, 5, n_targets, rng)
+    # Mini-batch SGD ends within its stationary noise of the least-squares solution, which scales
+    # with the data's noise: at noise 0.05 the worst coefficient error over 12 fresh data sets was
+    # 0.008-0.022 (the 0.02 bound failed 2 in 12), at 0.01 it was 0.0016-0.0043.
+    x, y = _data(301, 5, n_targets, rng, noise=0.01)
     y_fit = y[:, 0] if n_targets == 1 else y  # 1-D y for a single target, as scikit-learn users pass it
     est = FusedSGDRegressor(epochs=200, batch_size=16, momentum=0.9, random_state=0, backend="torch",
                             dtype="float64").fit(x, y_fit)
     w, b = _lstsq(x, y)
     if n_targets == 1:
         assert est.coef_.shape == (5,) and isinstance(est.intercept_, float) and est.predict(x).shape == (301,)
-        np.testing.assert_allclose(est.coef_, w[0], atol=0.02)
-        np.testing.assert_allclose(est.intercept_, b[0], atol=0.02)
+        np.testing.assert_allclose(est.coef_, w[0], atol=0.015)
+        np.testing.assert_allclose(est.intercept_, b[0], atol=0.015)
     else:
         assert est.coef_.shape == (3, 5) and est.intercept_.shape == (3,) and est.predict(x).shape == (301, 3)
-        np.testing.assert_allclose(est.coef_, w, atol=0.02)
-        np.testing.assert_allclose(est.intercept_, b, atol=0.02)
+        np.testing.assert_allclose(est.coef_, w, atol=0.015)
+        np.testing.assert_allclose(est.intercept_, b, atol=0.015)
     assert est.score(x, y_fit) > 0.99 and est.n_features_in_ == 5 and est.n_iter_ == 200
     assert len(est.loss_curve_) == 200 and est.loss_curve_[-1] < est.loss_curve_[0]
 
