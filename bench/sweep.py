@@ -34,7 +34,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from parity import rel_err  # noqa: E402
 from regimes import REGIMES  # noqa: E402
+from timing import bench_ms  # noqa: E402
 
 try:
     from linreg_fused.kernels.config import TileConfig, device_profile
@@ -150,23 +152,20 @@ def worker(index: int, count: int) -> None:
         torch.cuda.synchronize()
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b).norm() / b.norm().clamp_min(1e-300))
-
-
-def reference(name: str, dtype: torch.dtype, x, w, b, t) -> dict:
-    x64, t64 = x.double(), t.double()
-    r = x64 @ w.double().T + b.double() - t64
-    return dict(dw=r.T @ x64, db=r.sum(0), loss=(r * r).sum(), y=x64 @ w.double().T + b.double())
+def reference(x, w, b, t) -> dict:
+    x64 = x.double()
+    y = x64 @ w.double().T + b.double()  # one float64 product serves the forward and the residual
+    r = y - t.double()
+    return dict(dw=r.T @ x64, db=r.sum(0), loss=(r * r).sum(), y=y)
 
 
 def error_of(job: dict, out, ref: dict) -> float:
     if job["kernel"] == "grad":
         sums = out.buffer.double().sum(0)
         o, d = ref["dw"].shape
-        return max(rel(sums[:o * d].view(o, d), ref["dw"]), rel(sums[o * d:o * d + o], ref["db"]),
-                   rel(sums[-1], ref["loss"]))
-    return rel(out, ref["y"])
+        return max(rel_err(sums[:o * d].view(o, d), ref["dw"]), rel_err(sums[o * d:o * d + o], ref["db"]),
+                   rel_err(sums[-1], ref["loss"]))
+    return rel_err(out, ref["y"])
 
 
 def main() -> int:
@@ -205,7 +204,7 @@ def main() -> int:
             data = ref = None
             torch.cuda.empty_cache()
             data = problem(job["shape"], job["dtype"])
-            ref = reference(job["shape"], job["dtype"], *data)
+            ref = reference(*data)
             current = key
         per_sm = PROGRAMS_PER_SM if job["kernel"] == "grad" and job["config"] is not None else (None,)
         for k in per_sm:
@@ -215,9 +214,7 @@ def main() -> int:
                 launch.launch()
                 torch.cuda.synchronize()
                 row["error"] = error_of(job, out, ref)
-                import triton.testing
-
-                row["ms"] = float(triton.testing.do_bench(launch.launch, warmup=5, rep=40, return_mode="median"))
+                row["ms"] = bench_ms(launch.launch, data[0].device, rep_ms=40, warmup_ms=5)
                 row["config_used"] = dict(grid=list(launch.grid), num_warps=launch.num_warps,
                                           num_stages=launch.num_stages,
                                           **{c: launch.constexprs[c] for c in ("BLOCK_N", "BLOCK_D", "BLOCK_O",

@@ -3,6 +3,7 @@ history and parameters as a pass per epoch and as the float64 eager loop, on
 every SGD option, both backends; divergence; the chooser and its errors."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -210,8 +211,6 @@ def test_statistics_true_errors(backend):
 def test_the_logged_last_batch_loss_is_the_epoch_loss(backend, capsys, poisoned):
     """One batch per epoch: the log line's last-batch loss is the epoch's loss, as on a pass per
     epoch (the history's second column is written, not left as allocated: here NaN)."""
-    import re
-
     x, y = _problem()
     linear = nn.Linear(7, 3).to(DEVICE)
     _, _, ref_history = _eager(linear, x, y, 4, dict(lr=0.05))
