@@ -97,6 +97,11 @@ def test_solve_takes_numpy_arrays(backend, tmp_path):
     mapped = FusedLinearRegressor(4, 2, dtype=torch.float64, backend=backend, device=DEVICE)
     mapped.solve(np.load(tmp_path / "x.npy", mmap_mode="r"), np.load(tmp_path / "y.npy", mmap_mode="r"))
     torch.testing.assert_close(mapped.weight, model.weight, rtol=1e-12, atol=1e-12)
+    x32 = x.astype(np.float32)  # float32 inputs with float64 targets: solved in float64
+    mixed = FusedLinearRegressor(4, 2, dtype=torch.float64, backend=backend, device=DEVICE)
+    mixed.solve(x32, y)
+    np.testing.assert_allclose(mixed.weight.detach().cpu().numpy(), _lstsq(x32.astype(np.float64), y)[0],
+                               rtol=1e-9, atol=1e-11)
     xi = rng.integers(-5, 6, (30, 2))
     yi = xi @ [[2], [-1]] + 3
     listed = FusedLinearRegressor(2, 1, dtype=torch.float64, backend=backend, device=DEVICE)
