@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
-from . import functional, train
+from . import functional, serialization, train
 from .backend import BACKENDS
 from .functional import PRECISIONS
 from .optim import FusedSGD
@@ -54,11 +56,11 @@ class FusedLinearRegressor(nn.Module):
         if input_precision not in PRECISIONS:
             raise ValueError(f"input_precision must be one of {PRECISIONS}, got {input_precision!r}")
         factory = {"device": device, "dtype": dtype}
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features = _size("in_features", in_features), _size("out_features", out_features)
         self.backend, self.input_precision = backend, input_precision
-        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
+        self.weight = nn.Parameter(torch.empty((self.out_features, self.in_features), **factory))
         if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+            self.bias = nn.Parameter(torch.empty(self.out_features, **factory))
         else:
             self.register_parameter("bias", None)
         self.reset_parameters()
@@ -80,9 +82,9 @@ class FusedLinearRegressor(nn.Module):
         model.load_state_dict(linear.state_dict())
         return model
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear's name, for forward(input=x)
         """(..., in_features) -> (..., out_features)."""
-        return functional.linear(x, self.weight, self.bias, backend=self.backend,
+        return functional.linear(input, self.weight, self.bias, backend=self.backend,
                                  input_precision=self.input_precision)
 
     def loss(
@@ -152,24 +154,27 @@ class FusedLinearRegressor(nn.Module):
     def save(self, path: str | os.PathLike, **metadata) -> None:
         """Write the model to a safetensors file, atomically; metadata: feature_names,
         target_names, input_mean, input_scale (see linreg_fused.serialization.save)."""
-        from . import serialization
-
         serialization.save(self, path, **metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: torch.device | str | None = None,
              backend: str = "auto", input_precision: str = "auto") -> "FusedLinearRegressor":
         """A model read from a file written by ``save`` (or any safetensors file of
-        nn.Linear's weight and bias); its metadata: linreg_fused.serialization.read_info."""
-        from . import serialization
-
-        return serialization.load(path, device=device, backend=backend, input_precision=input_precision)
+        nn.Linear's weight and bias); its metadata: linreg_fused.serialization.read_info. A file
+        that is not such a model (or was changed after it was written) raises ModelFileError."""
+        info, state = serialization.read(path)
+        # Built on the meta device: loading draws nothing from torch's global random generator.
+        model = cls(info.in_features, info.out_features, info.bias, device="meta", dtype=info.dtype,
+                    backend=backend, input_precision=input_precision)
+        model = model.to_empty(device=torch.device(device) if device is not None else torch.get_default_device())
+        model.load_state_dict(state)
+        return model
 
     @torch.no_grad()
     def solve(
         self,
-        inputs: torch.Tensor | LinearStats | Iterable[tuple[torch.Tensor, torch.Tensor]],
-        targets: torch.Tensor | None = None,
+        inputs: torch.Tensor | np.ndarray | LinearStats | Iterable[tuple[torch.Tensor, torch.Tensor]],
+        targets: torch.Tensor | np.ndarray | None = None,
         *,
         alpha: float = 0.0,
         precision: str | None = None,
@@ -178,9 +183,12 @@ class FusedLinearRegressor(nn.Module):
         the training loss there (mean squared error, a 0-d fp64 tensor).
 
         inputs, targets: tensors (..., in_features), (..., out_features), moved to the
-        model's device; or inputs: a LinearStats, or an iterable of (x, t) chunks streamed
-        through LinearStats.from_batches (data larger than the device's memory), with
-        targets=None. The intercept is not penalised (scikit-learn's Ridge); a model
+        model's device; or NumPy arrays (or what np.asarray takes), streamed to the device in
+        chunks (LinearStats.from_arrays: a memory-mapped file stays on disk); a model with
+        one output also takes a target without its last dimension ((N,) for x (N, D)), as
+        scikit-learn does. Or inputs: a LinearStats, or an iterable of (x, t) chunks
+        streamed through LinearStats.from_batches (data larger than the device's memory),
+        with targets=None. The intercept is not penalised (scikit-learn's Ridge); a model
         without bias fits none. precision: of the statistics pass, "fp32" | "fp64" | None
         (the data's); fp64 is worth its cost when the fit is tight or the features nearly
         collinear. See LinearStats.solve for the method and its accuracy.
@@ -200,17 +208,59 @@ class FusedLinearRegressor(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{extra}"
 
 
+def _size(name: str, value: Any) -> int:
+    """A layer size as a Python int: any integer (NumPy's too), not a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return int(value)
+
+
 def _statistics_of(model: FusedLinearRegressor, inputs, targets, precision: str | None) -> LinearStats:
     device = model.weight.device
     if isinstance(inputs, LinearStats):
         if targets is not None:
             raise ValueError("solve(stats): the targets are in the statistics; pass targets=None")
         return inputs
-    if isinstance(inputs, torch.Tensor):
-        if not isinstance(targets, torch.Tensor):
-            raise TypeError(f"solve(inputs, targets): targets must be a torch.Tensor, got {type(targets).__name__}")
+    if targets is None:
+        if isinstance(inputs, (torch.Tensor, np.ndarray)):
+            raise TypeError("solve(x) needs the targets: solve(x, t), or (x, t) chunks, or a LinearStats")
+        return LinearStats.from_batches(inputs, device=device, precision=precision, backend=model.backend)
+    if isinstance(inputs, torch.Tensor) and isinstance(targets, torch.Tensor):
+        targets = _one_output_target(model, inputs, targets)
         return LinearStats.from_tensors(inputs.to(device), targets.to(device), precision=precision,
                                         backend=model.backend)
-    if targets is not None:
-        raise ValueError("solve(chunks): pass the targets inside the (x, t) chunks, not as a second argument")
-    return LinearStats.from_batches(inputs, device=device, precision=precision, backend=model.backend)
+    if isinstance(inputs, torch.Tensor) or isinstance(targets, torch.Tensor):
+        raise TypeError(f"solve(inputs, targets): give two tensors or two arrays, got {type(inputs).__name__} "
+                        f"and {type(targets).__name__}")
+    x, t = _float_arrays(inputs, targets)
+    if x.ndim != 2:
+        raise ValueError(f"solve(inputs, targets): NumPy inputs must be (n_samples, n_features), got {x.shape}")
+    t = _one_output_target(model, x, t)
+    return LinearStats.from_arrays(x, t, device=device, precision=precision, backend=model.backend)
+
+
+def _one_output_target(model: FusedLinearRegressor, x, t):
+    """t with a trailing dimension of 1 when it is x's leading shape (one target per row)."""
+    if t.ndim == x.ndim - 1 and tuple(t.shape) == tuple(x.shape[:-1]):
+        if model.out_features != 1:
+            raise ValueError(f"a target of shape {tuple(t.shape)} (one value per row) fits a model with one "
+                             f"output; this one has {model.out_features}: give targets of shape "
+                             f"{(*tuple(x.shape[:-1]), model.out_features)}")
+        return t.reshape(*t.shape, 1)
+    return t
+
+
+def _float_arrays(x, t) -> tuple[np.ndarray, np.ndarray]:
+    """x, t as NumPy floating-point arrays of one dtype (memory-mapped arrays stay mapped when they are)."""
+    arrays = []
+    for name, v in (("inputs", x), ("targets", t)):
+        a = v if isinstance(v, np.ndarray) else np.asarray(v)
+        if a.dtype.kind in "iub":
+            a = a.astype(np.float64)  # exact up to 2**53
+        elif a.dtype.kind != "f":
+            raise TypeError(f"solve: {name} must hold real numbers, got an array of {a.dtype}")
+        arrays.append(a)
+    common = np.result_type(*arrays)
+    return tuple(a if a.dtype == common else a.astype(common) for a in arrays)

@@ -12,20 +12,28 @@ scikit-learn accepts: lists, DataFrames) or torch tensors, single or
 multiple targets.
 
 - numpy-like input: validated by scikit-learn, copied to ``device`` (default:
-  CUDA when available, else the CPU); ``predict`` returns a float64 numpy array.
+  CUDA when available, else the CPU); ``predict`` returns a float64 numpy array,
+  X·coef_ᵀ + intercept_ formed in float64 (as scikit-learn's linear models do
+  with float64 X; a row's prediction does not depend on the rows beside it).
 - torch tensors: stay on their device (or move to ``device`` if given);
-  ``predict`` returns a tensor there, ``score`` is computed there.
+  ``predict`` returns a tensor there (float64 tensors: formed in float64 as
+  above; others: the model's fused forward in its dtype), ``score`` is
+  computed there.
 - ``coef_`` (n_targets, n_features), or (n_features,) for 1-D y, and
   ``intercept_`` (n_targets,), or a float for 1-D y, as numpy arrays, like
   scikit-learn's LinearRegression.
+- hyper-parameters: Python or NumPy numbers alike (``np.int64(8)``, or a grid of
+  ``np.array([8, 16])`` in GridSearchCV), not bools.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 try:
     from sklearn.base import BaseEstimator, RegressorMixin
@@ -68,9 +76,15 @@ class _FusedLinearModel(RegressorMixin, BaseEstimator):
     def predict(self, X) -> np.ndarray | torch.Tensor:
         """(n_samples,) for a model fitted on 1-D y, else (n_samples, n_targets)."""
         check_is_fitted(self, "model_")
-        x, _, is_tensor = self._inputs(X, reset=False)
+        is_tensor = isinstance(X, torch.Tensor)
+        wide = not is_tensor or X.dtype == torch.float64 or self._dtype() == torch.float64
+        x, _, _ = self._inputs(X, reset=False, dtype=torch.float64 if wide else None)
         with torch.no_grad():
-            pred = self.model_(x)
+            if wide:  # float64 products of the (float32 or float64) weights: no batch-dependent rounding
+                weight, bias = self.model_.weight, self.model_.bias
+                pred = F.linear(x, weight.double(), None if bias is None else bias.double())
+            else:
+                pred = self.model_(x)
         if self._y_1d:
             pred = pred[:, 0]
         return pred if is_tensor else pred.to("cpu", torch.float64).numpy()
@@ -101,41 +115,60 @@ class _FusedLinearModel(RegressorMixin, BaseEstimator):
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         return DTYPES[self.dtype]
 
-    def _inputs(self, X, y="no_validation", *, reset: bool):
-        """(x (N, D), t (N, O) or None, whether X was a tensor), on the device in the model's dtype.
+    def _inputs(self, X, y="no_validation", *, reset: bool, dtype: torch.dtype | str | None = None):
+        """(x (N, D), t (N, O) or None, whether X was a tensor), on the device in ``dtype``: the
+        model's (None), a torch dtype, or "data": float32 when X and y both are, else float64.
         y: the targets when fitting (None is then an error), left out when predicting."""
-        dtype = self._dtype()
         if isinstance(X, torch.Tensor):
             if y is None:
                 raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y is None.")
             x, t = _check_tensors(X, None if isinstance(y, str) else y, self, reset)
-            device = self._device(X)
-            x = x.to(device, dtype)
-            t = None if t is None else t.to(device, dtype)
-            return x, t, True
-        if isinstance(y, str):
-            X = validate_data(self, X, reset=reset, dtype=[np.float64, np.float32])
-            y = None
+            device, is_tensor = self._device(X), True
         else:
-            X, y = validate_data(self, X, y, reset=reset, multi_output=True, y_numeric=True,
-                                 dtype=[np.float64, np.float32])
-        device = self._device()
-        x = torch.tensor(X, dtype=dtype, device=device)
-        t = None if y is None else torch.tensor(np.asarray(y).reshape(len(X), -1), dtype=dtype, device=device)
-        if y is not None and reset:
-            self._y_1d = np.ndim(y) == 1
-        return x, t, False
+            if isinstance(y, str):
+                x, t = validate_data(self, X, reset=reset, dtype=[np.float64, np.float32]), None
+            else:
+                x, y = validate_data(self, X, y, reset=reset, multi_output=True, y_numeric=True,
+                                     dtype=[np.float64, np.float32])
+                t = np.asarray(y).reshape(len(x), -1)
+                if reset:
+                    self._y_1d = np.ndim(y) == 1
+            device, is_tensor = self._device(), False
+        if dtype == "data":
+            both32 = all(str(v.dtype).endswith("float32") for v in (x, t) if v is not None)
+            dtype = torch.float32 if both32 else torch.float64
+        dtype = dtype or self._dtype()
+        if is_tensor:
+            return x.to(device, dtype), None if t is None else t.to(device, dtype), True
+        x = torch.tensor(x, dtype=dtype, device=device)
+        return x, None if t is None else torch.tensor(t, dtype=dtype, device=device), False
 
     def _new_model(self, x: torch.Tensor, t: torch.Tensor, bias: bool = True) -> FusedLinearRegressor:
         """A model with zero weight and bias (built on the meta device first, so that making
         it draws nothing from torch's global random generator)."""
-        model = FusedLinearRegressor(x.shape[1], t.shape[1], bias, device="meta", dtype=x.dtype,
+        model = FusedLinearRegressor(x.shape[1], t.shape[1], bias, device="meta", dtype=self._dtype(),
                                      backend=self.backend)
         model = model.to_empty(device=x.device)
         with torch.no_grad():
             for p in model.parameters():
                 p.zero_()
         return model
+
+
+def _integer(name: str, value) -> int:
+    """A Python int from any positive integer (NumPy's too, as GridSearchCV passes them), not a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _real(name: str, value, *, low: float = 0.0, strict: bool = False, what: str = "") -> float:
+    """A Python float from any finite real number >= low (> low if strict), not a bool."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or (strict and value == low):
+        what = what or f"a number {'>' if strict else '>='} {low:g}"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return float(value)
 
 
 def _check_tensors(X: torch.Tensor, y, estimator, reset: bool):
@@ -201,19 +234,21 @@ class FusedSGDRegressor(_FusedLinearModel):
 
     def fit(self, X, y) -> "FusedSGDRegressor":
         """Train from zero for ``epochs`` epochs. X: (n_samples, n_features); y: (n_samples,) or (n_samples, n_targets)."""
+        epochs, batch_size = _integer("epochs", self.epochs), _integer("batch_size", self.batch_size)
         x, t, _ = self._inputs(X, y, reset=True)
         self.model_ = self._new_model(x, t)
         self.optimizer_ = self._optimizer(x)
         self._seed = int(check_random_state(self.random_state).randint(2**31 - 1))
-        self.loss_curve_ = self.model_.fit(x, t, epochs=self.epochs, batch_size=self.batch_size,
+        self.loss_curve_ = self.model_.fit(x, t, epochs=epochs, batch_size=batch_size,
                                            optimizer=self.optimizer_, shuffle=self.shuffle, seed=self._seed,
                                            progress=False)
-        self.n_iter_ = self.epochs
+        self.n_iter_ = epochs
         return self
 
     def partial_fit(self, X, y) -> "FusedSGDRegressor":
         """One epoch over (X, y), continuing from the current weights (from zero on the first call)."""
         first = not hasattr(self, "model_")
+        batch_size = _integer("batch_size", self.batch_size)
         x, t, _ = self._inputs(X, y, reset=first)
         if first:
             self.model_ = self._new_model(x, t)
@@ -225,33 +260,32 @@ class FusedSGDRegressor(_FusedLinearModel):
         # a different, reproducible row order on each call
         seed = (self._seed + 1_000_003 * self.n_iter_) % (2**63)
         self.loss_curve_ += self.model_.fit(x.to(self.model_.weight.device), t.to(self.model_.weight.device),
-                                            epochs=1, batch_size=self.batch_size, optimizer=self.optimizer_,
+                                            epochs=1, batch_size=batch_size, optimizer=self.optimizer_,
                                             shuffle=self.shuffle, seed=seed, progress=False)
         self.n_iter_ += 1
         return self
 
     def _optimizer(self, x: torch.Tensor) -> FusedSGD:
-        if not (isinstance(self.epochs, int) and self.epochs >= 1):
-            raise ValueError(f"epochs must be a positive integer, got {self.epochs!r}")
+        _integer("epochs", self.epochs)
+        momentum, weight_decay = _real("momentum", self.momentum), _real("weight_decay", self.weight_decay)
         if isinstance(self.lr, str):
             if self.lr != "auto":
                 raise ValueError(f"lr must be a positive number or 'auto', got {self.lr!r}")
             max_sq_norm = float((x.double() ** 2).sum(1).max())  # one sync, at the start of fit
             self.lr_ = 1.0 / (2.0 / self.model_.out_features * (max_sq_norm + 1.0))
-        elif isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr):
-            self.lr_ = float(self.lr)
         else:
-            raise ValueError(f"lr must be a positive number or 'auto', got {self.lr!r}")
-        return FusedSGD(self.model_.parameters(), lr=self.lr_, momentum=self.momentum,
-                        weight_decay=self.weight_decay, backend=self.backend)
+            self.lr_ = _real("lr", self.lr, strict=True, what="a positive number or 'auto'")
+        return FusedSGD(self.model_.parameters(), lr=self.lr_, momentum=momentum,
+                        weight_decay=weight_decay, backend=self.backend)
 
 
 class FusedLinearRegression(_FusedLinearModel):
     """Exact least squares, or ridge regression with ``alpha`` > 0 (the intercept is not
-    penalised), solved in float64 on the device (``FusedLinearRegressor.solve``).
+    penalised), solved in float64 on the device (``FusedLinearRegressor.solve`` with
+    float64 statistics of the data as given: float64 input is not rounded to float32).
 
     fit_intercept: learn a bias; device, backend, dtype: as FusedSGDRegressor
-    (dtype is the model's: the solve itself runs in float64).
+    (dtype is the model's, to which the float64 solution is rounded).
     Attributes: coef_, intercept_, n_features_in_, feature_names_in_.
     """
 
@@ -262,9 +296,9 @@ class FusedLinearRegression(_FusedLinearModel):
 
     def fit(self, X, y) -> "FusedLinearRegression":
         """Solve for the weights. X: (n_samples, n_features); y: (n_samples,) or (n_samples, n_targets)."""
-        if not (isinstance(self.alpha, (int, float)) and self.alpha >= 0 and math.isfinite(self.alpha)):
-            raise ValueError(f"alpha must be a number >= 0, got {self.alpha!r}")
-        x, t, _ = self._inputs(X, y, reset=True)
+        alpha = _real("alpha", self.alpha)
+        # The data at their own precision (float32 products are exact in float64 statistics).
+        x, t, _ = self._inputs(X, y, reset=True, dtype="data")
         self.model_ = self._new_model(x, t, bias=self.fit_intercept)
-        self.model_.solve(x, t, alpha=float(self.alpha))
+        self.model_.solve(x, t, alpha=alpha, precision="fp64")
         return self

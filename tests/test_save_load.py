@@ -3,6 +3,7 @@ folding, atomic writes, and clear errors for files that are not models."""
 
 import json
 import os
+import re
 import struct
 
 import pytest
@@ -139,3 +140,139 @@ def test_files_that_are_not_models(tmp_path):
               metadata={"format": "linreg-fused", "feature_names": '["a"]'})
     with pytest.raises(ModelFileError, match="feature_names must list 3 values"):
         serialization.read_info(tmp_path / "names.safetensors")
+
+
+# ---------------------------------------------------------------- malformed files, checksum, file system
+def _model_file(tmp_path, name="m.safetensors", **metadata):
+    """A model file, and its metadata and tensors for re-saving with changes."""
+    path = tmp_path / name
+    FusedLinearRegressor(3, 2, backend="torch").save(path, feature_names=list("abc"), **metadata)
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return path, dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("format_version", "1.0", "metadata format_version must be a whole number, got '1.0'"),
+    ("in_features", "x", "metadata in_features must be a whole number, got 'x'"),
+    ("out_features", "-2", "metadata out_features must be a whole number"),
+    ("bias", "False", "metadata says bias='False' but the file has bias"),
+    ("feature_names", "a,b,c", "metadata feature_names is not JSON: 'a,b,c'"),
+    ("feature_names", "[1, 2, 3]", "metadata feature_names must list names"),
+    ("target_names", '{"a": 1}', "metadata target_names must list 2 values"),
+    ("input_mean", "[0, 0, 0]", "has one of input_mean and input_scale"),
+    ("tensor_sha256", "abc", "metadata tensor_sha256 must be 64 hexadecimal digits"),
+])
+def test_malformed_metadata_is_a_model_file_error(tmp_path, key, value, message):
+    path, meta, tensors = _model_file(tmp_path)
+    save_file(tensors, path, metadata={**meta, key: value})
+    with pytest.raises(ModelFileError, match=re.escape(message)):
+        FusedLinearRegressor.load(path)
+    with pytest.raises(ModelFileError, match=re.escape(message)):
+        read_info(path)
+
+
+@pytest.mark.parametrize("mean, scale, message", [
+    ("[0, 0, 0]", "[1, 0, 1]", "input_scale must be positive"),
+    ("[0, 0, 0]", "[1, -1, 1]", "input_scale must be positive"),
+    ('[0, "a", 0]', "[1, 1, 1]", "input_mean must hold finite numbers, got 'a'"),
+    ("[0, true, 0]", "[1, 1, 1]", "input_mean must hold finite numbers, got True"),
+    ("[0, NaN, 0]", "[1, 1, 1]", "input_mean must hold finite numbers, got nan"),
+    ("[0, 0, 0]", "[1, Infinity, 1]", "input_scale must hold finite numbers, got inf"),
+])
+def test_load_checks_the_standardisation_as_save_does(tmp_path, mean, scale, message):
+    path, meta, tensors = _model_file(tmp_path)
+    save_file(tensors, path, metadata={**meta, "input_mean": mean, "input_scale": scale})
+    with pytest.raises(ModelFileError, match=re.escape(message)):
+        FusedLinearRegressor.load(path)
+    values = json.loads(mean), json.loads(scale)
+    with pytest.raises(ValueError, match=re.escape(message)):  # and save refuses the same values
+        FusedLinearRegressor(3, 2).save(tmp_path / "other.safetensors", input_mean=values[0], input_scale=values[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_a_non_floating_weight_is_a_model_file_error(tmp_path, dtype):
+    save_file({"weight": torch.ones(2, 3, dtype=dtype), "bias": torch.zeros(2, dtype=dtype)},
+              tmp_path / "int.safetensors")
+    with pytest.raises(ModelFileError, match=f"weight is {dtype}; a model's weights are floating point"):
+        FusedLinearRegressor.load(tmp_path / "int.safetensors")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_a_changed_byte_fails_the_checksum(tmp_path, dtype):
+    model = FusedLinearRegressor(4, 3, dtype=dtype, backend="torch")
+    path = tmp_path / "m.safetensors"
+    model.save(path)
+    assert read_info(path).checksum is not None
+    raw = bytearray(path.read_bytes())
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    for offset in (8 + header_len, len(raw) - 1):  # the first and the last byte of the tensor data
+        changed = bytearray(raw)
+        changed[offset] ^= 0x01  # one low bit: a weight or bias changes in its last place
+        path.write_bytes(changed)
+        with pytest.raises(ModelFileError, match="do not match the checksum"):
+            FusedLinearRegressor.load(path)
+    path.write_bytes(raw)
+    assert torch.equal(FusedLinearRegressor.load(path).weight, model.weight)
+
+
+def test_files_without_a_checksum_still_load(tmp_path):
+    """Files saved before the checksum existed (or by other code): loaded, nothing to verify."""
+    path, meta, tensors = _model_file(tmp_path)
+    del meta["tensor_sha256"]
+    save_file(tensors, path, metadata=meta)
+    loaded = FusedLinearRegressor.load(path)
+    assert torch.equal(loaded.weight, tensors["weight"]) and read_info(path).checksum is None
+    assert read_info(path).feature_names == list("abc")
+
+
+def test_load_draws_no_random_numbers(tmp_path):
+    FusedLinearRegressor(5, 2).save(tmp_path / "m.safetensors")
+    state = torch.get_rng_state()
+    FusedLinearRegressor.load(tmp_path / "m.safetensors")
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink") or os.name == "nt", reason="POSIX symlinks")
+def test_saving_over_a_symlink_writes_the_file_it_points_to(tmp_path):
+    (tmp_path / "models").mkdir()
+    target = tmp_path / "models" / "v1.safetensors"
+    FusedLinearRegressor(3, 2).save(target)
+    link = tmp_path / "current.safetensors"
+    link.symlink_to(target)
+    new = FusedLinearRegressor(3, 2, backend="torch")
+    new.save(link)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert torch.equal(FusedLinearRegressor.load(target).weight, new.weight)
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["v1.safetensors"]  # no temporary left
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permission bits")
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o444])
+def test_overwriting_keeps_the_permission_bits(tmp_path, mode):
+    path = tmp_path / "m.safetensors"
+    FusedLinearRegressor(3, 2).save(path)
+    os.chmod(path, mode)
+    FusedLinearRegressor(3, 2).save(path)
+    assert path.stat().st_mode & 0o777 == mode
+
+
+def test_saving_to_a_directory_is_refused_before_writing(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a directory; give a file name"):
+        FusedLinearRegressor(3, 2).save(tmp_path)
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ModelFileError, match="a directory, not a model file"):
+        FusedLinearRegressor.load(tmp_path)
+
+
+def test_serialization_does_not_import_the_module():
+    """module.py owns serialization.py (module -> serialization), not the other way round."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(serialization))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level
+                 for alias in node.names}
+    assert "module" not in imported

@@ -213,3 +213,80 @@ def test_exact_without_intercept():
     theirs = LinearRegression(fit_intercept=False).fit(x, y)
     np.testing.assert_allclose(ours.coef_, theirs.coef_, rtol=1e-6)
     assert ours.intercept_ == 0.0
+
+
+# ---------------------------------------------------------------- hyper-parameters, precision, predict
+def test_numpy_scalars_as_hyper_parameters():
+    rng = np.random.default_rng()
+    x, y = _data(48, 3, 1, rng)
+    numpy_kwargs = dict(batch_size=np.int64(8), epochs=np.int32(2), lr=np.float32(0.0625), momentum=np.float32(0.5),
+                        weight_decay=np.float64(1e-3))
+    python_kwargs = {k: v.item() for k, v in numpy_kwargs.items()}
+    a = FusedSGDRegressor(random_state=0, backend="torch", **numpy_kwargs).fit(x, y[:, 0])
+    b = FusedSGDRegressor(random_state=0, backend="torch", **python_kwargs).fit(x, y[:, 0])
+    np.testing.assert_array_equal(a.coef_, b.coef_)
+    assert a.n_iter_ == 2 and type(a.n_iter_) is int and a.lr_ == 0.0625
+    c = FusedSGDRegressor(random_state=0, backend="torch", **numpy_kwargs).partial_fit(x, y[:, 0])
+    assert c.n_iter_ == 1
+    ridge = FusedLinearRegression(alpha=np.float32(2), backend="torch", dtype="float64").fit(x, y)
+    np.testing.assert_array_equal(ridge.coef_, FusedLinearRegression(alpha=2.0, backend="torch",
+                                                                     dtype="float64").fit(x, y).coef_)
+    for name, bad in (("batch_size", True), ("batch_size", 8.0), ("epochs", np.float64(2)), ("epochs", 0)):
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+            FusedSGDRegressor(backend="torch", **{name: bad}).fit(x, y)
+    for name, bad in (("momentum", True), ("weight_decay", -1.0), ("momentum", np.float32("nan"))):
+        with pytest.raises(ValueError, match=f"{name} must be a number >= 0"):
+            FusedSGDRegressor(backend="torch", **{name: bad}).fit(x, y)
+    with pytest.raises(ValueError, match="alpha must be a number >= 0"):
+        FusedLinearRegression(alpha=False).fit(x, y)
+
+
+def test_grid_search_over_a_numpy_grid():
+    from sklearn.model_selection import GridSearchCV
+
+    rng = np.random.default_rng()
+    x, y = _data(60, 3, 1, rng)
+    search = GridSearchCV(FusedSGDRegressor(epochs=3, random_state=0, backend="torch"),
+                          {"batch_size": np.array([8, 16]), "lr": np.array([0.01, 0.05])}, cv=2, error_score="raise")
+    search.fit(x, y[:, 0])
+    assert search.best_params_["batch_size"] in (8, 16) and np.isfinite(search.cv_results_["mean_test_score"]).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_exact_solution_is_float64_for_a_float32_model(backend, as_tensor):
+    """dtype="float32" is the model's: the solve uses float64 statistics of the float64 data, so
+    data offset by 1e5 give the float64 least-squares coefficients rounded once to float32."""
+    rng = np.random.default_rng()
+    x = rng.standard_normal((40, 3)) + 1e5
+    y = x @ np.array([[1.5, -2.0, 0.5], [0.25, 1.0, -1.0]]).T + [3.0, -1.0] + 0.1 * rng.standard_normal((40, 2))
+    w, b = _lstsq(x, y)
+    data = (torch.from_numpy(x), torch.from_numpy(y)) if as_tensor else (x, y)
+    est = FusedLinearRegression(backend=backend).fit(*data)
+    assert est.model_.weight.dtype == torch.float32
+    np.testing.assert_allclose(est.coef_, w, rtol=1e-6)  # float32's rounding: 6e-8
+    np.testing.assert_allclose(est.intercept_, b, rtol=1e-6)
+    ridge = FusedLinearRegression(alpha=1.0, backend=backend).fit(*data)
+    theirs = Ridge(alpha=1.0).fit(x, y)
+    np.testing.assert_allclose(ridge.coef_, theirs.coef_, rtol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", [FusedLinearRegression(), FusedSGDRegressor(epochs=5, random_state=0)],
+                         ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_rows_prediction_does_not_depend_on_its_batch(estimator, backend):
+    """predict forms X·coef_ᵀ + intercept_ in float64 for NumPy input (a float32 model's
+    predictions were 1 float32 ulp apart between a subset and the whole batch)."""
+    from sklearn.base import clone
+    from sklearn.utils.estimator_checks import check_methods_sample_order_invariance, check_methods_subset_invariance
+
+    rng = np.random.default_rng()
+    x, y = _data(97, 5, 2, rng)
+    est = clone(estimator).set_params(backend=backend).fit(x, y)
+    full = est.predict(x)
+    np.testing.assert_allclose(full, x @ est.coef_.T + est.intercept_, rtol=1e-13, atol=1e-13)
+    for rows in (slice(0, 1), slice(3, 20), slice(50, 97), rng.permutation(97)[:33]):
+        np.testing.assert_allclose(est.predict(x[rows]), full[rows], rtol=1e-13, atol=1e-13)
+    name = type(estimator).__name__
+    check_methods_subset_invariance(name, clone(estimator).set_params(backend=backend))
+    check_methods_sample_order_invariance(name, clone(estimator).set_params(backend=backend))

@@ -6,14 +6,13 @@ clear errors."""
 
 import io
 import os
-import threading
-import time
 import warnings
 
 import numpy as np
 import pytest
 import torch
 from conftest import DEVICE
+from memory_probe import peak_memory
 from oracle import assert_close, linear_mse_grads, rel_err
 
 from linreg_fused import FusedLinearRegressor, LinearStats
@@ -298,54 +297,10 @@ def test_from_batches_of_numpy_chunks(backend):
         assert_close(a, b, STAT_TOL[whole.precision], "streamed")
 
 
-class _AnonymousPeak:
-    """Peak anonymous resident memory (RssAnon, Linux) above its value at start, sampled every
-    millisecond on a thread: memory the process allocated, not pages of a memory-mapped file
-    (those are the page cache's, counted as RssFile). Sampling can miss a peak that lasts under
-    a millisecond; the chunk-sized buffers here live for the whole processing of a chunk."""
-
-    def __init__(self) -> None:
-        self.base = self.peak = self._read()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    @staticmethod
-    def _read() -> int:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._read())
-            time.sleep(0.001)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._read())
-
-    @property
-    def delta(self) -> int:
-        return self.peak - self.base
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny CPU ops run best on one intra-op thread; a shared machine's pool stalls them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="measures RssAnon from /proc (Linux)")
-def test_memory_mapped_file_in_bounded_memory(tmp_path, one_thread):
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc and ru_maxrss (Linux)")
+def test_memory_mapped_file_in_bounded_memory(tmp_path):
     """A 64 MiB pair of .npy files, memory-mapped, streamed in 1 MiB chunks: the statistics equal
-    the in-memory ones, and the extra anonymous memory stays a few chunks, not the file."""
+    the in-memory ones, and the memory the pass allocates stays a few chunks, not the file."""
     n, d, o = 1 << 20, 12, 4
     chunk_rows = 1 << 14
     rng = np.random.default_rng(0)
@@ -363,23 +318,16 @@ def test_memory_mapped_file_in_bounded_memory(tmp_path, one_thread):
     file_bytes = n * (d + o) * 4
     chunk_bytes = chunk_rows * (d + o) * 4
 
-    t0 = time.perf_counter()
-    x_map, t_map = np.load(x_path, mmap_mode="r"), np.load(t_path, mmap_mode="r")
-    with _AnonymousPeak() as memory:
-        streamed = LinearStats.from_arrays(x_map, t_map, chunk_rows=chunk_rows, backend="torch")
-    t1 = time.perf_counter()
-    assert streamed.n_rows == n
+    streamed, start_peak = peak_memory("streamed", x_path, t_path, chunk_rows, tmp_path / "streamed.pt")
     # The reference's temporaries are fp64 copies of a chunk and its centred values: ~4 chunks.
-    print(f"peak anonymous memory {memory.delta / 2**20:.1f} MiB for {chunk_bytes / 2**20:.0f} MiB chunks "
+    print(f"streamed: peak {streamed / 2**20:.1f} MiB for {chunk_bytes / 2**20:.0f} MiB chunks "
           f"of a {file_bytes / 2**20:.0f} MiB file")
-    assert memory.delta < 12 * chunk_bytes, f"peak {memory.delta / 2**20:.1f} MiB"
-    assert memory.delta < file_bytes / 4
-
-    with _AnonymousPeak() as control:  # the in-memory path: the sampler does see the whole file
-        whole = LinearStats.from_tensors(torch.from_numpy(np.load(x_path)), torch.from_numpy(np.load(t_path)),
-                                         backend="torch")
-    print(f"in memory: {control.delta / 2**20:.1f} MiB; streaming took {t1 - t0:.1f} s")
-    assert control.delta > file_bytes / 2
-    for a, b in zip(moments_of(streamed), moments_of(whole)):
+    assert start_peak < 2 * chunk_bytes  # the mark starts at the baseline (reset, or nothing above it yet)
+    assert streamed < 12 * chunk_bytes, f"peak {streamed / 2**20:.1f} MiB"
+    in_memory, _ = peak_memory("in_memory", x_path, t_path, chunk_rows, tmp_path / "whole.pt")
+    assert in_memory > file_bytes  # the control: the same probe does see a whole-file load
+    streamed_stats, whole = torch.load(tmp_path / "streamed.pt"), torch.load(tmp_path / "whole.pt")
+    assert streamed_stats[0] == whole[0] == n
+    for a, b in zip(streamed_stats[1:], whole[1:]):
         assert_close(a, b, 1e-12, "memory-mapped vs in memory")
-    assert rel_err(streamed.mean_x, torch.full((d,), 5.0, dtype=torch.float64)) < 1e-2
+    assert rel_err(streamed_stats[1], torch.full((d,), 5.0, dtype=torch.float64)) < 1e-2
