@@ -287,8 +287,12 @@ class FusedFitRunner(Runner):
     def steady_unit(self) -> Unit:
         """One fit call of 100 epochs ("fit" regimes: the training run itself), else of 3 epochs (the
         fewest that fit replays as a CUDA graph): many steps back to back and one host read at the
-        end, which is fit's own synchronisation, so one call per round."""
-        epochs = STEADY_FIT_EPOCHS if self.regime.kind == "fit" else 3
+        end, which is fit's own synchronisation, so one call per round. The CPU regimes keep
+        their own epochs (the interpreter is slow)."""
+        if not self.regime.gpu:
+            epochs = self.regime.epochs
+        else:
+            epochs = max(self.regime.epochs, STEADY_FIT_EPOCHS) if self.regime.kind == "fit" else 3
         x, t = self.data.x, self.data.t
 
         def unit() -> None:
