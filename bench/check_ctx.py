@@ -31,7 +31,7 @@ import torch
 
 from timing import bench_ms
 
-SMOKE_STEADY_N = 3  # the steady loop's calls per round on the CPU smoke run (the interpreter is slow)
+SMOKE_STEADY_N = 2  # the steady loop's calls per round on the CPU smoke run (the interpreter is slow)
 CUDA_BROKEN = ("CUDA error", "illegal memory access", "device-side assert", "unspecified launch",
                "CUBLAS_STATUS_EXECUTION_FAILED", "an illegal instruction")
 
@@ -187,7 +187,8 @@ class Ctx:
             return math.nan
         steps, rep_ms = info.pop("steps", 1), info.pop("rep_ms", 200.0)
         ms = float(self._bench(fn, self.device, rep_ms=rep_ms))
-        timer = "do_bench median, L2 flushed" if self.device.type == "cuda" else "one call, host clock (CPU)"
+        timer = ("do_bench median, L2 flushed (calls over 100 ms: median of 3)" if self.device.type == "cuda"
+                 else "one call, host clock (CPU)")
         return self._timed(name, "time", "cold", timer, ms, steps, bytes, flops, info)
 
     def steady(self, name: str, step: Callable[[], Any], *, n: int = 100, bytes: float | None = None,
@@ -195,11 +196,12 @@ class Ctx:
         """n back-to-back calls of step, one synchronize at the end, no flush: ms per call (the median
         of `rounds` such loops, 3 by default; each loop is timed on the host clock, synchronised
         before and after). A warm-up call and a synchronize come first. On the CPU smoke run the
-        loop has at most SMOKE_STEADY_N calls and one round. info may hold steps=k (a call runs k
+        loop has at most SMOKE_STEADY_N calls, one round and no warm-up call. info may hold steps=k (a call runs k
         steps: ms_per_step), rounds and warmup."""
         if self._out_of_time(name):
             return math.nan
-        steps, rounds, warmup = info.pop("steps", 1), info.pop("rounds", 1 if self.smoke else 3), info.pop("warmup", 1)
+        steps, rounds = info.pop("steps", 1), info.pop("rounds", 1 if self.smoke else 3)
+        warmup = info.pop("warmup", 0 if self.smoke else 1)
         n_run = min(n, SMOKE_STEADY_N) if self.smoke else n
         for _ in range(warmup):
             step()

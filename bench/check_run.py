@@ -66,7 +66,7 @@ class Run:
         compiled = compiled_kernel_count()
         fn = section.warm if job and job.what == "warm" else section.run
         summary = run_here(section, lambda deadline: self.ctx(section, deadline, job.shard if job else (0, 1)),
-                           budget_s, fn=fn)
+                           budget_s, fn=fn, **({} if self.args.grace_s is None else {"grace_s": self.args.grace_s}))
         if job:
             summary.update(module=label, phase="parallel")
         if compiled is not None:
@@ -161,9 +161,12 @@ class Run:
 
     def timing_section(self, section: Section, sections: list[Section], argv: list[str]) -> None:
         done = {s["module"] for s in self.summaries}
-        remaining = sum(s.budget_s for s in sections if s.phase == "timing" and s.module not in done)
-        budget = share_s(section.budget_s, remaining, self.left_s())
-        if budget < MIN_START_S:
+        remaining = sum(s.budget_s for s in sections if s.phase == "timing" and s.module not in done and not s.leftover)
+        if section.leftover:
+            budget = min(section.budget_s, self.left_s())
+        else:
+            budget = share_s(section.budget_s, remaining, self.left_s())
+        if budget < min(MIN_START_S, section.budget_s):
             reason = f"time budget ({self.left_s():.0f} s left of the run)"
             self.rec.add({"section": section.name, "name": "(section)", "status": "skip", "measure": "skip",
                           "reason": reason}, f"\n=== {section.name}: skipped, {reason}")

@@ -5,7 +5,9 @@ A section is a file bench/gpu_<topic>.py that defines SECTION (its rows' "sectio
 run(ctx). Optional: BUDGET_S (seconds it may take on a GPU; default below); SHARDS (a parallel
 section's run() in that many processes, each with ctx.shard = (i, k), each doing its share);
 and warm(ctx), which the parallel phase runs in its own process(es) (WARM_SHARDS of them, with
-ctx.shard likewise) to fill the on-disk compiler caches that the section's timings then read.
+ctx.shard likewise) to fill the on-disk compiler caches that the section's timings then read;
+LEFTOVER = True (a timing section that gets whatever time is left when its turn comes, and is
+left out when the others' budgets are shared).
 
 Two phases. The parallel phase (ORDER < 50, and every warm()) runs each section in a child
 process of its own, several at a time: a kernel that breaks one CUDA context cannot break the
@@ -47,6 +49,7 @@ class Section:
     warm: Callable[[Ctx], None] | None = None
     warm_shards: int = 1
     shards: int = 1
+    leftover: bool = False  # runs with what is left of the run, outside the shared budgets
 
     @property
     def phase(self) -> str:
@@ -78,7 +81,7 @@ def as_section(module: ModuleType, path: Path) -> Section:
     return Section(path.stem, path, str(module.SECTION), float(module.ORDER),
                    float(getattr(module, "BUDGET_S", DEFAULT_BUDGET_S[phase])), module.run,
                    getattr(module, "warm", None), int(getattr(module, "WARM_SHARDS", 1)),
-                   int(getattr(module, "SHARDS", 1)) if phase == "parallel" else 1)
+                   int(getattr(module, "SHARDS", 1)) if phase == "parallel" else 1, bool(getattr(module, "LEFTOVER", False)))
 
 
 def discover(folder: Path, runner: str = "gpu_check") -> tuple[list[Section], list[dict[str, Any]]]:

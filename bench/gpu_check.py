@@ -40,7 +40,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 DEFAULT_BUDGET_S = 330.0  # docs/gpu.md: a 6-minute run leaves a rerun inside 15 minutes of device time
 SMOKE_BUDGET_S = 600.0
-PARALLEL_PHASE_S = 75.0  # the parallel phase's share of a GPU run (sections start until then)
+PARALLEL_PHASE_S = 60.0  # the parallel phase's share of a GPU run (its jobs end by then)
 RESERVE_S = 8.0  # for the targets, the JSON and the table
 MAX_RESTARTS = 2  # fresh processes after a broken CUDA context
 
@@ -79,9 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip", nargs="+", default=[], help="leave out these sections")
     p.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile peers")
     p.add_argument("--jobs", type=int, default=None,
-                   help="child processes of the parallel phase (default 8 on a GPU; 0 with --cpu-smoke: all in this process)")
+                   help="child processes of the parallel phase (default 12 on a GPU; 0 with --cpu-smoke: all in this process)")
     p.add_argument("--compile-only", action="store_true", help="no GPU: write the launch shapes for bench/compile_report.py")
     p.add_argument("--sections-dir", type=Path, default=BENCH, help=argparse.SUPPRESS)  # tests: stub sections
+    p.add_argument("--grace-s", type=float, default=None, help=argparse.SUPPRESS)  # tests: a section's overrun
     p.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)  # after a broken CUDA context
     p.add_argument("--child", help=argparse.SUPPRESS)  # "module:run" or "module:warm:i/k"
     p.add_argument("--child-dir", type=Path, help=argparse.SUPPRESS)
@@ -107,6 +108,10 @@ def options(args: argparse.Namespace) -> dict:
     return {"skip_compile": args.skip_compile}
 
 
+def grace(args: argparse.Namespace) -> dict:
+    return {} if args.grace_s is None else {"grace_s": args.grace_s}
+
+
 def child_main(args: argparse.Namespace) -> int:
     """One job of the parallel phase: a section's run() or one shard of its warm()."""
     from check_ctx import Ctx
@@ -125,7 +130,7 @@ def child_main(args: argparse.Namespace) -> int:
     summary = run_here(section, lambda deadline: Ctx(rec, section.name, device=device, smoke=args.cpu_smoke,
                                                       deadline=deadline, ceilings=ceilings, alone=False, shard=(i, k),
                                                       options=options(args)),
-                       budget, fn=section.warm if what == "warm" else section.run)
+                       budget, fn=section.warm if what == "warm" else section.run, **grace(args))
     rec.add({**summary, "measure": "summary", "name": "(summary)"})
     return 0
 
@@ -148,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     from check_run import Run
 
     budget = args.budget_s or (SMOKE_BUDGET_S if args.cpu_smoke else DEFAULT_BUDGET_S)
-    jobs = args.jobs if args.jobs is not None else (0 if args.cpu_smoke else 8)
+    jobs = args.jobs if args.jobs is not None else (0 if args.cpu_smoke else 12)
     run = Run(args, device, budget, jobs, commit, parallel_s=PARALLEL_PHASE_S, reserve_s=RESERVE_S,
               max_restarts=MAX_RESTARTS)
     return run.main(argv if argv is not None else sys.argv[1:], child_argv(args))
@@ -161,6 +166,7 @@ def child_argv(args: argparse.Namespace):
                 "--child-dir", str(folder), "--deadline-epoch", f"{time.time() + budget_s:.3f}",
                 "--start-epoch", f"{start_epoch:.3f}", "--ceilings", json.dumps(ceilings),
                 "--sections-dir", str(args.sections_dir), *(["--cpu-smoke"] if args.cpu_smoke else []),
+                *(["--grace-s", str(args.grace_s)] if args.grace_s is not None else []),
                 *(["--skip-compile"] if args.skip_compile else [])]
     return command
 
