@@ -92,7 +92,7 @@ class Run:
                          f"t={self.rec.elapsed():.0f} s): the CUDA context had broken")
         else:
             self.start(import_how, start_epoch)
-        sections = self.select()
+        sections = self.select(report_problems=not state)
         done = {s["module"] for s in self.summaries}
         if not state:
             self.parallel_phase(sections, child_command, start_epoch)
@@ -123,9 +123,9 @@ class Run:
         self.meta["ceilings"] = measure_ceilings(self.device, record)
         self.write()
 
-    def select(self) -> list[Section]:
+    def select(self, report_problems: bool = True) -> list[Section]:
         sections, problems = discover(self.args.sections_dir)
-        for problem in problems:
+        for problem in problems if report_problems else []:
             self.rec.add({"section": problem["module"], "name": "(import)", "status": "error", "measure": "error",
                           "error": problem["error"]}, f"  ERROR {problem['module']}: {problem['error']}")
         wanted = set(self.args.only or [])
@@ -186,7 +186,8 @@ class Run:
             self.rec.log(f"  the CUDA context is broken ({broken}): going on in a fresh process")
             self.write(resume={"after": section.module, "why": broken})
             sys.stdout.flush()
-            os.execv(sys.executable, [sys.executable, str(Path(sys.argv[0]).resolve()), *argv, "--resume"])
+            os.execv(sys.executable, [sys.executable, str(Path(__file__).resolve().parent / "gpu_check.py"), *argv,
+                                      "--resume"])
 
     def finish(self) -> int:
         doc = self.write(finished=True)

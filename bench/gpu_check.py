@@ -29,6 +29,7 @@ Exit status: 0 all passed, 1 something failed or errored, 2 no CUDA device (with
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -45,9 +46,22 @@ RESERVE_S = 8.0  # for the targets, the JSON and the table
 MAX_RESTARTS = 2  # fresh processes after a broken CUDA context
 
 
+def source_fingerprint() -> str:
+    """A hash of the code this run executes (pyproject.toml and every .py file under linreg_fused/,
+    kernels/, bench/ and tests/, by path and content): the same on the GPU machine as in the
+    checkout it was sent from, whatever .git travelled with it."""
+    digest = hashlib.sha256()
+    files = [ROOT / "pyproject.toml", *(f for d in ("linreg_fused", "kernels", "bench", "tests")
+                                        for f in (ROOT / d).rglob("*.py"))]
+    for path in sorted(f for f in files if f.is_file() and "__pycache__" not in f.parts):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def commit_info(given: str | None) -> dict[str, str | None]:
-    """The commit of this checkout (git rev-parse HEAD), the given one, and uncommitted changes."""
-    info: dict[str, str | None] = {"commit_given": given}
+    """The commit of this checkout (git rev-parse HEAD), the given one, uncommitted changes, and
+    the source fingerprint."""
+    info: dict[str, str | None] = {"commit_given": given, "source_fingerprint": source_fingerprint()}
     for key, cmd in (("git_commit", ["git", "rev-parse", "HEAD"]), ("git_status", ["git", "status", "--porcelain"])):
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=ROOT)
@@ -64,13 +78,14 @@ def commit_line(info: dict[str, str | None]) -> str:
     if given:
         line += f"; given {given}"
         if not git.startswith("unknown") and not git.startswith(given):
-            line += "  ** MISMATCH: this is not the commit you meant to run **"
-    return line
+            line += " (git here differs: a stale .git can travel with the tree)"
+    return line + f"; source {info['source_fingerprint']} (compare: python3 bench/gpu_check.py --fingerprint)"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="linreg-fused GPU check: commit, versions, ceilings, every bench/gpu_*.py section.")
-    p.add_argument("outdir", type=Path)
+    p.add_argument("outdir", type=Path, nargs="?")
+    p.add_argument("--fingerprint", action="store_true", help="print the source fingerprint and exit")
     p.add_argument("--budget-s", type=float, default=None,
                    help=f"the whole run's wall-clock budget (default {DEFAULT_BUDGET_S:.0f}; {SMOKE_BUDGET_S:.0f} with --cpu-smoke)")
     p.add_argument("--cpu-smoke", action="store_true", help="every section on the CPU (Triton's interpreter), tiny shapes")
@@ -137,6 +152,12 @@ def child_main(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.fingerprint:
+        print(source_fingerprint())
+        return 0
+    if args.outdir is None:
+        print("gpu_check: an output folder is required", file=sys.stderr)
+        return 2
     if args.child:
         return child_main(args)
     commit = commit_info(args.commit)

@@ -31,6 +31,8 @@ SECTION = "host"
 ORDER = 70
 BUDGET_S = 20.0
 CALLS, ROUNDS = 20, 5
+LAUNCH_APIS = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaMemcpyAsync",
+               "cudaMemsetAsync", "cudaGraphLaunch"}
 
 
 def shapes(smoke: bool) -> dict[str, tuple[int, int, int, int]]:
@@ -142,21 +144,23 @@ def launches(ctx: Ctx, fn: Callable[[], Any], calls: int = 3) -> dict[str, Any]:
 
     fn()
     ctx.sync()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
         ctx.sync()
-    kinds = {"kernels": 0, "memcpy": 0, "memset": 0}
+    kinds = {"kernels": 0, "memcpy": 0, "memset": 0, "launch_api_calls": 0}
     gpu_us = 0.0
     for e in prof.events():
-        if e.device_type != DeviceType.CUDA:
-            continue
-        kind = "memcpy" if "memcpy" in e.name.lower() else "memset" if "memset" in e.name.lower() else "kernels"
-        kinds[kind] += 1
-        gpu_us += e.time_range.elapsed_us()
+        if e.device_type == DeviceType.CUDA:
+            name = e.name.lower()
+            kinds["memcpy" if "memcpy" in name else "memset" if "memset" in name else "kernels"] += 1
+            gpu_us += e.time_range.elapsed_us()
+        elif e.name in LAUNCH_APIS:
+            kinds["launch_api_calls"] += 1
     return {"launches_per_call": kinds["kernels"] / calls, "memcpy_per_call": kinds["memcpy"] / calls,
-            "memset_per_call": kinds["memset"] / calls, "gpu_us_per_call": gpu_us / calls,
-            "launches_counted": "torch.profiler (CUPTI) device events"}
+            "memset_per_call": kinds["memset"] / calls, "launch_api_calls_per_call": kinds["launch_api_calls"] / calls,
+            "gpu_us_per_call": gpu_us / calls,
+            "launches_counted": "torch.profiler (CUPTI): kernels on the device; launch API calls on the host"}
 
 
 def run(ctx: Ctx) -> None:

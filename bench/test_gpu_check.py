@@ -182,6 +182,11 @@ STUBS = {
             i, k = ctx.shard
             ctx.parity(f"shard {i} of {k}", torch.ones(3), torch.ones(3, dtype=torch.float64), 1e-6)
     ''',
+    "gpu_cuda.py": '''
+        SECTION, ORDER = "cuda", 62
+        def run(ctx):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")  # breaks the context
+    ''',
     "gpu_broken.py": '''
         SECTION, ORDER = "broken", 20
         def run(ctx):
@@ -210,14 +215,14 @@ def stubs(tmp_path: Path) -> Path:
 
 def test_discover_finds_sections_in_order_and_reports_the_rest(stubs: Path):
     sections, problems = discover(stubs)
-    assert [s.name for s in sections] == ["checks", "broken", "alpha", "slow", "zeta"]
-    assert [s.phase for s in sections] == ["parallel", "parallel", "timing", "timing", "timing"]
-    assert sections[0].shards == 2 and sections[3].budget_s == 0.5
+    assert [s.name for s in sections] == ["checks", "broken", "alpha", "cuda", "slow", "zeta"]
+    assert [s.phase for s in sections] == ["parallel", "parallel", "timing", "timing", "timing", "timing"]
+    assert sections[0].shards == 2 and sections[4].budget_s == 0.5
     assert sorted(p["module"] for p in problems) == ["gpu_bad_import", "gpu_helpers"]
     assert "ModuleNotFoundError" in next(p["error"] for p in problems if p["module"] == "gpu_bad_import")
 
 
-def test_runner_isolates_failing_and_overrunning_sections(stubs: Path, tmp_path: Path):
+def test_runner_isolates_failing_overrunning_and_context_breaking_sections(stubs: Path, tmp_path: Path):
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), str(out), "--cpu-smoke", "--jobs", "2",
                            "--sections-dir", str(stubs), "--commit", "0123abc", "--grace-s", "0.5"],
@@ -229,7 +234,10 @@ def test_runner_isolates_failing_and_overrunning_sections(stubs: Path, tmp_path:
     assert doc["finished"] and doc["meta"]["commit_given"] == "0123abc"
     status = {s["module"]: s["status"] for s in doc["sections"]}
     assert status == {"gpu_check_a:run:0/2": "ok", "gpu_check_a:run:1/2": "ok", "gpu_broken:run": "error",
-                      "gpu_alpha": "error", "gpu_slow": "timeout", "gpu_zeta": "ok"}
+                      "gpu_alpha": "error", "gpu_cuda": "error", "gpu_slow": "timeout", "gpu_zeta": "ok"}
+    # after the broken context, the run went on in a fresh process, keeping what came before
+    assert doc["meta"]["restarts"] == 1 and done.stdout.count("gpu_check: commit ") == 2
+    assert "resumed in a fresh process" in (out / "gpu_check.log").read_text()
     names = [(r["section"], r["name"], r["status"]) for r in doc["rows"]]
     assert ("checks", "shard 0 of 2", "pass") in names and ("checks", "shard 1 of 2", "pass") in names
     assert ("alpha", "alpha before the error", "info") in names and ("alpha", "(section)", "error") in names
