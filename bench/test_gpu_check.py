@@ -282,3 +282,19 @@ def test_cpu_smoke_run_times_every_peer_in_both_views(smoke_run):
     assert host and all(r["launches_per_call"] >= 1 for r in host)  # Triton launches counted
     assert any(t["section"] == "statistics" for t in doc["targets"])
     assert all(t["pass"] is None for t in doc["targets"])  # no claims from the CPU
+
+
+def test_report_reads_both_views_and_the_targets(smoke_run, tmp_path: Path):
+    import report
+
+    _, doc = smoke_run
+    path = tmp_path / "gpu_check.json"
+    path.write_text(json.dumps(doc))
+    rows, machine = report.load_rows(path)
+    assert machine["cpu"] and {r.view for r in rows} == {"cold", "steady"}
+    for r in rows:  # speedups compare like views (the statistics rows have no baseline)
+        base = next((b for b in rows if b.group == r.group and b.view == r.view and b.baseline), None)
+        assert r.speedup == (None if base is None else pytest.approx(base.time_per_step / r.time_per_step))
+    assert sum(r.speedup is not None for r in rows) >= 40
+    text = report.markdown(rows, machine, path)
+    assert "| steady |" in text and "n/a: " in text  # targets shown, not judged on the CPU
