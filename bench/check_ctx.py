@@ -121,7 +121,8 @@ class Ctx:
 
     # ------------------------------------------------------------ rows
     def _row(self, name: str, status: str, measure: str, fields: dict[str, Any]) -> dict[str, Any]:
-        row = {"section": self.section, "name": name, "status": status, "measure": measure, **fields}
+        row = {"section": self.section, "name": name, "status": status, "measure": measure}
+        row.update((k, v) for k, v in fields.items() if k not in row)  # a section cannot rename its rows
         if not self.alone and measure in ("time", "steady"):
             row["timed_alone"] = False  # beside the other processes of the parallel phase: not a performance figure
         return row

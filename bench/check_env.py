@@ -113,16 +113,10 @@ def versions(device: torch.device, import_how: str) -> dict[str, Any]:
 # ------------------------------------------------------------------ ceilings
 def _event_ms(fn: Callable[[], Any], repeats: int = 5) -> float:
     """Median of CUDA-event timings of fn (one warm-up call first)."""
+    from timing import events_median_ms
+
     fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return events_median_ms(fn, repeats)
 
 
 def copy_ceiling(device: torch.device) -> dict[str, Any]:

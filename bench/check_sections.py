@@ -119,7 +119,7 @@ def run_here(section: Section, make_ctx: Callable[[float], Ctx], budget_s: float
     t0 = time.monotonic()
     ctx = make_ctx(t0 + budget_s)
     previous = signal.signal(signal.SIGALRM, _on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, budget_s + grace_s)
+    signal.setitimer(signal.ITIMER_REAL, max(0.05, budget_s + grace_s))  # 0 would disarm it
     status, error = "ok", None
     try:
         (fn or section.run)(ctx)

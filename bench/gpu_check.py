@@ -8,7 +8,7 @@ in the repository root:
 
 In one run, within --budget-s (default 330 s):
 
-  1. the commit it runs (git rev-parse, and --commit), printed before anything else;
+  1. the commit it runs (git rev-parse, --commit, a fingerprint of its sources), printed first;
   2. versions, GPU and driver; the ceilings measured in the same run: device copy, pinned
      host-to-device copy, IEEE fp32 / tf32 / bf16 matrix products (bench/check_env.py);
   3. every section bench/gpu_<topic>.py, found by name (bench/check_sections.py): those with

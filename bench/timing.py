@@ -34,12 +34,17 @@ def bench_ms(fn: Callable[[], Any], device: torch.device, rep_ms: float = 200, w
 
 
 def flushed_median_ms(fn: Callable[[], Any], calls: int) -> float:
-    """do_bench's method without its estimate loop: before each call, 256 MB written to flush the
-    L2; each call between two CUDA events; the median."""
-    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    """do_bench's method without its estimate loop: 256 MB written before each call to flush the
+    L2, each call between two CUDA events; the median."""
+    return events_median_ms(fn, calls, flush=torch.empty(256 << 20, dtype=torch.int8, device="cuda"))
+
+
+def events_median_ms(fn: Callable[[], Any], calls: int, flush: torch.Tensor | None = None) -> float:
+    """Median of `calls` calls of fn, each between two CUDA events (after zeroing `flush`, if given)."""
     times = []
     for _ in range(calls):
-        flush.zero_()
+        if flush is not None:
+            flush.zero_()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
