@@ -1,7 +1,8 @@
 """What the benchmark suite (bench/test_bench.py) and the GPU check
-(bench/gpu_check.py) share: each regime's data, the float64 references, one
-runner per peer (set up, a checked epoch, the timed call) and the check
-against float64. The regimes and peers themselves are in bench/regimes.py.
+(bench/gpu_check.py) share: each regime's data, the float64 references and
+the check against float64. The regimes and peers are in bench/regimes.py,
+one runner per peer (set up, a checked epoch, the timed call, the steady
+loop's unit) in bench/runners.py.
 
 This imports linreg_fused: without CUDA, TRITON_INTERPRET must be set before
 the first import (bench/conftest.py and ``gpu_check.py --cpu-smoke`` do).
@@ -29,17 +30,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from linreg_fused import FusedLinearRegressor, FusedSGD
 from linreg_fused.backend import select_ops
 from linreg_fused.data import crop_yields
-from regimes import BF16, FP32, Peer, Regime
+from regimes import Peer, Regime
+
+if TYPE_CHECKING:  # bench/runners.py imports this module, not the other way round
+    from runners import Runner
 
 CHECK_SEED = 4321  # the check epoch's row order
 DATA_SEED = 1234
@@ -200,257 +200,6 @@ def reference_forward(data: Data) -> torch.Tensor:
     if "forward" not in data.references:
         data.references["forward"] = torch.addmm(data.b0.double(), data.x.double(), data.w0.double().t())
     return data.references["forward"]
-
-
-# ------------------------------------------------------------------ runners
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def eager_step(module: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor, mode: str,
-               zero_grad: bool = True) -> torch.Tensor:
-    """The step a user writes: nn.Linear + F.mse_loss + backward + optim.SGD (under autocast in "autocast" mode)."""
-    if zero_grad:
-        opt.zero_grad(set_to_none=True)
-    if mode == "autocast":
-        with torch.autocast(xb.device.type, dtype=BF16, cache_enabled=False):  # caching is unsafe in graph capture
-            loss = F.mse_loss(module(xb), yb)
-    else:
-        loss = F.mse_loss(module(xb), yb)
-    loss.backward()
-    opt.step()
-    return loss.detach()
-
-
-class Runner:
-    """One peer set up on one regime: reset to (w0, b0), a checked epoch, and the timed call."""
-
-    def __init__(self, data: Data, peer: Peer) -> None:
-        self.data, self.peer, self.regime = data, peer, data.regime
-        self.last_loss: torch.Tensor | None = None
-        self._calls = 0
-
-    def _next_set(self) -> int:
-        """The input set of this call: successive calls cycle through data.sets."""
-        k = self._calls % len(self.data.sets)
-        self._calls += 1
-        return k
-
-    def parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The parameters the peer trains (in place)."""
-        return self.module.weight, self.module.bias
-
-    def reset(self) -> None:
-        w, b = self.parameters()
-        with torch.no_grad():
-            w.copy_(self.data.w0)
-            b.copy_(self.data.b0)
-
-    def check_epoch(self) -> tuple[list[float], list[torch.Tensor | None]]:
-        """One epoch from the current parameters over the check order's batches:
-        ([mean batch loss], [the row order it used])."""
-        raise NotImplementedError
-
-    def call(self) -> None:
-        """The timed function: steps_per_call steps, then a device sync."""
-        raise NotImplementedError
-
-    def _epoch_orders(self) -> Iterator[torch.Tensor]:
-        """A fresh random row order per epoch, on the device (as DataLoader(shuffle=True) would)."""
-        for _ in range(self.regime.epochs):
-            yield torch.randperm(self.regime.n_rows, device=self.data.device)
-
-    def _fit_batches(self, order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for idx in order.split(self.regime.batch_size):
-            yield self.data.x[idx], self.data.t[idx]
-
-
-class StepLoopRunner(Runner):
-    """Any per-batch step function: eager variants, compiled eager, and the fused train_step."""
-
-    def __init__(self, data: Data, peer: Peer) -> None:
-        super().__init__(data, peer)
-        d, o, device = self.regime.in_features, self.regime.out_features, data.device
-        if peer.family in ("eager", "compile"):
-            dtype = BF16 if peer.eager_mode == "pure-bf16" else FP32
-            self.module = nn.Linear(d, o, device=device, dtype=dtype)
-            self.opt = torch.optim.SGD(self.module.parameters(), lr=self.regime.lr,
-                                       fused=True if peer.sgd_fused else None)
-            self.step = self._eager_step
-            if peer.family == "compile":
-                self.step = torch.compile(self._eager_step)
-        else:
-            self.module = FusedLinearRegressor(d, o, device=device, dtype=FP32, backend=peer.backend,
-                                               input_precision=peer.precision)
-            self.opt = FusedSGD(self.module.parameters(), lr=self.regime.lr, backend=peer.backend)
-            self.step = self._fused_step
-        self.reset()
-
-    def _eager_step(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        return eager_step(self.module, self.opt, xb, yb, self.peer.eager_mode)
-
-    def _fused_step(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        return self.module.train_step(xb, yb, self.opt)
-
-    def check_epoch(self) -> tuple[list[float], list[torch.Tensor | None]]:
-        order = self.data.check_order
-        losses = [self.step(xb, yb) for xb, yb in self.data.batches(order)]
-        return [float(torch.stack(losses).float().mean())], [order]
-
-    def call(self) -> None:
-        if self.regime.kind == "fit":
-            for order in self._epoch_orders():
-                for xb, yb in self._fit_batches(order):
-                    self.last_loss = self.step(xb, yb)
-        else:
-            for xb, yb in self.data.call_batches(self._next_set()):
-                self.last_loss = self.step(xb, yb)
-        sync(self.data.device)
-
-
-class GraphRunner(Runner):
-    """The eager step captured in CUDA graphs. "step" regimes: one graph per batch of each
-    input set (each reads its batch in place, no copies), all sharing one memory pool
-    (safe: they are replayed in the order they were captured, one at a time). "fit": one
-    graph that gathers its rows through a static index buffer, refilled from each
-    epoch's permutation."""
-
-    def __init__(self, data: Data, peer: Peer) -> None:
-        super().__init__(data, peer)
-        d, o, device = self.regime.in_features, self.regime.out_features, data.device
-        self.module = nn.Linear(d, o, device=device)
-        self.opt = torch.optim.SGD(self.module.parameters(), lr=self.regime.lr)
-        if self.regime.kind == "fit":
-            self.index = torch.arange(self.regime.batch_size, device=device)
-            steps = [lambda: (data.x.index_select(0, self.index), data.t.index_select(0, self.index))]
-        else:
-            steps = [lambda xb=xb, yb=yb: (xb, yb) for k in range(len(data.sets)) for xb, yb in data.call_batches(k)]
-        # Warm up on a side stream (cuBLAS workspaces, optimizer state) before capture, as the
-        # CUDA-graphs docs require.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                for batch in steps:
-                    self._step(*batch())
-        torch.cuda.current_stream().wait_stream(side)
-        self.graphs, self.losses = [], []
-        pool = None
-        for batch in steps:
-            graph = torch.cuda.CUDAGraph()
-            self.opt.zero_grad(set_to_none=True)  # backward allocates .grad from the graph's pool
-            with torch.cuda.graph(graph, pool=pool):
-                loss = self._step(*batch(), zero_grad=False)
-            pool = graph.pool() if pool is None else pool
-            self.graphs.append(graph)
-            self.losses.append(loss)
-        self.per_set = 1 if self.regime.kind == "fit" else len(self.graphs) // len(data.sets)
-        self.reset()
-
-    def _step(self, xb: torch.Tensor, yb: torch.Tensor, zero_grad: bool = True) -> torch.Tensor:
-        return eager_step(self.module, self.opt, xb, yb, self.peer.eager_mode, zero_grad)
-
-    def check_epoch(self) -> tuple[list[float], list[torch.Tensor | None]]:
-        losses = []
-        if self.regime.kind == "fit":
-            order = self.data.check_order
-            for idx in order.split(self.regime.batch_size):
-                self.index.copy_(idx)
-                self.graphs[0].replay()
-                losses.append(self.losses[0].clone())
-        else:  # set 0's graphs, batches in row order; the next call starts at set 1, keeping the capture order
-            order = None
-            for graph, loss in zip(self.graphs[: self.per_set], self.losses[: self.per_set]):
-                graph.replay()
-                losses.append(loss.clone())
-            self._calls = 1
-        return [float(torch.stack(losses).float().mean())], [order]
-
-    def call(self) -> None:
-        if self.regime.kind == "fit":
-            bs = self.regime.batch_size
-            for order in self._epoch_orders():
-                for s in range(0, self.regime.n_rows, bs):
-                    self.index.copy_(order[s : s + bs])
-                    self.graphs[0].replay()
-            self.last_loss = self.losses[0]
-        else:
-            k = self._next_set()
-            for graph in self.graphs[k * self.per_set : (k + 1) * self.per_set]:
-                graph.replay()
-            self.last_loss = self.losses[(k + 1) * self.per_set - 1]
-        sync(self.data.device)
-
-
-def dataloader_orders(n_rows: int, epochs: int, seed: int, device: torch.device) -> list[torch.Tensor]:
-    """The row orders DataLoader(shuffle=True) draws from a generator seeded with ``seed``: the
-    batches fit(..., seed=seed) trains on (fit promises DataLoader's batches; this is the oracle)."""
-    loader = DataLoader(TensorDataset(torch.arange(n_rows)), batch_size=n_rows, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
-    return [torch.cat([rows for (rows,) in loader]).to(device) for _ in range(epochs)]
-
-
-class FusedFitRunner(Runner):
-    """FusedLinearRegressor.fit: the persistent one-launch kernel when the problem fits one
-    program (the tutorial), else one fused step per batch with rows gathered in the kernel
-    (and, from 3 epochs on CUDA, an epoch replayed as a CUDA graph)."""
-
-    def __init__(self, data: Data, peer: Peer) -> None:
-        super().__init__(data, peer)
-        d, o = self.regime.in_features, self.regime.out_features
-        self.module = FusedLinearRegressor(d, o, device=data.device, backend=peer.backend)
-        self.opt = FusedSGD(self.module.parameters(), lr=self.regime.lr, backend=peer.backend)
-        self.reset()
-
-    def check_epoch(self) -> tuple[list[float], list[torch.Tensor | None]]:
-        epochs = 3 if self.regime.epochs >= 3 else 1
-        history = self.module.fit(self.data.x, self.data.t, epochs=epochs, batch_size=self.regime.batch_size,
-                                  optimizer=self.opt, shuffle=True, seed=CHECK_SEED, progress=False)
-        return history, dataloader_orders(self.regime.n_rows, epochs, CHECK_SEED, self.data.device)
-
-    def call(self) -> None:
-        # The eager loop scans nothing for NaN either: check_finite=False.
-        x, t = self.data.sets[self._next_set()]
-        history = self.module.fit(x, t, epochs=self.regime.epochs, batch_size=self.regime.batch_size,
-                                  optimizer=self.opt, shuffle=True, progress=False,
-                                  check_finite=False)  # ends with a host read: synced
-        self.last_loss = torch.tensor(history[-1])
-
-
-class ForwardRunner(Runner):
-    """Inference: one forward per call, on the next input set, under no_grad."""
-
-    def __init__(self, data: Data, peer: Peer) -> None:
-        super().__init__(data, peer)
-        d, o, device = self.regime.in_features, self.regime.out_features, data.device
-        if peer.family == "nn.Linear":
-            self.module = nn.Linear(d, o, device=device)
-        else:
-            self.module = FusedLinearRegressor(d, o, device=device, backend=peer.backend)
-        self.reset()
-
-    @torch.no_grad()
-    def forward_check(self) -> float:
-        """Norm-relative error of the first set's output against float64."""
-        ref = reference_forward(self.data)
-        y = self.module(self.data.x)
-        return float((y.double() - ref).norm() / ref.norm())
-
-    @torch.no_grad()
-    def call(self) -> None:
-        self.last_loss = self.module(self.data.sets[self._next_set()][0])
-        sync(self.data.device)
-
-
-def make_runner(data: Data, peer: Peer) -> Runner:
-    if peer.family in ("nn.Linear", "fused-forward"):
-        return ForwardRunner(data, peer)
-    if peer.family == "graph":
-        return GraphRunner(data, peer)
-    if peer.family == "fused-fit":
-        return FusedFitRunner(data, peer)
-    return StepLoopRunner(data, peer)
 
 
 def unavailable_reason(peer: Peer, device: torch.device) -> str | None:

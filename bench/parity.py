@@ -1,4 +1,4 @@
-"""The parity checks of the GPU check (bench/gpu_check.py): linreg-fused's kernels against
+"""The parity checks of the GPU check (bench/gpu_parity_*.py): linreg-fused's kernels against
 float64 on fresh random inputs (never zeros), with freed GPU memory NaN-filled before each
 check so that an output a kernel forgets to write reads as NaN.
 
@@ -73,7 +73,8 @@ def parity_shapes(smoke: bool) -> dict[str, list[Shape]]:
                        Shape(n // 4, *deep), Shape(n // 4, *deep, precision="tf32x3"), odd,
                        Shape(n, *tall, dtype=BF16, input_grads=True), Shape(n, *wide, dtype=BF16),
                        Shape(7, 3, 2, dtype=FP16, input_grads=True), Shape(513, 20, 5, dtype=FP64), big],
-        "determinism": [Shape(n * 16 + 3, *tall), Shape(n, *wide, dtype=BF16)],
+        # Several row tiles per program on a GPU (the smoke run keeps the interpreter's share small).
+        "determinism": [Shape(n * (4 if smoke else 16) + 3, *tall), Shape(n, *wide, dtype=BF16)],
         "train_step": [Shape(n, *wide)],
         "inference": [Shape(1, 1, 1), Shape(n, *many), Shape(n, *many, precision="tf32x3"),
                       Shape(n, *wide, precision="tf32"), Shape(n, *tall, dtype=BF16),
@@ -352,10 +353,11 @@ class Check:
     name: str
     fn: Callable[[], dict[str, Any]]
     need_s: float = 2.0  # what it needs of the budget to start
+    group: str = ""  # "grad" | "train" | "infer": the GPU check runs each group as a section of its own
 
 
-def parity_checks(smoke: bool, device: torch.device) -> list[Check]:
-    """Every parity check, in a fixed order (worker processes take every k-th)."""
+def parity_checks(smoke: bool, device: torch.device, group: str | None = None) -> list[Check]:
+    """Every parity check (or those of one group), in a fixed order."""
     shapes = parity_shapes(smoke)
     checks: list[Check] = []
     seeds = iter(range(101, 1000))
@@ -364,19 +366,22 @@ def parity_checks(smoke: bool, device: torch.device) -> list[Check]:
         return 10.0 if s.n > 1_000_000 else 2.0
 
     for s in shapes["linear_mse"]:
-        checks.append(Check(f"linear_mse {s.name}", partial(check_linear_mse, s, next(seeds), device), need(s)))
+        checks.append(Check(f"linear_mse {s.name}", partial(check_linear_mse, s, next(seeds), device), need(s), "grad"))
     for s in shapes["determinism"]:
-        checks.append(Check(f"determinism x3 {s.name}", partial(check_determinism, s, next(seeds), device)))
+        checks.append(Check(f"determinism x3 {s.name}", partial(check_determinism, s, next(seeds), device), group="grad"))
     d = shapes["train_step"][0].d
     for variant in SGD_VARIANTS:
-        checks.append(Check(f"FusedSGD.step() {variant}", partial(check_sgd_step_api, variant, next(seeds), device, d)))
+        checks.append(Check(f"FusedSGD.step() {variant}", partial(check_sgd_step_api, variant, next(seeds), device, d),
+                            group="train"))
         for s in shapes["train_step"]:
             checks.append(Check(f"train_step vs float64 SGD {variant} {s.name}",
-                                partial(check_sgd_train_step, variant, s, next(seeds), device)))
+                                partial(check_sgd_train_step, variant, s, next(seeds), device), group="train"))
     for kind in ("tutorial", "per-batch"):
-        checks.append(Check(f"fit momentum {kind}", partial(check_fit_momentum, kind, next(seeds), device, smoke), 5.0))
+        checks.append(Check(f"fit momentum {kind}", partial(check_fit_momentum, kind, next(seeds), device, smoke), 5.0,
+                            "train"))
     for s in shapes["inference"]:
-        checks.append(Check(f"inference {s.name}", partial(check_inference, s, next(seeds), device), need(s)))
+        checks.append(Check(f"inference {s.name}", partial(check_inference, s, next(seeds), device), need(s), "infer"))
     s = shapes["inference"][1]
-    checks.append(Check(f"inference 3-D input {s.name}", partial(check_inference, s, next(seeds), device, (1,))))
-    return checks
+    checks.append(Check(f"inference 3-D input {s.name}", partial(check_inference, s, next(seeds), device, (1,)),
+                        group="infer"))
+    return [c for c in checks if group is None or c.group == group]

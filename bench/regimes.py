@@ -80,6 +80,12 @@ class Regime:
         """One read of X and T (training) or of X plus the write of Y (inference), as the performance brief counts."""
         return self.rows_per_step * (self.in_features + self.out_features) * torch.finfo(self.dtype).bits // 8
 
+    @property
+    def flops_per_step(self) -> int:
+        """Multiply-adds x 2 of the products: X·Wᵀ, and for training Rᵀ·X too (4·N·D·O)."""
+        products = 1 if self.kind == "inference" else 2
+        return 2 * products * self.rows_per_step * self.in_features * self.out_features
+
 
 FP32, BF16 = torch.float32, torch.bfloat16
 TUTORIAL = dict(n_rows=15, in_features=3, out_features=2, batch_size=5, dtype=FP32, lr=1e-5)

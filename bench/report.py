@@ -37,6 +37,7 @@ class Row:
     check: str
     timing: str  # how the figure was taken: "N rounds" (pytest-benchmark) or gpu_check's timer
     info: dict[str, Any]
+    view: str = "cold"  # gpu_check: "cold" (do_bench, L2 flushed) or "steady" (back-to-back loop, one sync)
 
     @property
     def frac_copy(self) -> float | None:
@@ -55,10 +56,10 @@ def load_rows(path: Path) -> tuple[list[Row], dict[str, Any]]:
         rows, machine = _gpu_check_rows(doc)
     else:
         raise ValueError(f"{path}: neither a pytest-benchmark JSON nor a gpu_check.json")
-    base = {r.group: r.time_per_step for r in rows if r.baseline}
+    base = {(r.group, r.view): r.time_per_step for r in rows if r.baseline}
     for r in rows:
-        if r.group in base:
-            r.speedup = base[r.group] / r.time_per_step
+        if (r.group, r.view) in base:
+            r.speedup = base[(r.group, r.view)] / r.time_per_step
     return rows, machine
 
 
@@ -84,22 +85,39 @@ def _pytest_benchmark_rows(doc: dict[str, Any]) -> tuple[list[Row], dict[str, An
 
 
 def _gpu_check_rows(doc: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
+    """Timed rows of either layout: the sections' rows (measure "time" / "steady", one per view,
+    bench/check_ctx.py) or the earlier single script's (section "timing", do_bench only)."""
     meta = doc["meta"]
+    copy = (meta.get("ceilings") or {}).get("copy_gbps") or meta.get("copy_gbps")
     rows: list[Row] = []
     for row in doc["rows"]:
-        if row.get("section") != "timing" or "ms_per_step" not in row:
+        old = row.get("section") == "timing" and "ms_per_step" in row
+        new = row.get("measure") in ("time", "steady") and row.get("regime") and row.get("status") == "ok"
+        if not (old or new):
             continue
         per_step = row["ms_per_step"] * 1e-3
         rows.append(Row(
-            group=row["group"], peer=row["peer"], baseline=bool(row.get("baseline")), time_per_step=per_step,
-            gbps=_gbps(row.get("bytes_per_step"), per_step), copy_gbps=row.get("copy_gbps") or meta.get("copy_gbps"),
-            speedup=None, peak_extra_bytes=row.get("peak_extra_bytes"), peak_bytes=row.get("peak_mem_bytes"),
-            check=_check_text(row), timing=row.get("timer", "do_bench median"), info=row))
+            group=row["group"] if old else row["regime"], peer=row["peer"], baseline=bool(row.get("baseline")),
+            time_per_step=per_step, gbps=_gbps(row.get("bytes_per_step"), per_step),
+            copy_gbps=row.get("copy_gbps") or copy, speedup=None, peak_extra_bytes=row.get("peak_extra_bytes"),
+            peak_bytes=row.get("peak_mem_bytes"), check=_check_text(row), timing=row.get("timer", "do_bench median"),
+            info=row, view=row.get("view", "cold")))
     cpu = meta.get("mode") != "gpu"
     machine = {"device": meta.get("gpu") or f"CPU ({meta.get('cpu', '?')})", "torch": meta.get("torch"),
                "triton": meta.get("triton"), "cuda": meta.get("cuda_runtime"), "cpu": cpu,
                "date": meta.get("date_utc"), "commit": meta.get("commit_given") or meta.get("git_commit")}
     return rows, machine
+
+
+def _target_text(info: dict[str, Any]) -> str:
+    t = info.get("target")
+    if not t:
+        return ""
+    value = t.get("value")
+    shown = "—" if value is None else (f"{100 * value:.0f}%" if t.get("unit") == "%" else
+                                      f"{value:.3g} us" if t.get("unit") == "us" else f"{value:.2f}×")
+    verdict = {True: "pass", False: "FAIL", None: "n/a"}[t.get("pass")]
+    return f"{verdict}: {shown} ({t.get('goal')})"
 
 
 def _check_text(info: dict[str, Any]) -> str:
@@ -154,15 +172,21 @@ def markdown(rows: list[Row], env: dict[str, Any], source: Path) -> str:
     lines += ["", "Time per step = median call / steps per call. GB/s counts one read of X and T per step "
               "(inference: X read, Y written). Speedup is over the group's eager baseline (first row). "
               "Check: relative error against float64 before timing.", ""]
+    views = any(r.view == "steady" for r in rows)
+    if views:
+        lines += ["Two views per peer: **cold** (do_bench median of one call, L2 flushed) and **steady** (100 "
+                  "back-to-back steps, or a fit call of many, one synchronize at the end: what training sees). "
+                  "Speedup compares like views. Target: the project's goal for that figure (bench/targets.py).", ""]
     for group, grp in groups_in_order(rows).items():
         lines += [f"## {group}", "",
-                  "| peer | time / step | GB/s | % of copy | speedup vs eager | peak extra memory | timing | check |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| peer | view | time / step | GB/s | % of copy | speedup vs eager | peak extra memory | timing | check "
+                  "| target |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in grp:
             name = f"**{r.peer}** (baseline)" if r.baseline else r.peer
             frac = None if r.frac_copy is None else 100 * r.frac_copy
-            lines.append(f"| {name} | {fmt_time(r.time_per_step)} | {_num(r.gbps, ',.4g')} | {_num(frac, '.3g', '%')} "
-                         f"| {_num(r.speedup, '.3g', '×')} | {fmt_bytes(r.peak_extra_bytes)} | {r.timing} | {r.check} |")
+            lines.append(f"| {name} | {r.view} | {fmt_time(r.time_per_step)} | {_num(r.gbps, ',.4g')} "
+                         f"| {_num(frac, '.3g', '%')} | {_num(r.speedup, '.3g', '×')} | {fmt_bytes(r.peak_extra_bytes)} "
+                         f"| {r.timing} | {r.check} | {_target_text(r.info)} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -177,9 +201,14 @@ def plot(rows: list[Row], out: Path, title: str) -> str | None:
     except ImportError:
         return "matplotlib is not installed (pip install 'linreg-fused[plot]'): plot skipped"
     groups = groups_in_order(rows)
+    views = any(r.view == "steady" for r in rows)
+
+    def bar_label(r: Row) -> str:
+        return f"{r.peer} ({r.view})" if views else r.peer
+
     peers: list[str] = []
     for grp in groups.values():
-        peers += [r.peer for r in grp if r.peer not in peers]
+        peers += [bar_label(r) for r in grp if bar_label(r) not in peers]
     cmap = plt.get_cmap("tab20")
     colors = {p: cmap(i % 20) for i, p in enumerate(peers)}
     fig, axes = plt.subplots(2, 1, figsize=(max(10.0, 1.3 * len(groups) + 5), 10), constrained_layout=True)
@@ -191,8 +220,8 @@ def plot(rows: list[Row], out: Path, title: str) -> str | None:
                 v = getattr(r, metric)
                 if v is None or v <= 0:
                     continue
-                ax.bar(gi + (pi - (len(grp) - 1) / 2) * width, v, width, color=colors[r.peer],
-                       label=r.peer if r.peer not in ax.get_legend_handles_labels()[1] else None)
+                ax.bar(gi + (pi - (len(grp) - 1) / 2) * width, v, width, color=colors[bar_label(r)],
+                       label=bar_label(r) if bar_label(r) not in ax.get_legend_handles_labels()[1] else None)
         ax.set_yscale("log")
         ax.set_ylabel(label)
         ax.set_xticks(range(len(groups)))

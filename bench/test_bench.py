@@ -6,7 +6,7 @@ performance brief's shapes. Without one, only tiny shapes run, through the
 pure-PyTorch reference backend ("[torch]") and Triton's interpreter
 ("[triton-interp]"); their extra_info says cpu=True, and those figures say
 nothing about GPU performance. Data, runners and the float64 check are shared
-with bench/gpu_check.py through bench/harness.py.
+with the GPU check through bench/harness.py and bench/runners.py.
 
 Timing: one benchmark call runs ``steps_per_call`` steps and ends with
 torch.cuda.synchronize() on a GPU, so queued launches are not mistaken for
@@ -32,8 +32,9 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 
-from harness import check_against_reference, data_for, make_runner, peak_extra_bytes, unavailable_reason
+from harness import check_against_reference, data_for, peak_extra_bytes, unavailable_reason
 from regimes import REGIMES, Peer, Regime, peers_for, skip_reason
+from runners import make_runner
 
 if TYPE_CHECKING:  # bench/conftest.py; not imported at run time (pytest owns the "conftest" module name)
     from conftest import BenchEnv
