@@ -10,8 +10,10 @@ F.mse_loss and torch.optim.SGD.
 
 The names below are imported on first use (PEP 562), so that ``import
 linreg_fused`` and the command line's ``--help`` and ``--version`` do not
-import torch. Using any of them (or importing ``linreg_fused.ops``) registers
-the library's torch operators, which a saved ``torch.export`` program needs.
+import torch. The library's torch operators, which a saved ``torch.export``
+program refers to, are registered when ``linreg_fused.ops`` is first
+imported: by ``import linreg_fused.ops``, or by using the model, the
+optimizer, ``fit``, ``LinearStats`` or the functional API.
 """
 
 from __future__ import annotations
