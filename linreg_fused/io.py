@@ -3,16 +3,18 @@
     names = column_names("data.csv")                         # the header
     x = read_columns("data.csv", ["temp", "rainfall"])       # (N, 2) float64, every value finite
 
-CSV files have a header row and comma-separated numbers (quoted or not).
-Two parsers read them, both compiled code and both correctly rounded:
+CSV files have a header row and numbers (quoted or not) separated by
+``delimiter`` ("," by default; ";" or "\t" for others). Two parsers read
+them, both compiled code and both correctly rounded:
 
 - ``engine="pyarrow"``: pyarrow's multi-threaded CSV reader (the ``arrow``
-  extra, or ``pip install pyarrow``), the fastest;
+  extra, or ``pip install pyarrow``), the fastest on large files;
 - ``engine="numpy"``: ``numpy.loadtxt``'s C parser, always available;
 
-``engine="auto"`` (the default) takes pyarrow when it is installed. Only the
-requested columns are converted, so text columns (ids, names, dates) that a
-model does not use are fine.
+``engine="auto"`` (the default) takes pyarrow for files over 1 MB when it is
+installed, numpy's parser for smaller ones (importing pyarrow costs more than
+it saves there). Only the requested columns are converted, so text columns
+(ids, names, dates) that a model does not use are fine.
 
 ``.npy`` holds one array: 2-D (N, C) with columns named "0" … "C-1", 1-D
 with one column "0", or a structured array whose field names are the column
@@ -21,8 +23,10 @@ by its key, a 2-D array ``X`` of shape (N, k) gives columns "X[0]" … "X[k-1]".
 Parquet (``.parquet``, ``.pq``) needs pyarrow too.
 
 Every problem raises DataError with one line that names the file, the
-column and the row (data rows count from 1; the header is not one): a missing column, a cell that is not a number, an empty
-cell, NaN or inf, a row with too few or too many fields.
+column and the row (data rows count from 1; the header is not one): a
+missing column (with a hint when the header looks separated by another
+delimiter), a cell that is not a number, an empty cell, NaN or inf, a row
+with too few or too many fields, a folder where a file was expected.
 """
 
 from __future__ import annotations
@@ -39,17 +43,18 @@ import numpy as np
 ENGINES = ("auto", "pyarrow", "numpy")
 SUFFIXES = (".csv", ".npy", ".npz", ".parquet", ".pq")
 ARROW_HINT = "pip install pyarrow (the arrow extra)"
+ARROW_MIN_BYTES = 1 << 20  # engine="auto" reads smaller CSV files with numpy
 
 
 class DataError(ValueError):
     """A data file that cannot be read as numbers; the message says where."""
 
 
-def column_names(path: str | os.PathLike) -> list[str]:
-    """The column names of a data file, in file order."""
+def column_names(path: str | os.PathLike, *, delimiter: str = ",") -> list[str]:
+    """The column names of a data file, in file order (delimiter: of a CSV file)."""
     kind = _kind(path)
     if kind == "csv":
-        return _csv_header(path)
+        return _csv_header(path, delimiter)
     if kind == "npy":
         return _npy_names(_load_npy(path))
     if kind == "npz":
@@ -58,31 +63,36 @@ def column_names(path: str | os.PathLike) -> list[str]:
 
 
 def read_columns(
-    path: str | os.PathLike, names: Sequence[str] | None = None, *, engine: str = "auto"
+    path: str | os.PathLike, names: Sequence[str] | None = None, *, engine: str = "auto", delimiter: str = ","
 ) -> np.ndarray:
     """The columns ``names`` (default: all) of a data file as an (N, len(names)) float64 array.
 
     Raises DataError if a column is missing, a selected cell is not a finite
-    number, or the file holds no rows. engine: the CSV parser (see above).
+    number, or the file holds no rows. engine: the CSV parser, delimiter: the
+    CSV field separator (see above).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if not isinstance(delimiter, str) or len(delimiter) != 1 or delimiter in '"\r\n':
+        raise ValueError(f"delimiter must be one character other than a quote or a line break, got {delimiter!r}")
     kind = _kind(path)
-    available = column_names(path)
+    available = column_names(path, delimiter=delimiter)
     if len(set(available)) != len(available):
         dup = next(n for n in available if available.count(n) > 1)
         raise DataError(f"{path}: the column name {dup!r} appears twice")
     names = list(available if names is None else names)
     missing = [n for n in names if n not in available]
     if missing:
-        raise DataError(f"{path}: no column {missing[0]!r} (columns: {_listing(available)})")
+        raise DataError(f"{path}: no column {missing[0]!r} (columns: {_listing(available)})"
+                        + (_delimiter_hint(available, delimiter) if kind == "csv" else ""))
     if not names:
         raise DataError(f"{path}: no columns selected")
     if kind == "csv":
-        use_arrow = engine == "pyarrow" or (engine == "auto" and _has_pyarrow())
+        use_arrow = engine == "pyarrow" or (engine == "auto" and os.path.getsize(path) > ARROW_MIN_BYTES
+                                            and _has_pyarrow())
         if use_arrow and not _has_pyarrow():
             raise DataError(f"the pyarrow CSV engine needs pyarrow: {ARROW_HINT}")
-        values = (_csv_arrow if use_arrow else _csv_numpy)(path, names, available)
+        values = (_csv_arrow if use_arrow else _csv_numpy)(path, names, available, delimiter)
     elif kind == "npy":
         values = _npy_columns(path, _load_npy(path), names)
     elif kind == "npz":
@@ -98,15 +108,30 @@ def read_columns(
 
 # ---------------------------------------------------------------- CSV
 
-def _csv_header(path) -> list[str]:
+def _csv_header(path, delimiter: str = ",") -> list[str]:
     with open(path, newline="", encoding="utf-8-sig") as f:
-        header = next(csv.reader(f), None)
+        header = next(csv.reader(f, delimiter=delimiter), None)
     if not header or header == [""]:
         raise DataError(f"{path}: empty file (a CSV needs a header row of column names)")
     return [h.strip() for h in header]
 
 
-def _csv_arrow(path, names, available) -> np.ndarray:
+def other_delimiter(header: Sequence[str], delimiter: str) -> str | None:
+    """The delimiter a CSV header read with ``delimiter`` was probably separated by: a header
+    read as one column that holds ";", a tab, "|" or ",". None when it does not look so."""
+    if len(header) == 1:
+        for other in (";", "\t", "|", ","):
+            if other != delimiter and other in header[0]:
+                return other
+    return None
+
+
+def _delimiter_hint(available: list[str], delimiter: str) -> str:
+    other = other_delimiter(available, delimiter)
+    return "" if other is None else f"; the header looks {other!r}-separated: read it with delimiter={other!r}"
+
+
+def _csv_arrow(path, names, available, delimiter) -> np.ndarray:
     import pyarrow as pa
     from pyarrow import csv as pacsv
 
@@ -114,16 +139,17 @@ def _csv_arrow(path, names, available) -> np.ndarray:
         table = pacsv.read_csv(
             path,
             read_options=pacsv.ReadOptions(column_names=available, skip_rows=1),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter),
             convert_options=pacsv.ConvertOptions(include_columns=names,
                                                  column_types={n: pa.float64() for n in names}),
         )
     except pa.ArrowInvalid as err:
-        _raise_first_bad_cell(path, names, available, fallback=str(err))
+        _raise_first_bad_cell(path, names, available, delimiter, fallback=str(err))
     # Nulls (empty cells, "NA", "nan") become NaN; _check_finite reports the first one.
     return np.column_stack([table.column(n).to_numpy(zero_copy_only=False) for n in names])
 
 
-def _csv_numpy(path, names, available) -> np.ndarray:
+def _csv_numpy(path, names, available, delimiter) -> np.ndarray:
     # Every column is read so that a row with too many or too few fields is an error (loadtxt's
     # usecols would skip that check); a column that is not used is read as one byte.
     used = set(names)
@@ -131,10 +157,10 @@ def _csv_numpy(path, names, available) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "loadtxt: input contained no data")  # read_columns says so
-            table = np.loadtxt(path, delimiter=",", skiprows=1, quotechar='"', ndmin=1, dtype=dtype,
+            table = np.loadtxt(path, delimiter=delimiter, skiprows=1, quotechar='"', ndmin=1, dtype=dtype,
                                encoding="utf-8-sig")
     except ValueError as err:
-        _raise_first_bad_cell(path, names, available, fallback=str(err))
+        _raise_first_bad_cell(path, names, available, delimiter, fallback=str(err))
     return np.column_stack([table[f"f{available.index(n)}"] for n in names]).reshape(len(table), len(names))
 
 
@@ -142,12 +168,12 @@ _NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?|na
                      re.IGNORECASE)
 
 
-def _raise_first_bad_cell(path, names, available, fallback: str):
+def _raise_first_bad_cell(path, names, available, delimiter, fallback: str):
     """A parser refused the file: find the first offending cell with the csv
     module (this runs only on failure) and say where it is."""
     index = [available.index(n) for n in names]
     with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
+        reader = csv.reader(f, delimiter=delimiter)
         next(reader)
         row_number = 0
         for row in reader:
@@ -254,6 +280,8 @@ def _parquet_columns(path, names) -> np.ndarray:
 
 def _kind(path) -> str:
     suffix = os.path.splitext(os.fspath(path))[1].lower()
+    if os.path.isdir(path):
+        raise DataError(f"{path} is a folder, not a data file")
     if suffix not in SUFFIXES:
         raise DataError(f"{path}: unknown file type {suffix or '(none)'!r}; "
                         f"give a .csv, .npy, .npz or .parquet file")

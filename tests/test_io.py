@@ -2,6 +2,7 @@
 one-line errors that name the file, the row and the column."""
 
 import importlib.util
+import re
 
 import numpy as np
 import pytest
@@ -86,7 +87,43 @@ def test_csv_structure_errors(tmp_path, engine):
         read_columns(write(tmp_path, "a,b,a\n1,2,3\n", "dup.csv"), engine=engine)
 
 
+@pytest.mark.parametrize("delimiter", [";", "\t", "|"])
+def test_csv_other_delimiters_and_the_hint_when_it_is_not_given(tmp_path, engine, delimiter):
+    path = write(tmp_path, f'a{delimiter}b{delimiter}"c"\n1.5{delimiter}"2"{delimiter}3\n-4{delimiter}5e1{delimiter}6\n')
+    assert column_names(path, delimiter=delimiter) == ["a", "b", "c"]
+    np.testing.assert_array_equal(read_columns(path, ["c", "a"], engine=engine, delimiter=delimiter),
+                                  [[3, 1.5], [6, -4]])
+    hint = f"the header looks {delimiter!r}-separated: read it with delimiter={delimiter!r}"
+    with pytest.raises(DataError, match="no column 'a' .*" + re.escape(hint)):
+        read_columns(path, ["a"], engine=engine)
+    with pytest.raises(DataError, match=r"row 1 \(line 2\), column 'b': '2,5' is not a number"):  # a decimal comma
+        read_columns(write(tmp_path, f"a{delimiter}b\n1{delimiter}2,5\n", "comma.csv"), engine=engine,
+                     delimiter=delimiter)
+    assert io.other_delimiter(["a", "b"], ",") is None and io.other_delimiter(["a;b"], ";") is None
+
+
+def test_small_csv_files_skip_pyarrow_under_auto(tmp_path, monkeypatch):
+    """engine="auto" parses files up to 1 MB with numpy (importing pyarrow costs more than it
+    saves there) and larger ones with pyarrow when it is installed."""
+    used = []
+    monkeypatch.setattr(io, "_csv_arrow", lambda *a: used.append("pyarrow") or io._csv_numpy(*a))
+    monkeypatch.setattr(io, "_has_pyarrow", lambda: True)
+    small = write(tmp_path, "a,b\n" + "1.25,2\n" * 10)
+    np.testing.assert_array_equal(read_columns(small), [[1.25, 2.0]] * 10)
+    assert used == []
+    rows = io.ARROW_MIN_BYTES // 7 + 1
+    large = write(tmp_path, "a,b\n" + "1.25,2\n" * rows, "large.csv")
+    assert read_columns(large).shape == (rows, 2) and used == ["pyarrow"]
+
+
 def test_file_type_and_existence_errors(tmp_path):
+    with pytest.raises(DataError, match="is a folder, not a data file"):
+        read_columns(tmp_path)
+    (tmp_path / "folder.csv").mkdir()
+    with pytest.raises(DataError, match="folder.csv is a folder, not a data file"):
+        column_names(tmp_path / "folder.csv")
+    with pytest.raises(ValueError, match="delimiter must be one character"):
+        read_columns(write(tmp_path, "a\n1\n", "d.csv"), delimiter=";;")
     with pytest.raises(DataError, match="unknown file type '.xlsx'"):
         read_columns(tmp_path / "d.xlsx")
     with pytest.raises(DataError, match="no such file"):

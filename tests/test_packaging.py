@@ -24,3 +24,22 @@ def test_module_entry_point(tmp_path):
     out = subprocess.run([sys.executable, "-m", "linreg_fused", "--epochs", "10", "--seed", "0", "--backend", "torch"],
                          cwd=tmp_path, capture_output=True, text=True, check=True)
     assert "Epoch [10/10], Loss:" in out.stdout and "new region" in out.stdout
+
+
+def test_import_is_lazy_and_the_ops_register_on_first_use(tmp_path):
+    """`import linreg_fused` imports no torch (the command line's --help needs none); a name
+    imports what defines it, and linreg_fused.ops registers the torch operators that a saved
+    torch.export program refers to."""
+    code = """
+import sys
+import linreg_fused
+print("torch" in sys.modules, linreg_fused.__version__)
+import torch
+print(hasattr(torch.ops.linreg_fused, "linear"))
+import linreg_fused.ops
+print(hasattr(torch.ops.linreg_fused, "linear"), linreg_fused.FusedLinearRegressor.__module__)
+print(sorted(n for n in linreg_fused.__all__ if not hasattr(linreg_fused, n)), linreg_fused.serialization.__name__)
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:4] == [f"False {importlib.metadata.version('linreg-fused')}", "False",
+                                          "True linreg_fused.module", "[] linreg_fused.serialization"]

@@ -296,29 +296,27 @@ MUTANTS = [
            'TARGETS = ("apples", "oranges")',
            'TARGETS = ("oranges", "apples")',
            ("tests/test_fit.py::test_crop_yields_are_the_tutorials_data",), "the crop data's target columns swap"),
-    Mutant("cli-momentum-ignored", "cli", "linreg_fused/cli.py",
+    Mutant("cli-momentum-ignored", "cli", "linreg_fused/cli/tutorial.py",
            "lr=args.lr, momentum=args.momentum, backend=args.backend)",
            "lr=args.lr, momentum=0.0, backend=args.backend)",
            (MAIN_JOB,), "--momentum is ignored"),
-    Mutant("cli-batch-size-ignored", "cli", "linreg_fused/cli.py",
+    Mutant("cli-batch-size-ignored", "cli", "linreg_fused/cli/tutorial.py",
            "epochs=args.epochs, batch_size=args.batch_size, optimizer=opt,",
            "epochs=args.epochs, batch_size=5, optimizer=opt,",
            (MAIN_JOB,), "--batch-size is ignored"),
-    Mutant("cli-seed-not-used-for-init", "cli", "linreg_fused/cli.py",
-           "    device = _device(args.device, args.backend)\n    torch.manual_seed(args.seed)\n",
-           "    device = _device(args.device, args.backend)\n",
+    Mutant("cli-seed-not-used-for-init", "cli", "linreg_fused/cli/tutorial.py",
+           "    device = device_for(args.device, args.backend)\n    torch.manual_seed(args.seed)\n",
+           "    device = device_for(args.device, args.backend)\n",
            (MAIN_JOB,), "--seed does not seed the initial weights"),
-    Mutant("cli-divergence-exit-code", "cli", "linreg_fused/cli.py",
-           '    except TrainingDivergedError as err:\n        print(f"linreg-fused: error: {err}", file=sys.stderr)\n'
-           "        return 1",
-           '    except TrainingDivergedError as err:\n        print(f"linreg-fused: error: {err}", file=sys.stderr)\n'
-           "        return 0",
+    Mutant("cli-divergence-exit-code", "cli", "linreg_fused/cli/__init__.py",
+           "    if isinstance(err, TrainingDivergedError):\n        return 1\n",
+           "    if isinstance(err, TrainingDivergedError):\n        return 0\n",
            ("tests/test_fit.py::test_main_job_reports_divergence",), "a diverged run exits with status 0"),
-    Mutant("cli-predictions-swapped", "cli", "linreg_fused/cli.py",
+    Mutant("cli-predictions-swapped", "cli", "linreg_fused/cli/tutorial.py",
            '{p[0]:8.2f} {p[1]:8.2f}',
            '{p[1]:8.2f} {p[0]:8.2f}',
            (MAIN_JOB,), "apples and oranges predictions are printed swapped"),
-    Mutant("cli-forecast-swapped", "cli", "linreg_fused/cli.py",
+    Mutant("cli-forecast-swapped", "cli", "linreg_fused/cli/tutorial.py",
            "apples {new[0, 0]:.2f}, oranges {new[0, 1]:.2f}",
            "apples {new[0, 1]:.2f}, oranges {new[0, 0]:.2f}",
            (MAIN_JOB,), "the new region's forecast is printed swapped"),
@@ -365,8 +363,8 @@ FRESH = [
            "    b64 = w64 @ mean.to(weight.device, torch.float64)",
            ("tests/test_save_load.py", "tests/test_cli.py"), "a standardised model is saved with the wrong bias"),
     Mutant("csv-skips-a-row", "user", "linreg_fused/io.py",
-           'table = np.loadtxt(path, delimiter=",", skiprows=1,',
-           'table = np.loadtxt(path, delimiter=",", skiprows=2,',
+           "table = np.loadtxt(path, delimiter=delimiter, skiprows=1,",
+           "table = np.loadtxt(path, delimiter=delimiter, skiprows=2,",
            ("tests/test_io.py",), "the numpy CSV reader drops the first data row"),
     Mutant("row-index-range-off-by-one", "functional", "linreg_fused/functional.py",
            "    if low < 0 or high >= x.shape[0]:",
@@ -461,3 +459,17 @@ INPUTS = [
            "from_arrays reads a memory-mapped file into memory before streaming it"),
 ]
 MUTANTS += INPUTS
+
+# `linreg-fused train`'s SGD options reaching the optimizer: caught by comparing a run's
+# weights with fit's under the same options and seed.
+CLI_SGD = [
+    Mutant("cli-train-weight-decay-ignored", "cli", "linreg_fused/cli/training.py",
+           'weight_decay=hp["weight_decay"], backend=args.backend)',
+           "weight_decay=0.0, backend=args.backend)",
+           ("tests/test_cli_model.py::test_sgd_options_train_what_fit_trains",), "train --weight-decay is ignored"),
+    Mutant("cli-train-momentum-ignored", "cli", "linreg_fused/cli/training.py",
+           'lr=hp["lr"], momentum=hp["momentum"],',
+           "lr=hp[\"lr\"], momentum=0.0,",
+           ("tests/test_cli_model.py::test_sgd_options_train_what_fit_trains",), "train --momentum is ignored"),
+]
+MUTANTS += CLI_SGD

@@ -1,0 +1,90 @@
+"""``linreg-fused predict``: a saved model's predictions for a data file, and its metrics
+when the file holds the targets too."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import sys
+
+import numpy as np
+import torch
+
+from ..io import read_columns
+from ..module import FusedLinearRegressor
+from ..serialization import read_info
+from .common import DTYPES, check_input, check_outputs, device_for, header, metrics, require_columns
+from .options import UsageError
+from .report import metrics_table, to_json
+
+
+def predict(args: argparse.Namespace) -> int:
+    if args.json and not args.output:
+        raise UsageError("--json prints the metrics on standard output; give -o OUT.csv for the predictions")
+    check_input(args.model, "MODEL")
+    check_input(args.data, "DATA")
+    check_outputs({"-o": args.output}, inputs=(args.model, args.data))
+    device = device_for(args.device, args.backend)
+    info = read_info(args.model)
+    available = header(args.data, args.delimiter)
+    if info.feature_names is not None:
+        features = info.feature_names
+        require_columns(args.data, available, features, args.delimiter)
+    else:
+        features = available
+        if len(features) != info.in_features:
+            raise UsageError(f"{args.model} records no feature names and expects {info.in_features} features; "
+                             f"{args.data} has {len(features)} columns")
+    names = info.target_names or [f"y{i}" for i in range(info.out_features)]
+    # The targets are scored when the data hold every one of them (by the names the model records).
+    scored = info.target_names is not None and all(n in available and n not in features for n in names)
+    table = read_columns(args.data, features + (names if scored else []), engine=args.engine,
+                         delimiter=args.delimiter)
+    dtype = DTYPES[args.dtype] if args.dtype else info.dtype
+    model = FusedLinearRegressor.load(args.model, device=device, backend=args.backend).to(dtype)
+    with torch.no_grad():
+        pred = model(torch.as_tensor(table[:, :len(features)], dtype=dtype).to(device)).cpu()
+    _write_csv(args.output, names, pred)
+    if scored:
+        values = metrics(pred, torch.from_numpy(table[:, len(features):]))
+        if args.json:
+            payload = {"command": "predict", "model": args.model, "data": args.data, "rows": table.shape[0],
+                       "dtype": str(dtype).removeprefix("torch."), "targets": names, "metrics": values,
+                       "output": args.output}
+            print(to_json(payload))
+        else:
+            # Beside a CSV on standard output, the metrics go to standard error: the CSV stays clean.
+            print(metrics_table(names, [("", values)]),
+                  file=sys.stdout if args.output else sys.stderr)
+    elif args.json:
+        print(to_json({"command": "predict", "model": args.model, "data": args.data, "rows": table.shape[0],
+                       "targets": names, "metrics": None, "output": args.output}))
+    return 0
+
+
+def _write_csv(path: str | None, names: list[str], values: torch.Tensor) -> None:
+    """A CSV with a header; each float written so that it reads back as the same value."""
+    array = values.to(torch.float64 if values.dtype == torch.float64 else torch.float32).numpy()
+    if path is not None and array.nbytes > (1 << 20) and importlib.util.find_spec("pyarrow") is not None:
+        import pyarrow as pa
+        from pyarrow import csv as pacsv
+
+        table = pa.table({f"c{i}": array[:, i] for i in range(array.shape[1])})
+        with open(path, "w", newline="", encoding="utf-8") as f:  # the header as the csv module quotes it
+            _header(f, names)
+        with open(path, "ab") as f:
+            pacsv.write_csv(table, f, pacsv.WriteOptions(include_header=False))
+        return
+    digits = 17 if array.dtype == np.float64 else 9  # enough to round-trip
+    out = sys.stdout if path is None else open(path, "w", newline="", encoding="utf-8")
+    try:
+        _header(out, names)
+        np.savetxt(out, array, fmt=f"%.{digits}g", delimiter=",")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+
+
+def _header(f, names: list[str]) -> None:
+    csv.writer(f, lineterminator="\n").writerow(names)
