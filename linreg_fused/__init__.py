@@ -12,6 +12,7 @@ F.mse_loss and torch.optim.SGD.
 from . import reference
 from .backend import select_ops
 from .functional import fused_sgd_step, linear, linear_mse
+from .grouped_module import GroupedLinearRegressor
 from .module import FusedLinearRegressor
 from .optim import FusedSGD
 from .stats import LinearStats
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FusedLinearRegressor",
     "FusedSGD",
+    "GroupedLinearRegressor",
     "LinearStats",
     "TrainingDivergedError",
     "fit",
