@@ -73,6 +73,8 @@ class GroupedLinearStats:
     about cond(X_g centred)²·2⁻⁵² (relative) of the exact least-squares solution.
     """
 
+    group_keys: Any = None  # what each group stands for, where a DataFrame's key column made them (linreg_fused.dask)
+
     def __init__(self, n_groups: int, in_features: int, out_features: int, *,
                  device: torch.device | str | None = None, backend: str = "auto") -> None:
         if backend not in BACKENDS:
