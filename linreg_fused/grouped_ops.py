@@ -13,10 +13,10 @@ offset to cancel: each entry of M is within about n·2⁻⁵² (√n·2⁻⁵² 
 
 Two implementations, chosen by linreg_fused.backend.select_ops (the one place that
 decides): the Triton kernels of kernels/grouped_stats.py (sorted items, fp64 dots),
-and PyTorch's sort-free ``scatter_add_`` over chunks of CHUNK_ROWS rows (memory
-O(CHUNK_ROWS·K² + G·K²), never O(N·K²)). On the CPU ``scatter_add_`` adds each
-output element's rows in row order, so both are bitwise reproducible there; on CUDA
-``scatter_add_`` adds with atomics, in an order that can change between runs (the
+and PyTorch's sort-free ``index_add_`` over chunks of CHUNK_ROWS rows (memory
+O(CHUNK_ROWS·K² + G·K²), never O(N·K²)). On the CPU ``index_add_`` adds each
+group's rows in row order, so both are bitwise reproducible there; on CUDA
+``index_add_`` adds with atomics, in an order that can change between runs (the
 Triton path, the default there, does not).
 """
 
@@ -60,15 +60,19 @@ def _shifted_sums_torch(x, t, groups, n_groups):
     first = torch.full((n_groups,), n - 1, dtype=torch.int64, device=x.device)
     first.scatter_reduce_(0, groups, rows, "amin")
     shift = torch.cat([x[first], t[first]], 1).to(torch.float64)
-    s1 = torch.zeros((n_groups, k), dtype=torch.float64, device=x.device)
-    s2 = torch.zeros((n_groups, k * k), dtype=torch.float64, device=x.device)
+    # One accumulator row per group, [S1 | S2 flattened], and one (rows, K + K²) buffer per chunk:
+    # a single index_add_ per chunk, which adds each row's values into its group's row in row order.
+    sums = torch.zeros((n_groups, k + k * k), dtype=torch.float64, device=x.device)
+    buffer = torch.empty((min(n, CHUNK_ROWS), k + k * k), dtype=torch.float64, device=x.device)
     for start in range(0, n, CHUNK_ROWS):
         g = groups[start : start + CHUNK_ROWS]
-        z = torch.cat([x[start : start + CHUNK_ROWS], t[start : start + CHUNK_ROWS]], 1).to(torch.float64)
+        rows = buffer[: g.shape[0]]
+        z = rows[:, :k]
+        torch.cat([x[start : start + CHUNK_ROWS], t[start : start + CHUNK_ROWS]], 1, out=z)
         z -= shift[g]
-        s1.scatter_add_(0, g[:, None].expand(-1, k), z)
-        s2.scatter_add_(0, g[:, None].expand(-1, k * k), (z[:, :, None] * z[:, None, :]).view(-1, k * k))
-    return shift, s1, s2.view(n_groups, k, k)
+        torch.mul(z[:, :, None], z[:, None, :], out=rows[:, k:].view(-1, k, k))
+        sums.index_add_(0, g, rows)
+    return shift, sums[:, :k], sums[:, k:].view(n_groups, k, k)
 
 
 def _centre(counts, shift, s1, s2, d) -> GroupedMoments:

@@ -94,3 +94,14 @@ def test_missing_keys_and_non_frames_are_refused():
     with pytest.raises(ValueError, match="clash"):
         with warnings.catch_warnings():
             fit_frame(clash, by="store", target="revenue")
+
+
+@pytest.mark.parametrize("keys", [[7, -3, 7, 7, -3, -3], [10**12, -5, 10**12, 10**12, -5, -5]],
+                         ids=["dense-range", "wide-range"])
+def test_integer_keys_are_coded_the_same_by_counting_and_by_factorizing(keys):
+    df = pd.DataFrame({"k": keys, "a": [1.0, 2, 3, 5, 4, 9], "y": [1.0, 2, 2, 4, 3, 5]})
+    out = fit_frame(df, by="k", target="y")
+    assert out["k"].tolist() == sorted(set(keys)) and out["n_rows"].tolist() == [3, 3]
+    check = pd.DataFrame({"a": [2.0, 4, 9], "y": [2.0, 3, 5]})
+    slope = np.polyfit(check.a, check.y, 1)[0]
+    np.testing.assert_allclose(out["a"][0], slope, rtol=1e-12)
