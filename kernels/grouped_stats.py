@@ -32,6 +32,13 @@ import triton.language as tl
 
 ITEM_ROWS = 4096  # rows of one group per program of the first launch
 BLOCK_N = 64
+MAX_COLUMNS = 64  # K = D + O beyond this: the K × K fp64 accumulator does not fit in registers
+
+
+def item_warps(block_k: int) -> int:
+    """Warps of the item program: its K × K fp64 accumulator spread thin enough not to spill
+    (compiled for sm_90: 4 warps hold BLOCK_K = 16 in 128 registers, 64 needs 8; bench/compile_grouped.py)."""
+    return 4 if block_k <= 32 else 8
 
 
 @triton.jit
@@ -95,6 +102,8 @@ def grouped_shifted_sums(x: torch.Tensor, t: torch.Tensor, groups: torch.Tensor,
     n, d = x.shape
     o = t.shape[1]
     k = d + o
+    if k > MAX_COLUMNS:
+        raise ValueError(f"the grouped kernels take up to {MAX_COLUMNS} features and targets together, got {k}")
     block_k = max(16, triton.next_power_of_2(k))  # tl.dot takes dimensions of 16 or more
     x, t = x.contiguous() if x.stride(1) != 1 else x, t.contiguous() if t.stride(1) != 1 else t
     perm = torch.sort(groups, stable=True).indices  # stable: the same permutation every run
@@ -114,7 +123,8 @@ def grouped_shifted_sums(x: torch.Tensor, t: torch.Tensor, groups: torch.Tensor,
     s2_part = torch.empty((max_items, block_k, block_k), dtype=torch.float64, device=x.device)
     _item_sums_kernel[(max_items,)](x, t, perm, offsets, item_group, item_first, shift, s1_part, s2_part,
                                     n_groups, d, o, x.stride(0), t.stride(0),
-                                    ITEM_ROWS=ITEM_ROWS, BLOCK_N=BLOCK_N, BLOCK_K=block_k)
+                                    ITEM_ROWS=ITEM_ROWS, BLOCK_N=BLOCK_N, BLOCK_K=block_k,
+                                    num_warps=item_warps(block_k))
     s1 = torch.empty((n_groups, block_k), dtype=torch.float64, device=x.device)
     s2 = torch.empty((n_groups, block_k, block_k), dtype=torch.float64, device=x.device)
     _group_sums_kernel[(n_groups,)](s1_part, s2_part, item_first, parts, s1, s2, BLOCK_K=block_k)

@@ -43,13 +43,23 @@ def grouped_moments(x: torch.Tensor, t: torch.Tensor, groups: torch.Tensor, n_gr
     """The moments of rows x (N, D), t (N, O) per group id ``groups`` (N,) int64 in [0, n_groups)
     (checked by the caller). No host sync."""
     counts = torch.bincount(groups, minlength=n_groups)  # integer: exact in any order
-    if select_ops(backend, x.device).name == "triton":
+    if _use_triton(backend, x.device, x.shape[1] + t.shape[1]):
         from .kernels.grouped_stats import grouped_shifted_sums
 
         shift, s1, s2 = grouped_shifted_sums(x, t, groups, n_groups, counts)
     else:
         shift, s1, s2 = _shifted_sums_torch(x, t, groups, n_groups)
     return _centre(counts, shift, s1, s2, x.shape[1])
+
+
+def _use_triton(backend: str, device: torch.device, columns: int) -> bool:
+    """The Triton pass where the backend says so; its program holds a K × K accumulator, so wider
+    rows (K > MAX_COLUMNS) take PyTorch's pass, as TritonOps.linear_moments does for wide targets."""
+    if select_ops(backend, device).name != "triton":
+        return False
+    from .kernels.grouped_stats import MAX_COLUMNS
+
+    return columns <= MAX_COLUMNS
 
 
 def _shifted_sums_torch(x, t, groups, n_groups):

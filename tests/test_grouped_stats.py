@@ -196,3 +196,20 @@ def test_fp32_precision_is_refused_for_groups():
     with pytest.raises(ValueError, match="fp64"):
         LinearStats.from_tensors(torch.randn(3, 2), torch.randn(3, 1), groups=torch.zeros(3, dtype=torch.int64),
                                  n_groups=1, precision="fp32")
+
+
+def test_rows_wider_than_the_kernel_take_the_torch_pass():
+    """K = D + O > 64 does not fit the Triton program's accumulator: backend="triton" runs PyTorch's pass."""
+    x, t, g = ragged([5, 9], 64, 1, seed=12)
+    a = LinearStats.from_tensors(x, t, groups=g, n_groups=2, backend="triton")
+    b = LinearStats.from_tensors(x, t, groups=g, n_groups=2, backend="torch")
+    for u, v in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(u, v) if isinstance(u, torch.Tensor) else u == v
+
+
+def test_the_widest_rows_the_kernel_takes_match_the_torch_pass():
+    x, t, g = ragged([3, 70, 1], 60, 4, offset=2.0, seed=13)
+    a = LinearStats.from_tensors(x, t, groups=g, n_groups=3, backend="triton")
+    b = LinearStats.from_tensors(x, t, groups=g, n_groups=3, backend="torch")
+    for key in ("mean_x", "mean_t", "m_xx", "m_tx", "m_tt"):
+        torch.testing.assert_close(getattr(a, key), getattr(b, key), rtol=1e-12, atol=1e-10)
