@@ -106,7 +106,9 @@ def grouped_shifted_sums(x: torch.Tensor, t: torch.Tensor, groups: torch.Tensor,
         raise ValueError(f"the grouped kernels take up to {MAX_COLUMNS} features and targets together, got {k}")
     block_k = max(16, triton.next_power_of_2(k))  # tl.dot takes dimensions of 16 or more
     x, t = x.contiguous() if x.stride(1) != 1 else x, t.contiguous() if t.stride(1) != 1 else t
-    perm = torch.sort(groups, stable=True).indices  # stable: the same permutation every run
+    # Stable: the same permutation every run. Ids below 2³¹ sort as int32 keys: half the radix passes.
+    keys = groups.to(torch.int32) if n_groups <= 2**31 - 1 else groups
+    perm = torch.sort(keys, stable=True).indices
     offsets = torch.zeros(n_groups + 1, dtype=torch.int64, device=x.device)
     torch.cumsum(counts, 0, out=offsets[1:])
     if shift_rows is None:
