@@ -93,8 +93,6 @@ class GroupedLinearStats:
                      precision: str | None = None, backend: str = "auto") -> "GroupedLinearStats":
         """The statistics of rows x (..., D), t (..., O) with group ids ``groups`` (...,) int64 in
         [0, n_groups), in any order. One pass; one host sync (the ids' range check)."""
-        from .stats import _check_rows
-
         if precision not in (None, "fp64"):
             raise ValueError(f"grouped statistics accumulate in fp64; precision={precision!r} is not offered")
         x2, t2 = _check_rows(x, t)
@@ -103,8 +101,6 @@ class GroupedLinearStats:
 
     def update(self, x: torch.Tensor, t: torch.Tensor, groups: torch.Tensor) -> "GroupedLinearStats":
         """Add the rows x (..., D), t (..., O) of groups ``groups`` (moved to this device); returns self."""
-        from .stats import _check_rows
-
         x2, t2 = _check_rows(x, t)
         if (x2.shape[1], t2.shape[1]) != (self.in_features, self.out_features):
             raise ValueError(f"the chunk has {x2.shape[1]} features and {t2.shape[1]} targets; these statistics "
@@ -264,6 +260,21 @@ class GroupedLinearStats:
             raise ValueError("state_dict['n_rows'] must be an int64 tensor of counts >= 0")
         self._moments = (n.to(self.device).clone(),
                          *(state[k].detach().to(self.device, torch.float64).clone() for k in _KEYS[1:]))
+
+
+def _check_rows(x: Any, t: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, t) as 2-D (N, D), (N, O) views, checked (as linreg_fused.stats checks them; not imported
+    from there, which dispatches here)."""
+    for name, v in (("x", x), ("t", t)):
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.dim() < 1:
+            raise TypeError(f"{name} must be a floating-point torch.Tensor of at least one dimension")
+    if x.dtype != t.dtype or x.device != t.device:
+        raise TypeError(f"x ({x.dtype} on {x.device}) and t ({t.dtype} on {t.device}) must match in dtype and device")
+    if x.shape[:-1] != t.shape[:-1]:
+        raise ValueError(f"x has shape {tuple(x.shape)} and t {tuple(t.shape)}: their leading dimensions differ")
+    if x.numel() == 0 or t.numel() == 0:  # before reshape(-1, 0), which cannot infer the rows
+        raise ValueError(f"empty data: x has shape {tuple(x.shape)}, t {tuple(t.shape)}")
+    return x.reshape(-1, x.shape[-1]), t.reshape(-1, t.shape[-1])
 
 
 def _check_groups(groups: Any, x: torch.Tensor, n_groups: Any) -> torch.Tensor:

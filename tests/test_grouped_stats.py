@@ -213,3 +213,14 @@ def test_the_widest_rows_the_kernel_takes_match_the_torch_pass():
     b = LinearStats.from_tensors(x, t, groups=g, n_groups=3, backend="torch")
     for key in ("mean_x", "mean_t", "m_xx", "m_tx", "m_tt"):
         torch.testing.assert_close(getattr(a, key), getattr(b, key), rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("x, t, error, match", [
+    (torch.randn(3, 2), torch.randn(3, 1, dtype=torch.float64), TypeError, "must match"),
+    (torch.randn(3, 2), torch.randn(4, 1), ValueError, "leading dimensions differ"),
+    (torch.ones(3, 2, dtype=torch.int64), torch.randn(3, 1), TypeError, "floating-point"),
+    (torch.randn(3, 0), torch.randn(3, 1), ValueError, "empty data"),
+])
+def test_bad_rows_are_refused(x, t, error, match):
+    with pytest.raises(error, match=match):
+        LinearStats.from_tensors(x, t, groups=torch.zeros(3, dtype=torch.int64), n_groups=1)
