@@ -224,3 +224,17 @@ def test_the_widest_rows_the_kernel_takes_match_the_torch_pass():
 def test_bad_rows_are_refused(x, t, error, match):
     with pytest.raises(error, match=match):
         LinearStats.from_tensors(x, t, groups=torch.zeros(3, dtype=torch.int64), n_groups=1)
+
+
+def test_groups_spread_over_many_triton_items_add_up(monkeypatch):
+    """A group of more than ITEM_ROWS rows is split over several programs and its items' sums are
+    added in order: with ITEM_ROWS = 8, groups of 1 to 50 rows take 1 to 7 items."""
+    from linreg_fused.kernels import grouped_stats as kernel
+
+    monkeypatch.setattr(kernel, "ITEM_ROWS", 8)
+    x, t, g = ragged([50, 1, 8, 9, 0, 17], 3, 2, offset=4.0, seed=14)
+    a = LinearStats.from_tensors(x, t, groups=g, n_groups=6, backend="triton")
+    b = LinearStats.from_tensors(x, t, groups=g, n_groups=6, backend="torch")
+    assert torch.equal(a.n_rows, b.n_rows)
+    for key in ("mean_x", "mean_t", "m_xx", "m_tx", "m_tt"):
+        torch.testing.assert_close(getattr(a, key), getattr(b, key), rtol=1e-12, atol=1e-10)
