@@ -4,7 +4,6 @@ bits on both ranks, and those of one process on all rows to fp64 rounding. One s
 processes (~5-10 s of torch imports on a 2-core machine)."""
 
 import os
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -12,13 +11,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_distributed import _join  # waits for every rank, bounded; ends them on failure
 
 from linreg_fused.distributed import rank_slice
 from linreg_fused.grouped_stats import GroupedLinearStats
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
-WORLD, G, WAIT_S = 2, 5, 120
+WORLD, G = 2, 5
 
 
 def data():
@@ -44,17 +44,8 @@ def rank_main(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def test_ranks_all_reduce_to_the_statistics_of_every_row(tmp_path):
-    context = mp.start_processes(rank_main, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + WAIT_S
-    try:
-        while not context.join(timeout=2):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the ranks did not finish within {WAIT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    _join(mp.start_processes(rank_main, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=False,
+                             start_method="spawn"))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     x, t, g = data()
     expected = GroupedLinearStats.from_tensors(x, t, g, G, backend="torch").state_dict()
