@@ -28,6 +28,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "FusedLinearRegressor": "module",
     "FusedSGD": "optim",
+    "GroupedLinearRegressor": "grouped_module",
     "LinearStats": "stats",
     "TrainingDivergedError": "train",
     "fit": "train",
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from . import reference
     from .backend import select_ops
     from .functional import fused_sgd_step, linear, linear_mse
+    from .grouped_module import GroupedLinearRegressor
     from .module import FusedLinearRegressor
     from .optim import FusedSGD
     from .stats import LinearStats

@@ -89,11 +89,17 @@ class LinearStats:
     # ------------------------------------------------------------ building
     @classmethod
     def from_tensors(cls, x: torch.Tensor, t: torch.Tensor, *, precision: str | None = None,
-                     backend: str = "auto") -> "LinearStats":
+                     backend: str = "auto", groups: torch.Tensor | None = None,
+                     n_groups: int | None = None) -> "LinearStats":
         """The statistics of rows x (..., D), t (..., O): one pass, no host sync.
 
         precision: "fp32" | "fp64" | None (fp64 for fp64 data, else fp32); see the class.
+        groups, n_groups: int64 group ids (...,) in [0, n_groups): one set of statistics per
+        group, a linreg_fused.grouped_stats.GroupedLinearStats.
         """
+        if groups is not None or n_groups is not None:
+            from .grouped_stats import GroupedLinearStats
+            return GroupedLinearStats.from_tensors(x, t, groups, n_groups, precision=precision, backend=backend)
         x2, t2 = _check_rows(x, t)
         stats = cls(x2.shape[1], t2.shape[1], device=x2.device, precision=precision or _default_precision(x2),
                     backend=backend)

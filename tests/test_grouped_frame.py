@@ -1,0 +1,107 @@
+"""fit_frame on pandas and polars DataFrames against a per-group float64 least-squares loop
+(the pandas.groupby + numpy.linalg.lstsq a user would write), and its errors. Tolerance: 1e-9
+relative (the statistics solve the normal equations of well-conditioned draws, cond < 20)."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+from linreg_fused.grouped import fit_frame
+
+pd = pytest.importorskip("pandas")
+
+
+def frame(n=400, n_keys=13, seed=0):
+    rng = np.random.default_rng(seed)
+    keys = np.array([f"store-{k:02d}" for k in range(n_keys)])[rng.integers(0, n_keys, n)]
+    x = rng.standard_normal((n, 3)) + [0.0, 5.0, -2.0]
+    y = x @ [1.5, -0.5, 2.0] + rng.standard_normal(n) * 0.1 + rng.integers(0, 3, n)
+    return pd.DataFrame({"store": keys, "price": x[:, 0], "label": "ignored", "temp": x[:, 1], "promo": x[:, 2],
+                         "revenue": y})
+
+
+def loop_reference(df, by, target, features):
+    rows = {}
+    for key, sub in df.groupby(by):
+        a = np.column_stack([sub[features].to_numpy(float), np.ones(len(sub))])
+        coef = np.linalg.lstsq(a, sub[target].to_numpy(float), rcond=None)[0]
+        resid = sub[target].to_numpy(float) - a @ coef
+        sst = ((sub[target] - sub[target].mean()) ** 2).sum()
+        rows[key] = (*coef, len(sub), 1 - (resid @ resid) / sst)
+    return rows
+
+
+def check_against_loop(out, df, features):
+    assert list(out.columns) == ["store", *features, "intercept", "n_rows", "r2"]
+    expected = loop_reference(df, "store", "revenue", features)
+    assert list(out["store"]) == sorted(expected)
+    for row in out.itertuples(index=False):
+        np.testing.assert_allclose(row[1:], expected[row[0]], rtol=1e-9, atol=1e-9, err_msg=row[0])
+
+
+def test_pandas_matches_a_groupby_lstsq_loop():
+    df = frame()
+    out = fit_frame(df, by="store", target="revenue")  # features: the numeric columns but by/target
+    check_against_loop(out, df, ["price", "temp", "promo"])
+    assert out["n_rows"].sum() == len(df) and out["n_rows"].dtype == np.int64
+    ridge = fit_frame(df, by="store", target="revenue", features=["temp", "price"], alpha=3.0)
+    sub = df[df.store == "store-00"]
+    x = sub[["temp", "price"]].to_numpy() - sub[["temp", "price"]].to_numpy().mean(0)
+    w = np.linalg.solve(x.T @ x + 3.0 * np.eye(2), x.T @ (sub.revenue - sub.revenue.mean()).to_numpy())
+    np.testing.assert_allclose(ridge.loc[ridge.store == "store-00", ["temp", "price"]].to_numpy()[0], w, rtol=1e-9)
+
+
+def test_polars_matches_the_same_loop():
+    pl = pytest.importorskip("polars")
+    df = frame(seed=1)
+    out = fit_frame(pl.from_pandas(df), by="store", target="revenue", features=["price", "temp", "promo"])
+    assert isinstance(out, pl.DataFrame)
+    check_against_loop(out.to_pandas(), df, ["price", "temp", "promo"])
+
+
+def test_integer_keys_one_row_groups_and_a_constant_target():
+    df = pd.DataFrame({"k": [5, 2, 5, 9, 5, 2, 2], "a": [1.0, 2, 3, 4, 5, 6, 8], "y": [1.0, 3, 2, 7, 4, 3, 3]})
+    with pytest.warns(RuntimeWarning, match=r"1 group\(s\) are rank-deficient.*\[9\]"):
+        out = fit_frame(df, by="k", target="y")
+    assert out["k"].tolist() == [2, 5, 9] and out["n_rows"].tolist() == [3, 3, 1]
+    assert np.isnan(out["r2"][0]) and out["a"][0] == 0.0 and out["intercept"][0] == 3.0  # y constant in group 2
+    assert out["a"][2] == 0.0 and out["intercept"][2] == 7.0  # one row: the minimum-norm fit
+    # Group 5: a = 1, 3, 5 and y = 1, 2, 4: slope 6/8, intercept 7/3 − 3·0.75, R² = 0.75²·8 / (42/9).
+    np.testing.assert_allclose(out.loc[1, ["a", "intercept", "r2"]].astype(float),
+                               [0.75, 7 / 3 - 2.25, 4.5 / (42 / 9)], rtol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(by="nope", target="revenue"), ValueError, "not a column"),
+    (dict(by="store", target="store"), ValueError, "same column"),
+    (dict(by="store", target="revenue", features=["price", "label"]), TypeError, "must be numeric"),
+    (dict(by="store", target="revenue", features=["price", "revenue"]), ValueError, "must not include"),
+])
+def test_bad_arguments_are_refused(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fit_frame(frame(n=30), **kwargs)
+
+
+def test_missing_keys_and_non_frames_are_refused():
+    df = frame(n=30)
+    df.loc[3, "store"] = None
+    with pytest.raises(ValueError, match="1 missing keys"):
+        fit_frame(df, by="store", target="revenue")
+    with pytest.raises(TypeError, match="pandas or polars DataFrame"):
+        fit_frame(df.to_dict(), by="store", target="revenue")
+    clash = frame(n=30).rename(columns={"price": "intercept"})
+    with pytest.raises(ValueError, match="clash"):
+        with warnings.catch_warnings():
+            fit_frame(clash, by="store", target="revenue")
+
+
+@pytest.mark.parametrize("keys", [[7, -3, 7, 7, -3, -3], [10**12, -5, 10**12, 10**12, -5, -5]],
+                         ids=["dense-range", "wide-range"])
+def test_integer_keys_are_coded_the_same_by_counting_and_by_factorizing(keys):
+    df = pd.DataFrame({"k": keys, "a": [1.0, 2, 3, 5, 4, 9], "y": [1.0, 2, 2, 4, 3, 5]})
+    out = fit_frame(df, by="k", target="y")
+    assert out["k"].tolist() == sorted(set(keys)) and out["n_rows"].tolist() == [3, 3]
+    check = pd.DataFrame({"a": [2.0, 4, 9], "y": [2.0, 3, 5]})
+    slope = np.polyfit(check.a, check.y, 1)[0]
+    np.testing.assert_allclose(out["a"][0], slope, rtol=1e-12)
