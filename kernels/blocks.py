@@ -8,8 +8,10 @@ that O·C <= 32 (the compile report: ~112 registers at O·C = 32, four 4-warp pr
 
 chunks: row tiles of BLOCK_N rows, D in NC chunks of K_CHUNK = 64 columns (the compile report:
 K chunks of 64 halve the cross-lane sums of chunks of 32 and keep operands unspilled), W's chunks
-staged once per program. Wide data (D <= 256): 32 rows, 4 warps, four programs per SM; deep data:
-16 rows, 8 warps, two programs per SM (a 64 KB tile per pipeline stage); both 2 stages.
+staged once per program. One chunk (D <= 64): 32 rows, 4 warps, eight programs per SM. Wide data
+(D <= 256): 32 rows, 4 warps, four programs per SM; deep data:
+16 rows, 8 warps, two programs per SM (a 64 KB tile per pipeline stage); both 2 stages. Deep
+inference: 32 rows, 4 warps, unpipelined (see chunks_forward_config).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from .device import DeviceProfile
 ROWS_MAX_OC = 32  # O·C of a lane: W and dW in registers (2·O·C values)
 ROWS_MAX_LANES = 32
 ROWS_MAX_O = 16
+ROWS_PROGRAMS_PER_SM = 4  # ~112 registers per thread: four 4-warp programs fit an SM
+ROWS_IN_FLIGHT = 32 * 1024  # bytes of loads per SM (>= ~25 KB, Little's law on an H100/H200)
+ROWS_MAX_STAGES = 6
 CHUNK_K = 64
 CHUNKS_MAX_D = 1024  # 16 chunks: 16 dW accumulators of [O, 64], 8,192 values per program at O = 8
 CHUNKS_MAX_O = 16
@@ -88,9 +93,12 @@ def rows_config(in_features: int, out_features: int, profile: DeviceProfile, inp
     block_o = p2(out_features)
     if not profile.gpu:  # the interpreter: one warp, two programs, so small tests walk several tiles each
         return RowsConfig(lanes, columns, vec, block_o, num_warps=1, max_programs=2)
-    # Three stages: two tiles loading per program, ~35 KB per SM at 16 resident warps (tall fp32).
-    return RowsConfig(lanes, columns, vec, block_o, num_warps=4, num_stages=3,
-                      max_programs=4 * profile.multiprocessors)
+    # Four 4-warp programs per SM, each with enough tiles loading that the SM keeps ROWS_IN_FLIGHT bytes
+    # of loads outstanding (tall fp32: 3 stages, two 4.3 KB tiles per program; bf16: 5 stages).
+    tile_bytes = (32 // lanes * 4) * (in_features + out_features) * input_bytes
+    stages = min(ROWS_MAX_STAGES, 1 + cdiv(ROWS_IN_FLIGHT, ROWS_PROGRAMS_PER_SM * tile_bytes))
+    return RowsConfig(lanes, columns, vec, block_o, num_warps=4, num_stages=max(2, stages),
+                      max_programs=ROWS_PROGRAMS_PER_SM * profile.multiprocessors)
 
 
 rows_forward_config = rows_config
@@ -108,6 +116,9 @@ def chunks_config(in_features: int, out_features: int, profile: DeviceProfile, i
                             max_programs=2)
     k_chunk = min(CHUNK_K, max(16, p2(in_features)))
     chunks = cdiv(in_features, k_chunk)
+    if in_features <= CHUNK_K:  # one chunk: ~40 registers, 10 KB per program; 8 programs keep 32 warps per SM
+        return ChunksConfig(32, k_chunk, chunks, block_o, num_warps=4, num_stages=2,
+                            max_programs=8 * profile.multiprocessors)
     if in_features <= 256:
         return ChunksConfig(32, k_chunk, chunks, block_o, num_warps=4, num_stages=2,
                             max_programs=4 * profile.multiprocessors)
@@ -120,7 +131,10 @@ def chunks_forward_config(in_features: int, out_features: int, profile: DevicePr
                           input_bytes: int) -> ChunksConfig:
     """Blocks of the chunks inference formulation: as the gradient's, with no dW to hold."""
     cfg = chunks_config(in_features, out_features, profile, input_bytes)
-    if profile.gpu and in_features > 256:  # a 64 KB tile per stage: one 8-warp program per SM
-        return ChunksConfig(16, cfg.k_chunk, cfg.chunks, cfg.block_o, num_warps=8, num_stages=2,
-                            max_programs=profile.multiprocessors)
+    if profile.gpu and in_features > 256:
+        # Pipeline buffers of 64 KB tiles would leave room for one program per SM; unpipelined, each chunk
+        # is staged only while its product runs (~40 KB per program): four 4-warp programs per SM, and
+        # every chunk's load of a tile is issued before its products (128 KB of loads per program).
+        return ChunksConfig(32, cfg.k_chunk, cfg.chunks, cfg.block_o, num_warps=4, num_stages=1,
+                            max_programs=4 * profile.multiprocessors)
     return cfg
