@@ -298,11 +298,12 @@ def smaller_config(cfg: TileConfig | ReduceConfig) -> TileConfig | ReduceConfig 
 # The rule: a formulation other than "default" runs when it is named (tests, the GPU check), or,
 # when "auto" asks, only where it serves the problem AND it is listed in GPU_CHECKED for this Triton
 # release: its parity passed on a GPU (bench/gpu_kernels.py: against float64 and the default
-# kernel) and it was measured faster there than the default kernel. Nothing is listed yet: none of
-# them has run on a GPU, so "auto" is the default kernel everywhere.
+# kernel) and it was measured faster there than the default kernel; where several serve, the first
+# listed (the order the measurements prefer). Nothing is listed yet: none of them has run on a GPU,
+# so "auto" is the default kernel everywhere.
 GRAD_FORMULATIONS = ("default", "rows", "chunks")
-FORWARD_FORMULATIONS = ("default", "rows", "chunks")
-GPU_CHECKED: dict[str, frozenset[str]] = {}  # Triton release ("3.6") -> formulations checked on a GPU
+FORWARD_FORMULATIONS = GRAD_FORMULATIONS
+GPU_CHECKED: dict[str, tuple[str, ...]] = {}  # Triton release ("3.6") -> formulations checked on a GPU, preferred first
 
 
 def formulation_serves(name: str, in_features: int, out_features: int, acc_dtype: torch.dtype,
@@ -325,12 +326,12 @@ def formulation_serves(name: str, in_features: int, out_features: int, acc_dtype
     return None
 
 
-def _gpu_checked() -> frozenset[str]:
+def _gpu_checked() -> tuple[str, ...]:
     """GPU_CHECKED's entry for this Triton release: a check with one release does not carry to another."""
     from .measured import release, triton_version
 
     major, minor = release(triton_version())
-    return GPU_CHECKED.get(f"{major}.{minor}", frozenset())
+    return GPU_CHECKED.get(f"{major}.{minor}", ())
 
 
 @functools.lru_cache(maxsize=1024)
@@ -347,9 +348,7 @@ def choose_formulation(in_features: int, out_features: int, profile: DeviceProfi
         return requested
     if not profile.gpu:
         return "default"
-    checked = _gpu_checked()
-    for name in ("rows", "chunks"):  # rows first: where it fits it has no shared memory in its loop
-        if name in checked and formulation_serves(name, in_features, out_features, acc_dtype, input_precision,
-                                                  input_bytes) is None:
+    for name in _gpu_checked():
+        if formulation_serves(name, in_features, out_features, acc_dtype, input_precision, input_bytes) is None:
             return name
     return "default"

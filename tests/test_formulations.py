@@ -127,10 +127,15 @@ def test_auto_is_the_default_kernel_until_checked_on_a_gpu(monkeypatch):
     for d, o in ((64, 4), (256, 16), (1024, 8)):
         assert config.choose_formulation(d, o, H200, torch.float32, "ieee", 4) == "default"
         assert config.choose_formulation(d, o, INTERPRETER, torch.float32, "ieee", 4) == "default"
-    # Listed for this release: auto takes rows where it fits, else chunks, on a GPU only, IEEE only.
+    # Listed for this release (rows preferred): auto takes rows where it fits, else chunks, on a GPU only,
+    # IEEE only; a listing for another release changes nothing.
     from linreg_fused.kernels.measured import release, triton_version
 
-    monkeypatch.setitem(config.GPU_CHECKED, "%d.%d" % release(triton_version()), frozenset({"rows", "chunks"}))
+    major, minor = release(triton_version())
+    monkeypatch.setitem(config.GPU_CHECKED, f"{major}.{minor + 1}", ("rows", "chunks"))
+    config.choose_formulation.cache_clear()
+    assert config.choose_formulation(64, 4, H200, torch.float32, "ieee", 4) == "default"
+    monkeypatch.setitem(config.GPU_CHECKED, f"{major}.{minor}", ("rows", "chunks"))
     config.choose_formulation.cache_clear()
     try:
         assert config.choose_formulation(64, 4, H200, torch.float32, "ieee", 4) == "rows"
@@ -138,6 +143,9 @@ def test_auto_is_the_default_kernel_until_checked_on_a_gpu(monkeypatch):
         assert config.choose_formulation(256, 16, H200, torch.float32, "tf32x3", 2) == "default"
         assert config.choose_formulation(4096, 16, H200, torch.float32, "ieee", 4) == "default"
         assert config.choose_formulation(64, 4, INTERPRETER, torch.float32, "ieee", 4) == "default"
+        monkeypatch.setitem(config.GPU_CHECKED, f"{major}.{minor}", ("chunks", "rows"))  # the measured order rules
+        config.choose_formulation.cache_clear()
+        assert config.choose_formulation(64, 4, H200, torch.float32, "ieee", 4) == "chunks"
     finally:
         config.choose_formulation.cache_clear()
 
