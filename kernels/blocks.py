@@ -2,16 +2,17 @@
 forward_chunks.py), and which problems each can serve. config.py decides whether they run.
 
 rows: T lanes share a row, each owning C contiguous columns read V at a time (16 B, or all C when
-that is less), and every output; W and the lane's dW (O·C values each) stay in registers for the whole loop. C is chosen so
-that O·C <= 32 (the compile report: ~112 registers at O·C = 32, four 4-warp programs per SM,
-16 resident warps), T = D/C lanes per row (at most 32: a row never leaves its warp).
+that is less), and every output; W and the lane's dW (O·C values each) stay in registers for the
+whole loop. C is chosen so that O·C <= 32 (the compile report: ~112 registers at O·C = 32, four
+4-warp programs per SM, 16 resident warps), T = D/C lanes per row (at most 32: a row never leaves
+its warp).
 
 chunks: row tiles of BLOCK_N rows, D in NC chunks of K_CHUNK = 64 columns (the compile report:
-K chunks of 64 halve the cross-lane sums of chunks of 32 and keep operands unspilled), W's chunks
-staged once per program. One chunk (D <= 64): 32 rows, 4 warps, eight programs per SM. Wide data
-(D <= 256): 32 rows, 4 warps, four programs per SM; deep data:
-16 rows, 8 warps, two programs per SM (a 64 KB tile per pipeline stage); both 2 stages. Deep
-inference: 32 rows, 4 warps, unpipelined (see chunks_forward_config).
+at wide fp32's 32 rows, chunks of 32 spilled 8 B per thread and had 21 % more shared-memory loads;
+64 did not), W's chunks staged once per program. One chunk (D <= 64): 32 rows, 4 warps, eight programs per SM. Wide data
+(D <= 256): 32 rows, 4 warps, four programs per SM. Deep data: 16 rows, 8 warps, two programs per
+SM (a 64 KB tile per pipeline stage). All two stages. Deep inference: 32 rows, 4 warps, unpipelined
+(see chunks_forward_config).
 """
 
 from __future__ import annotations

@@ -157,7 +157,8 @@ def _measured_forward(in_features: int, out_features: int, input_precision: str,
                       input_bytes: int) -> TileConfig | None:
     """MEASURED_FORWARD's choice (fp32 inputs), if it has one."""
     o_class = 16 if out_features <= 16 else 256 if out_features <= 256 else None
-    entry = measured_forward_table().get((input_precision, _d_class(in_features), o_class)) if input_bytes == 4 else None
+    table = measured_forward_table()
+    entry = table.get((input_precision, _d_class(in_features), o_class)) if input_bytes == 4 else None
     if entry is None:
         return None
     block_n, block_d, block_o_cap, num_warps = entry
@@ -318,7 +319,8 @@ def formulation_serves(name: str, in_features: int, out_features: int, acc_dtype
     if input_precision != "ieee" and acc_dtype != torch.float64:
         return f"the {name} formulation computes IEEE products only (got input_precision={input_precision!r})"
     if name == "rows" and not rows_fits(in_features, out_features, input_bytes):
-        return f"the rows formulation holds O·D/lanes values of W per lane: D={in_features}, O={out_features} is too big"
+        return (f"the rows formulation holds O·D/lanes values of W per lane: D={in_features}, O={out_features} "
+                "is too big")
     if name == "chunks" and acc_dtype != torch.float32:
         return "the chunks formulation accumulates in fp32 (tl.dot has no fp64 path on every release)"
     if name == "chunks" and not chunks_fits(in_features, out_features):

@@ -14,9 +14,9 @@ axes, the leading axes stay in the thread), and the x tile [J, V, R, T] loads in
 with V-wide vectors (16 B), so no layout conversion is needed. Per row and output a
 lane does C FMAs for X·Wᵀ, log2(T) shuffles to finish the row's sum (every lane of
 the row gets it), and C FMAs for Rᵀ·X into its own dW accumulators, which are summed
-over rows once, after the loop. W stays in registers (O·C values per lane), so the
-formulation is for O·C <= ~64: tall data (D <= 128, O <= 8) in practice; config.py
-decides where it runs.
+over rows once, after the loop. W and dW stay in registers (O·C values each per lane),
+so the formulation is for O·C <= 32 (blocks.py): tall data (D <= 128 at O <= 8) in
+practice; config.py decides where it runs.
 
 The persistent loop over row tiles is software-pipelined (``NUM_STAGES``) like the
 default kernel's. Each program writes only its own partial row and the reduction
@@ -113,8 +113,10 @@ def _rows_partials_kernel(
 
 
 def rows_aligned(t: torch.Tensor, block: int) -> bool:
-    """Whether every row of t starts on a multiple of ``block`` elements (and its columns are contiguous)."""
-    return t.stride(1) == 1 and t.stride(0) % block == 0 and (t.storage_offset() % block == 0)
+    """Whether each row of t starts ``block`` elements apart from the first, a multiple (its columns
+    contiguous): then the kernel may tell the compiler row offsets are multiples of ``block``. (The
+    base pointer's alignment is Triton's own specialisation.)"""
+    return t.stride(1) == 1 and t.stride(0) % block == 0
 
 
 def plan_rows_partials(
@@ -152,7 +154,8 @@ def plan_rows_partials(
     constexprs = dict(
         HAS_BIAS=bias is not None, HAS_ROW_INDEX=row_index is not None, STORE_RESIDUAL=store_residual,
         MASK_D=cfg.lanes * cfg.columns != in_features,
-        MASK_O=cfg.block_o != out_features, ALIGNED_T=rows_aligned(target, cfg.block_o), NUM_STAGES=cfg.num_stages, BLOCK_O=cfg.block_o,
+        MASK_O=cfg.block_o != out_features, ALIGNED_T=rows_aligned(target, cfg.block_o),
+        NUM_STAGES=cfg.num_stages, BLOCK_O=cfg.block_o,
         J=cfg.columns // cfg.vec, V=cfg.vec, LANES=cfg.lanes, ROWS=cfg.rows,
     )
     plan = LaunchPlan(_rows_partials_kernel, (n_programs,), args, constexprs, cfg.num_warps, cfg.num_stages)

@@ -57,7 +57,7 @@ def _rel(got, ref) -> float:
 GRAD_CASES = [
     ("rows", 37, 5, 3, torch.float32), ("rows", 1, 1, 1, torch.float32), ("rows", 65, 64, 4, torch.float32),
     ("rows", 50, 70, 1, torch.float32), ("rows", 33, 24, 8, torch.bfloat16), ("rows", 29, 12, 2, torch.float16),
-    ("rows", 41, 9, 3, torch.float64),
+    ("rows", 41, 9, 3, torch.float64), ("rows", 23, 16, 16, torch.float32),
     ("chunks", 37, 40, 3, torch.float32), ("chunks", 1, 1, 1, torch.float32), ("chunks", 45, 64, 16, torch.float32),
     ("chunks", 70, 33, 1, torch.float32), ("chunks", 34, 48, 5, torch.bfloat16), ("chunks", 50, 17, 16, torch.float16),
 ]
