@@ -287,7 +287,7 @@ def analyse(arch: Arch, case: Case, signature: dict, result: dict) -> Row:
 
 
 def report(capabilities: list[int], jobs: int = 1, only: str | None = None, hot_only: bool = False,
-           progress=None, cases_of=None) -> tuple[list[Row], dict]:
+           progress=None, cases_of=None, default_only: bool = False) -> tuple[list[Row], dict]:
     """Compile every case for every architecture: (rows, summary)."""
     reason = tools_available()
     if reason:
@@ -298,6 +298,8 @@ def report(capabilities: list[int], jobs: int = 1, only: str | None = None, hot_
         arch = ARCHS[capability]
         for case in (cases_of or all_cases)(arch):
             if only and not re.search(only, f"{case.regime} {case.kernel} {case.dtype} {case.precision}"):
+                continue
+            if default_only and case.formulation != "default":
                 continue
             if hot_only and not (case.hot or case.regime.startswith("probe")):
                 continue
@@ -363,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="regex over 'regime kernel dtype precision'")
     parser.add_argument("--hot", action="store_true", help="only the fp32/bf16 launches (and the probes)")
     parser.add_argument("--shapes", action="store_true", help="the awkward SHAPES instead of the regimes")
+    parser.add_argument("--default-only", action="store_true", help="leave out the rows and chunks formulations")
     parser.add_argument("--warm-cache", action="store_true",
                         help="use Triton's cache directory (default: a fresh one, so compile times are cold)")
     args = parser.parse_args(argv)
@@ -372,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.warm_cache:
             os.environ["TRITON_CACHE_DIR"] = cache  # read by Triton at compile time, also in the workers
         rows, summary = report(args.arch, args.jobs, args.only, args.hot, cases_of=shape_cases if args.shapes else None,
+                               default_only=args.default_only,
                                progress=lambda i, n: print(f"\rcompiled {i}/{n}", end="", file=sys.stderr))
     print(file=sys.stderr)
     print(format_table(rows))

@@ -10,8 +10,10 @@ serves the shape (kernels/config.formulation_serves), IEEE products:
               bytes of one read of X and T (GB/s and % of copy from the ctx; % of the FMA roof from
               the flops where the regime is FMA-bound)
 
-and inference (fp32; X read, Y written) in each formulation and as nn.Linear. The predictions
-these are to be checked against are in docs/kernels.md. Work is ordered by what matters most
+and inference (fp32; X read, Y written) in each formulation and as nn.Linear. bf16 also times
+today's default launch for 16-bit inputs (the default kernel in tf32x3). The predictions these are
+to be checked against are in docs/kernels.md. Cost on an H200 host, estimated: ~20 new kernel
+specialisations (2-4 s each to compile) and ~1 s of timing per launch: 60-100 s. Work is ordered by what matters most
 (fp32 steps, then inference, then bf16) and stops when the section's budget runs low; on the CPU
 smoke run (Triton's interpreter) the shapes are tiny and the section takes a few seconds.
 """
@@ -55,8 +57,8 @@ def _serves(name: str, d: int, o: int, elem: int) -> str | None:
 
 
 def _update_plan(partials, w, b, n: int):
-    """One SGD step's reduce-and-update launch over the partial buffer (None if this build's
-    reduce_update takes other arguments: the step is then not timed)."""
+    """One SGD step's reduce-and-update launch over the partial buffer (TypeError where this build's
+    reduce_update takes other arguments: the step is then not timed, the kernel still is)."""
     from linreg_fused.kernels import reduce_update
     from linreg_fused.kernels.specs import ColumnTarget, SGDHyper
 
@@ -77,23 +79,28 @@ def _grad(ctx, regime: str, n: int, d: int, o: int, dtype_name: str) -> None:
     ref = _grad_reference(x, t, w, b)
     where = f"{regime} {dtype_name} {n}x{d}->{o}"
     passed, default_sum = [], None
-    for name in FORMULATIONS:
-        why = _serves(name, d, o, elem)
+    # Every formulation in IEEE; for bf16 also today's default launch, tf32x3 ("auto" for 16-bit inputs).
+    candidates = [(name, "ieee") for name in FORMULATIONS] + ([("default", "tf32x3")] if elem == 2 else [])
+    for formulation, precision in candidates:
+        name = formulation if precision == "ieee" else f"{formulation} {precision}"
+        why = _serves(formulation, d, o, elem)
         if why:
             ctx.skip(f"grad {where} {name}", why)
             continue
-        plan, partials = formulations.plan_grad_partials(x, w, b, t, formulation=name)
+        plan, partials = formulations.plan_grad_partials(x, w, b, t, input_precision=precision,
+                                                         formulation=formulation)
         plan.launch()
         first = partials.buffer.clone()
         got = first.double().sum(0)
-        info = dict(formulation=name, regime=regime, dtype=dtype_name, grid=plan.grid[0], warps=plan.num_warps)
+        info = dict(formulation=formulation, precision=precision, regime=regime, dtype=dtype_name,
+                    grid=plan.grid[0], warps=plan.num_warps)
         ok = ctx.parity(f"grad {where} {name} vs float64", got, ref, TOL, **info)
         if default_sum is not None:
             ok &= ctx.parity(f"grad {where} {name} vs default", got, default_sum, 2 * TOL, **info)
         plan.launch()
         same = bool(torch.equal(first, partials.buffer))
         ctx.record(f"grad {where} {name} bitwise run to run", status="pass" if same else "fail", equal=same, **info)
-        if name == "default":
+        if name == "default":  # the IEEE default kernel: what the others are compared with
             default_sum = got
         if ok and same:
             passed.append((name, plan, partials, info))

@@ -76,8 +76,9 @@ def test_kernels_section_smoke():
     assert "grad wide bf16 40x72->16 chunks vs float64" in named
     assert any(r["name"] == "grad wide bf16 40x72->16 rows" and r["status"] == "skip" for r in ctx.rows)
     assert "forward inference-tall fp32 70x16->4 rows vs float64" in named
-    # tall: 3 against float64 + 2 against the default; inference: 3; wide bf16: 2 + 1.
-    assert all(r["error"] <= 2e-5 for r in parity) and len(parity) == 11
+    # tall: 3 against float64 + 2 against the default; inference: 3; wide bf16: 3 + 2 (tf32x3 too).
+    assert all(r["error"] <= 2e-5 for r in parity) and len(parity) == 13
+    assert "step wide bf16 40x72->16 default tf32x3" in named
     assert all(r["bytes"] > 0 for r in ctx.rows if r["measure"] in ("time", "steady"))
 
 
