@@ -6,11 +6,16 @@ itself, so ``specs`` can be used without Triton.
 - linear_mse_grad: the single-pass kernel (residual, loss, partial dW/db)
 - reduce_update:   finish the partial sums; write gradients or apply SGD in place
 - linear_forward:  inference, Y = X·Wᵀ + b
+- grad_rows, grad_chunks:        the gradient pass in the "rows" (small O·D) and "chunks" (wide, deep) formulations
+- forward_rows, forward_chunks:  inference in the same two formulations
+- formulations:    whichever formulation config.choose_formulation decides, for either pass
 - fused_fit:       many SGD steps of a small problem in one launch
 - probe:           whether Triton's interpreter can run these kernels here (checked at first use)
 - specs:           plain data the kernels share (no Triton)
 - tiles:           jit helpers shared by the kernels (loads, fp64 scalars, the two tile products)
-- config:          block sizes, warps, pipeline stages, grid sizes
+- config:          block sizes, warps, pipeline stages, grid sizes; which formulation runs
+- blocks:          the blocks of the rows and chunks formulations
+- measured:        measured block choices per Triton release; device: the device profile
 - plan:            LaunchPlan, what each launch helper's plan_* step returns (bench/compile_report.py
                    compiles those plans for sm_90/sm_80 without a GPU)
 """

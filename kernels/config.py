@@ -1,8 +1,10 @@
 """Block sizes, warps, pipeline stages and grid sizes, chosen per shape, dtype and device.
 
-Measured choices first (MEASURED_GRAD, MEASURED_FORWARD: the fastest blocks of
-bench/sweep.py on an H200 for the shapes it swept), then the rules below (cached
-per shape key); not autotuned at run time. bench/compile_report.py compiles what
+Which kernel runs each pass (its "formulation") is decided here too: see
+grad_formulation() below. For the default kernels: measured choices first
+(kernels/measured.py: the fastest blocks of bench/sweep.py on an H200 for the
+shapes it swept, per Triton release), then the rules below (cached per shape
+key); not autotuned at run time. bench/compile_report.py compiles what
 they choose for every benchmark regime and awkward shapes and shows whether it
 fits an sm_90/sm_80 (shared memory, registers, spills) and how many bytes each SM
 keeps in flight; bench/NOTES.md has the timings. On the CPU the kernels run in
@@ -37,31 +39,8 @@ import torch
 from triton import cdiv
 from triton import next_power_of_2 as p2
 
-
-@dataclass(frozen=True)
-class DeviceProfile:
-    """What the block choice needs to know about the device (shared memory in bytes)."""
-
-    gpu: bool
-    multiprocessors: int = 1
-    shared_per_block: int = 166912  # the opt-in maximum of one program (an A100's, the smallest of sm_80/sm_90)
-    shared_per_sm: int = 167936
-
-
-INTERPRETER = DeviceProfile(gpu=False)
-
-
-@functools.lru_cache(maxsize=None)
-def device_profile(device: torch.device) -> DeviceProfile:
-    """The profile of a torch device: a CUDA GPU, or the interpreter (anything else)."""
-    if device.type != "cuda":
-        return INTERPRETER
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    props = torch.cuda.get_device_properties(index)
-    per_block = getattr(props, "shared_memory_per_block_optin", DeviceProfile.shared_per_block)
-    per_sm = getattr(props, "shared_memory_per_multiprocessor", per_block + 1024)
-    return DeviceProfile(gpu=True, multiprocessors=props.multi_processor_count, shared_per_block=per_block,
-                         shared_per_sm=per_sm)
+from .device import INTERPRETER, DeviceProfile, device_profile  # noqa: F401  (re-exported)
+from .measured import MEASURED_SHARED_PER_BLOCK, measured_forward_table, measured_grad_table
 
 
 @dataclass(frozen=True)
@@ -135,37 +114,6 @@ def _shared_estimate(block_n: int, block_d: int, block_o: int, tile_bytes: int, 
     return stages * tile_bytes + parts * (x_operand + w_operand) + SHARED_MARGIN
 
 
-# ---------------------------------------------------------------- measured choices
-# The fastest blocks of bench/sweep.py on an H200 (torch 2.11.0, Triton 3.6.0, 2026-11-26; the
-# data: bench/results/H200-2026-11-26-sweep.json), for the shapes it swept: D classes 64, 256,
-# 1024 (D up to 64, up to 256, up to 1024) with O <= 16: the fastest of those that do not spill
-# registers when compiled by the Triton these tests run (tests/test_compile.py; a few faster ones
-# spill 8-64 B/thread with Triton 3.9 or 3.6) and whose row-tile loop is pipelined (D in one block: the
-# sweep's faster D-chunked deep tf32 runs predate the unpipelined chunk loops). Elsewhere, and where a choice would not fit this card's
-# shared memory, the rules below decide.
-MEASURED_SHARED_PER_BLOCK = 232448
-#   gradient: (precision, input bytes, D class) -> (BLOCK_N, D in chunks of CHUNK_D?, warps, stages, programs per SM)
-MEASURED_GRAD: dict[tuple[str, int, int], tuple[int, bool, int, int, int]] = {
-    ("ieee", 4, 64): (128, False, 4, 3, 2), ("tf32", 4, 64): (64, False, 4, 2, 4),
-    ("tf32x3", 4, 64): (128, False, 4, 2, 2),
-    ("ieee", 2, 64): (128, False, 4, 3, 2), ("tf32x3", 2, 64): (16, False, 4, 6, 4),
-    ("ieee", 4, 256): (32, False, 4, 2, 2),
-    ("tf32x3", 4, 256): (16, False, 4, 2, 2),
-    ("ieee", 2, 256): (32, False, 4, 2, 2), ("tf32x3", 2, 256): (16, False, 4, 3, 2),
-    ("ieee", 4, 1024): (16, False, 8, 3, 1), ("tf32", 4, 1024): (16, False, 8, 2, 1),
-    ("tf32x3", 4, 1024): (16, False, 8, 2, 1),
-    ("ieee", 2, 1024): (16, False, 8, 3, 1), ("tf32x3", 2, 1024): (16, False, 8, 3, 1),
-}
-#   inference, fp32: (precision, D class, O class 16 or 256) -> (BLOCK_N, BLOCK_D (0: one block), BLOCK_O cap, warps)
-MEASURED_FORWARD: dict[tuple[str, int, int], tuple[int, int, int, int]] = {
-    ("ieee", 64, 16): (128, 0, 16, 4), ("tf32", 64, 16): (64, 0, 16, 8), ("tf32x3", 64, 16): (64, 0, 16, 4),
-    ("ieee", 256, 16): (64, 0, 16, 4), ("tf32", 256, 16): (64, 0, 16, 8), ("tf32x3", 256, 16): (16, 0, 16, 4),
-    ("ieee", 1024, 16): (32, 256, 16, 4), ("tf32", 1024, 16): (64, 256, 16, 4),
-    ("tf32x3", 1024, 16): (16, 256, 16, 4),
-    ("tf32", 64, 256): (128, 0, 64, 8),
-}
-
-
 def forward_uses_library(in_features: int, out_features: int, profile: DeviceProfile, x_dtype: torch.dtype,
                          weight_dtype: torch.dtype, input_precision: str) -> bool:
     """Whether IEEE fp32 inference should run as PyTorch's own GEMM (cuBLAS) rather than the kernel.
@@ -188,7 +136,7 @@ def _measured_grad(in_features: int, out_features: int, profile: DeviceProfile, 
                    input_bytes: int) -> TileConfig | None:
     """MEASURED_GRAD's choice for this problem, if it has one that fits the card."""
     d_class = _d_class(in_features)
-    entry = MEASURED_GRAD.get((input_precision, input_bytes, d_class)) if out_features <= 16 else None
+    entry = measured_grad_table().get((input_precision, input_bytes, d_class)) if out_features <= 16 else None
     if entry is None:
         return None
     block_n, chunked, num_warps, num_stages, per_sm = entry
@@ -209,7 +157,8 @@ def _measured_forward(in_features: int, out_features: int, input_precision: str,
                       input_bytes: int) -> TileConfig | None:
     """MEASURED_FORWARD's choice (fp32 inputs), if it has one."""
     o_class = 16 if out_features <= 16 else 256 if out_features <= 256 else None
-    entry = MEASURED_FORWARD.get((input_precision, _d_class(in_features), o_class)) if input_bytes == 4 else None
+    table = measured_forward_table()
+    entry = table.get((input_precision, _d_class(in_features), o_class)) if input_bytes == 4 else None
     if entry is None:
         return None
     block_n, block_d, block_o_cap, num_warps = entry
@@ -337,3 +286,71 @@ def smaller_config(cfg: TileConfig | ReduceConfig) -> TileConfig | ReduceConfig 
     if cfg.block_n > (16 if cfg.use_dot else 1):
         return replace(cfg, block_n=cfg.block_n // 2)
     return None
+
+
+# ---------------------------------------------------------------- formulations
+# Which kernel runs a pass. "default": linear_mse_grad.py / linear_forward.py (every dtype,
+# precision and shape). "rows" (grad_rows.py, forward_rows.py): W and the lane's dW in registers,
+# no shared memory in the loop, for small O·D. "chunks" (grad_chunks.py, forward_chunks.py): D in
+# separately loaded chunks of 64, one FMA chain per output, for wide and deep data. Both new ones
+# compute IEEE products (FMAs); chunks accumulates in fp32 (not fp64). kernels/formulations.py
+# launches whichever is decided here.
+#
+# The rule: a formulation other than "default" runs when it is named (tests, the GPU check), or,
+# when "auto" asks, only where it serves the problem AND it is listed in GPU_CHECKED for this Triton
+# release: its parity passed on a GPU (bench/gpu_kernels.py: against float64 and the default
+# kernel) and it was measured faster there than the default kernel; where several serve, the first
+# listed (the order the measurements prefer). Nothing is listed yet: none of them has run on a GPU,
+# so "auto" is the default kernel everywhere.
+GRAD_FORMULATIONS = ("default", "rows", "chunks")
+FORWARD_FORMULATIONS = GRAD_FORMULATIONS
+GPU_CHECKED: dict[str, tuple[str, ...]] = {}  # Triton release ("3.6") -> formulations checked on a GPU, preferred first
+
+
+def formulation_serves(name: str, in_features: int, out_features: int, acc_dtype: torch.dtype,
+                       input_precision: str, input_bytes: int) -> str | None:
+    """None if formulation ``name`` can compute this problem, else why not."""
+    from .blocks import chunks_fits, rows_fits
+
+    if name == "default":
+        return None
+    if name not in GRAD_FORMULATIONS:
+        return f"unknown formulation {name!r} (one of {', '.join(GRAD_FORMULATIONS)})"
+    if input_precision != "ieee" and acc_dtype != torch.float64:
+        return f"the {name} formulation computes IEEE products only (got input_precision={input_precision!r})"
+    if name == "rows" and not rows_fits(in_features, out_features, input_bytes):
+        return (f"the rows formulation holds O·D/lanes values of W per lane: D={in_features}, O={out_features} "
+                "is too big")
+    if name == "chunks" and acc_dtype != torch.float32:
+        return "the chunks formulation accumulates in fp32 (tl.dot has no fp64 path on every release)"
+    if name == "chunks" and not chunks_fits(in_features, out_features):
+        return f"the chunks formulation takes D <= 1024 and O <= 16 (got D={in_features}, O={out_features})"
+    return None
+
+
+def _gpu_checked() -> tuple[str, ...]:
+    """GPU_CHECKED's entry for this Triton release: a check with one release does not carry to another."""
+    from .measured import release, triton_version
+
+    major, minor = release(triton_version())
+    return GPU_CHECKED.get(f"{major}.{minor}", ())
+
+
+@functools.lru_cache(maxsize=1024)
+def choose_formulation(in_features: int, out_features: int, profile: DeviceProfile, acc_dtype: torch.dtype,
+                       input_precision: str, input_bytes: int, requested: str = "auto") -> str:
+    """The formulation that runs a pass of this problem: the one place that decides (see the rule above).
+
+    requested: "auto", or a formulation name, which must serve the problem (ValueError says why not).
+    """
+    if requested != "auto":
+        why = formulation_serves(requested, in_features, out_features, acc_dtype, input_precision, input_bytes)
+        if why:
+            raise ValueError(why)
+        return requested
+    if not profile.gpu:
+        return "default"
+    for name in _gpu_checked():
+        if formulation_serves(name, in_features, out_features, acc_dtype, input_precision, input_bytes) is None:
+            return name
+    return "default"

@@ -50,8 +50,9 @@ pytestmark = pytest.mark.skipif(_tools_missing() is not None, reason=str(_tools_
 def rows(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("compile") / "sm90.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, str(REPORT), "--arch", "90", "--hot", "--only", SELECTION, "--jobs", "2", "--warm-cache",
-           "--json", str(out)]
+    # The default kernels (the rows and chunks formulations: tests/test_compile_formulations.py).
+    cmd = [sys.executable, str(REPORT), "--arch", "90", "--hot", "--default-only", "--only", SELECTION, "--jobs", "2",
+           "--warm-cache", "--json", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if not out.exists():
         pytest.fail(f"compile report failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
