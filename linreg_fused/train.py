@@ -14,7 +14,7 @@ small unit of its own:
   of the first.
 - ``EagerPath``: any other torch optimizer, or an iterable of batches:
   ``loss.backward(); optimizer.step()`` per batch (FusedSGD steps fused).
-- ``StatisticsPath`` (linreg_fused/stats.py): FusedSGD on a full batch, when
+- ``StatisticsPath`` (linreg_fused/fit_statistics.py): FusedSGD on a full batch, when
   the cost model says so or ``statistics=True``: one pass over X and T for
   their sufficient statistics, then every epoch from the (D+1)² statistics
   alone (``statistics_cost``).
@@ -52,7 +52,7 @@ from .functional import REDUCTIONS, check_inputs, fused_sgd_step
 from .kernels.specs import accumulator_dtype
 from .ops import RegisteredOps
 from .optim import FusedSGD, group_hyper
-from .stats import StatisticsPath, statistics_cost, statistics_memory_problem
+from .fit_statistics import StatisticsPath, statistics_cost, statistics_memory_problem
 
 
 class TrainingDivergedError(FloatingPointError):

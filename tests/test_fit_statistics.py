@@ -1,4 +1,4 @@
-"""fit's full-batch statistics path (linreg_fused.stats.StatisticsPath): the same
+"""fit's full-batch statistics path (linreg_fused.fit_statistics.StatisticsPath): the same
 history and parameters as a pass per epoch and as the float64 eager loop, on
 every SGD option, both backends; divergence; the chooser and its errors."""
 
@@ -13,7 +13,7 @@ from oracle import assert_close
 from torch import nn
 
 from linreg_fused import FusedLinearRegressor, FusedSGD, TrainingDivergedError
-from linreg_fused.stats import StatisticsPath, statistics_cost
+from linreg_fused.fit_statistics import StatisticsPath, statistics_cost
 from linreg_fused.train import TensorSource, choose_path
 
 # fp32 fit vs float64 eager, 15 full-batch epochs: the pass per epoch sums fp32 products of the

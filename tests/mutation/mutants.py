@@ -351,7 +351,7 @@ FRESH = [
            "    return slice(start, start + share + (rank < extra))",
            "    return slice(start, start + share + 1)",
            ("tests/test_distributed.py",), "ranks' contiguous shares overlap by a row"),
-    Mutant("stats-history-not-copied", "statistics", "linreg_fused/stats.py",
+    Mutant("stats-history-not-copied", "statistics", "linreg_fused/fit_statistics.py",
            "        history.copy_(losses[:, None].expand_as(history))",
            "        history[:, 0].copy_(losses)",
            ("tests/test_fit_statistics.py", "tests/test_fit_inputs.py"),
