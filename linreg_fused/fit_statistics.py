@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from . import distributed
+from .fit_report import FINITE_COLUMN, parameters_finite
 from .optim import FusedSGD, group_hyper
 from .reference import Moments
 
@@ -65,9 +66,12 @@ class StatisticsPath:
     """fit's full-batch path for FusedSGD: one statistics pass over X and T (on the first chunk
     of epochs), then each chunk's epochs in one launch on the statistics (a loop of small
     device ops where D is wide), no host sync. The epoch loss is the loss before the step, as
-    a pass per epoch reports it; the kernel keeps the state of the last finite epoch, so a
-    divergence leaves the parameters and momentum buffers there. Parameters the optimizer does
-    not train (frozen, or not held by it) are left untouched."""
+    a pass per epoch reports it; the kernel keeps the state of the last epoch whose loss was
+    finite. Its parameters may not be (that epoch's step overflowed), and only the chunk's last
+    epoch has its parameters checked on the device, so a divergence replays the chunk from a
+    copy of its start up to the last epoch whose loss and parameters are finite (at most two
+    launches, on the error path only). Parameters the optimizer does not train (frozen, or not
+    held by it) are left untouched."""
 
     reads_orders = False  # a full batch: the row order cannot change the step
 
@@ -83,6 +87,8 @@ class StatisticsPath:
         self.params = [p for p in (model.weight, model.bias) if p is not None]
         self.had_buffer = [optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in self.params]
         self.moments: Moments | None = None
+        self.done = 0  # epochs run before the current chunk
+        self.chunk: tuple | None = None  # the last launch: its state, a copy of its start, epochs, loss dtype
 
     @staticmethod
     def applies(optimizer, source) -> bool:
@@ -102,13 +108,27 @@ class StatisticsPath:
                 hyper = group_hyper(self.optimizer.group_of(p))
                 buf, is_new = self.optimizer.momentum_buffer(p, hyper)
             state.update({f"{name}_hyper": hyper, f"{name}_buffer": buf, f"init_{name}_buffer": is_new})
-        losses = torch.empty(history.shape[0], device=history.device, dtype=history.dtype)
+        live = self._live(state)
+        self.done += 0 if self.chunk is None else self.chunk[2]
+        self.chunk = (state, [v.detach().clone() for v in live], history.shape[0], history.dtype)
+        losses = self._epochs(state, history.shape[0], history.dtype)
+        history[:, :2].copy_(losses[:, None].expand(-1, 2))  # one batch per epoch: mean and last are the same
+        history[:-1, FINITE_COLUMN] = 1.0  # not checked within a launch: restore() replays to find out
+        history[-1, FINITE_COLUMN] = parameters_finite(self.params)
+        self.optimizer._mark_stepped()
+
+    def _live(self, state: dict) -> list[torch.Tensor]:
+        """The tensors a launch writes: the parameters and the momentum buffers it uses."""
+        return [*self.params, *(b for b in (state["weight_buffer"], state["bias_buffer"]) if b is not None)]
+
+    def _epochs(self, state: dict, n_epochs: int, dtype: torch.dtype) -> torch.Tensor:
+        losses = torch.empty(n_epochs, device=self.model.weight.device, dtype=dtype)
+        args = dict(state)
         with torch.no_grad():
             self.ops.stats_sgd_epochs(self.moments[0], self.moments[1:], self.model.weight, self.model.bias,
-                                      state.pop("weight_buffer"), state.pop("bias_buffer"), losses,
-                                      mean=self.reduction == "mean", **state)
-        history.copy_(losses[:, None].expand_as(history))  # one batch per epoch: mean and last are the same
-        self.optimizer._mark_stepped()
+                                      args.pop("weight_buffer"), args.pop("bias_buffer"), losses,
+                                      mean=self.reduction == "mean", **args)
+        return losses
 
     def _statistics(self):
         fp64 = self.x.dtype == torch.float64
@@ -124,9 +144,24 @@ class StatisticsPath:
                         (t.shape[1], t.shape[1])))))
         return distributed.merge_moments_over_ranks(local, self.group)
 
-    def restore(self, bad_epoch: int) -> None:
-        # The epochs kept the last finite epoch's values; buffers created after the fit began did not exist then.
+    @torch.no_grad()
+    def restore(self, bad_epoch: int) -> int:
+        """Back to the end of the last epoch before ``bad_epoch`` whose parameters are finite; returns
+        the epoch that diverged (``bad_epoch``, or the one before it when that one's step overflowed)."""
+        state, start, _, dtype = self.chunk
+        ran = bad_epoch - self.done  # epochs of this chunk before the bad one: their losses were finite
+        while True:
+            for v, s in zip(self._live(state), start):
+                v.copy_(s)
+            if ran > 0:
+                self._epochs(state, ran, dtype)
+            if ran == 0 or bool(parameters_finite(self.params)):  # error path: syncs are fine here
+                break
+            ran -= 1
+        bad_epoch = self.done + ran
+        # Buffers created after the fit began did not exist before it.
         if bad_epoch == 0:
             for p, had in zip(self.params, self.had_buffer):
                 if not had:
                     self.optimizer.state.get(p, {}).pop("momentum_buffer", None)
+        return bad_epoch
