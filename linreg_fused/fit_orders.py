@@ -109,14 +109,15 @@ def _bulk_orders(generator: torch.Generator, n_rows: int, n_epochs: int) -> np.n
     raw = _raw_outputs(generator, n_epochs * (2 + 2 * swaps)).reshape(n_epochs, 2 + 2 * swaps)
     # Output 0-1: the base seed; 2 .. 2+swaps: randperm's draws; the rest: the trailing randperm's.
     targets = np.arange(swaps) + raw[:, 2 : 2 + swaps] % (n_rows - np.arange(swaps))
-    # Slot-major storage, slot i of every epoch contiguous: one swap of every epoch is two slices.
+    # Slot-major storage (slot i of every epoch together): the i-th swap of every epoch is one gather
+    # and one scatter (a swap with itself writes one value twice).
+    epochs = np.arange(n_epochs)
+    here = np.arange(swaps)[:, None] * n_epochs + epochs
+    there = targets.T * n_epochs + epochs
+    written, read = np.concatenate([here, there], axis=1), np.concatenate([there, here], axis=1)
     slots = np.repeat(np.arange(n_rows, dtype=np.int64), n_epochs)
-    partners = np.ascontiguousarray((targets * n_epochs + np.arange(n_epochs)[:, None]).T)
     for i in range(swaps):  # Fisher-Yates, the i-th swap of every epoch at once
-        here = slots[i * n_epochs : (i + 1) * n_epochs]
-        held = here.copy()
-        here[:] = slots[partners[i]]
-        slots[partners[i]] = held
+        slots[written[i]] = slots[read[i]]
     return np.ascontiguousarray(slots.reshape(n_rows, n_epochs).T)
 
 

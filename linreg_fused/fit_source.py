@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -92,8 +93,13 @@ def check_options(epochs, log_every, reduction, shuffle, seed, generator, print_
     return epochs, log_every, None if seed is None else int(seed)
 
 
+_PLAIN_SGD: "weakref.WeakKeyDictionary[Any, tuple[tuple, FusedSGD]]" = weakref.WeakKeyDictionary()
+
+
 def make_optimizer(model, optimizer, lr):
-    """The optimizer fit steps: the one given, or FusedSGD(lr=lr)."""
+    """The optimizer fit steps: the one given, or FusedSGD(lr=lr). The latter has no state (no
+    momentum) and no one else sees it, so a model fitted again with the same lr and parameters
+    reuses it (making one costs more than the rest of a small fit's host work)."""
     if optimizer is None:
         if lr is None:
             raise ValueError("give an optimizer (e.g. FusedSGD(model.parameters(), lr=1e-5)) or lr=")
@@ -101,7 +107,13 @@ def make_optimizer(model, optimizer, lr):
             if not isinstance(lr, numbers.Real) or isinstance(lr, (bool, np.bool_)):
                 raise TypeError(f"lr must be a real number, got {type(lr).__name__}")
             lr = float(lr)
-        return FusedSGD(model.parameters(), lr=lr, backend=model.backend)
+        else:  # a tensor may change in place: not kept
+            return FusedSGD(model.parameters(), lr=lr, backend=model.backend)
+        key = (lr, model.backend, *(id(p) for p in model.parameters()))
+        kept = _PLAIN_SGD.get(model)
+        if kept is None or kept[0] != key:
+            kept = _PLAIN_SGD[model] = (key, FusedSGD(model.parameters(), lr=lr, backend=model.backend))
+        return kept[1]
     if lr is not None:
         raise ValueError("give either optimizer= or lr=, not both")
     if not isinstance(optimizer, torch.optim.Optimizer):
