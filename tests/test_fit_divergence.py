@@ -28,12 +28,15 @@ class _Replay:
         self.replay = fn
 
 
-def _fit(path, backend, monkeypatch, epochs, lr):
-    """fit on 13 rows scaled by 1e3 along ``path``; returns (start state, model, error)."""
+def _fit(path, backend, monkeypatch, epochs, lr, nan=False):
+    """fit on 13 rows scaled by 1e3 along ``path`` (nan: one NaN in the last row, unchecked); returns
+    (start state, model, error)."""
     g = torch.Generator().manual_seed(0)
     x, y = (torch.randn(13, 3, generator=g) * 1e3).to(DEVICE), torch.randn(13, 2, generator=g).to(DEVICE)
     if path in MINI_BATCH:
         x[:10], y[:10] = 0.0, 0.0
+    if nan:
+        x[12, 1] = float("nan")
     ops_type = type(select_ops(backend, DEVICE))
     calls = []
     real = ops_type.fit_small
@@ -48,9 +51,10 @@ def _fit(path, backend, monkeypatch, epochs, lr):
     start = copy.deepcopy(model.state_dict())
     opt = (torch.optim.SGD(model.parameters(), lr=lr) if "eager" in path
            else FusedSGD(model.parameters(), lr=lr, backend=backend))
-    kwargs = dict(epochs=epochs, optimizer=opt, statistics=path == "statistics")
+    kwargs = dict(epochs=epochs, optimizer=opt, statistics=path == "statistics", check_finite=not nan)
     if path == "batches":
         data = ([(x[i : i + 5], y[i : i + 5]) for i in range(0, 13, 5)],)
+        del kwargs["check_finite"]
     else:
         data = (x, y)
         kwargs.update(shuffle=False, batch_size=5 if path in MINI_BATCH else None)
@@ -73,3 +77,12 @@ def test_an_overflowing_last_step_is_a_divergence(path, epochs, backend, monkeyp
     assert "values before fit" in str(err)
     for name, value in model.state_dict().items():
         assert torch.equal(value, start[name]), f"{name} not restored"
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_nan_loss_is_a_divergence_though_the_parameters_stay_finite(path, backend, monkeypatch):
+    """lr=0 and a NaN in the unchecked data: every loss is NaN, nothing moves, so only the loss says it."""
+    start, model, err = _fit(path, backend, monkeypatch, 2, lr=0.0, nan=True)
+    assert err.epoch == 1 and "non-finite loss (nan)" in str(err)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, start[name]), name
