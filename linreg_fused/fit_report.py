@@ -65,12 +65,13 @@ class Reporter:
             self.bar.close()
 
 
-def first_bad_epoch(rows: list[list[float]], start: int) -> int | None:
-    """The first epoch (absolute) of a chunk's rows whose loss or end parameters are not finite."""
-    if math.isfinite(sum(row[0] for row in rows)) and min(row[FINITE_COLUMN] for row in rows) == 1.0:
+def first_bad_epoch(means: tuple[float, ...], flags: tuple[float, ...], start: int) -> int | None:
+    """The first epoch (absolute) of a chunk whose mean loss (``means``) or end parameters (``flags``)
+    are not finite."""
+    if math.isfinite(sum(means)) and min(flags) == 1.0:
         return None  # the common case in one pass (a sum that overflows only sends it to the scan)
-    for i, row in enumerate(rows):
-        if not math.isfinite(row[0]) or row[FINITE_COLUMN] != 1.0:
+    for i, (mean, flag) in enumerate(zip(means, flags)):
+        if not math.isfinite(mean) or flag != 1.0:
             return start + i
     return None
 

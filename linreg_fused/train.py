@@ -168,10 +168,10 @@ def _run(path, source, epochs: int, reporter: Reporter, optimizer, weight: torch
             stop = min(stop, epoch + max(1, _PERMUTATION_BUDGET // source.n_rows))
             orders = _orders(source, stop - epoch, device)
         path.run(orders, history_dev[epoch:stop])
-        rows = history_dev[epoch:stop].tolist()  # the report point: one sync
-        history += [row[0] for row in rows]
-        last_batch += [row[1] for row in rows]
-        bad = first_bad_epoch(rows, epoch)
+        means, lasts, flags = zip(*history_dev[epoch:stop].tolist())  # the report point: one sync
+        history += means
+        last_batch += lasts
+        bad = first_bad_epoch(means, flags, epoch)
         if bad is not None:
             bad = path.restore(bad)
             raise diverged(bad, epochs, history[: bad + 1], optimizer)
