@@ -19,10 +19,14 @@ class EpochRunner:
     def __init__(self, model, optimizer, source, reduction: str) -> None:
         self.model, self.optimizer, self.source, self.reduction = model, optimizer, source, reduction
         self.params = [p for p in (model.weight, model.bias) if p is not None]
-        self.last_finite = LastFinite(self.params)
-        self.last_finite.start(self.buffers(), fresh=True)
         # A full batch reads the rows in storage order: the order cannot change the step.
         self.reads_orders = isinstance(source, TensorSource) and not source.full_batch
+        self.last_finite = self.make_last_finite()
+
+    def make_last_finite(self) -> LastFinite:
+        last_finite = LastFinite(self.params)
+        last_finite.start(self.buffers(), fresh=True)
+        return last_finite
 
     def buffers(self) -> list[torch.Tensor | None]:
         return momentum_buffers(self.optimizer, self.params)

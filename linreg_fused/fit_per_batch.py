@@ -32,6 +32,7 @@ from .optim import FusedSGD, group_hyper
 
 _GRAPHS: "weakref.WeakKeyDictionary[Any, GraphedEpochs]" = weakref.WeakKeyDictionary()  # optimizer -> the latest
 _WARM: set[tuple] = set()  # signatures of per-batch epochs that ran in this process (their kernels are loaded)
+_GRAPH_ORDERS = 1 << 20  # row indices a kept graph's chunk of orders holds (8 MiB of int64)
 
 
 class CudaGraph:
@@ -63,16 +64,19 @@ class PerBatchPath(EpochRunner):
     """One fused step per batch; with ``use_graph``, epochs replay a CUDA graph (see the module docstring)."""
 
     def __init__(self, model, optimizer: FusedSGD, source: TensorSource, reduction: str, use_graph: bool) -> None:
+        self.use_graph, self.graphed = use_graph, None
         super().__init__(model, optimizer, source, reduction)
-        self.use_graph = use_graph and self.reads_orders
-        self.graphed: GraphedEpochs | None = None
-        if self.use_graph:
-            cached = _GRAPHS.get(optimizer)
-            if cached is not None and cached.key == self.key():
-                self.graphed = cached
-                self.last_finite = cached.last_finite  # the graph holds its tensors
-                self.last_finite.params = self.params  # at the same addresses (the key says so)
-                self.last_finite.start(self.buffers())
+
+    def make_last_finite(self) -> LastFinite:
+        """A kept graph's own (it holds its tensors) when the graph fits this fit, else a new one."""
+        self.use_graph = self.use_graph and self.reads_orders
+        cached = _GRAPHS.get(self.optimizer) if self.use_graph else None
+        if cached is None or cached.key != self.key():
+            return super().make_last_finite()
+        self.graphed = cached
+        cached.last_finite.params = self.params  # at the same addresses (the key says so)
+        cached.last_finite.start(self.buffers())
+        return cached.last_finite
 
     def epoch(self, order: torch.Tensor | None) -> torch.Tensor:
         m = self.model
@@ -91,7 +95,8 @@ class PerBatchPath(EpochRunner):
                 _WARM.add(self.signature())
                 done = 1
             if done < history.shape[0]:
-                self._capture(history.shape[0] - done)
+                # Its chunk of orders holds at most _GRAPH_ORDERS indices (more epochs replay in turns).
+                self._capture(min(history.shape[0] - done, max(1, _GRAPH_ORDERS // self.source.n_rows)))
         if self.graphed is not None:
             self.graphed.run(orders[done:], history[done:])
             self.optimizer._mark_stepped()  # a replay runs no Python: LR schedulers must still see the steps

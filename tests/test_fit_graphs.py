@@ -179,3 +179,54 @@ def test_permutations_drawn_in_bounded_chunks(backend, monkeypatch):
     ref, _, ref_history = eager_fit(linear, x, y, loader_orders(37, 5, 9), 8, dict(lr=0.02))
     assert_close(torch.tensor(history), torch.tensor(ref_history), TRAJECTORY_TOL, "history")
     assert_close(model.weight, ref.weight, TRAJECTORY_TOL, "weight")
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA graphs)")
+
+
+@needs_cuda
+def test_kept_graph_on_a_gpu_replays_what_eager_epochs_do():
+    """Three fits in a row with the same optimizer: the first captures, the others replay the kept graph
+    from their first epoch; histories, parameters and buffers stay bitwise those of eager epochs.
+    (Written without a GPU to run it on, 2026-12-04.)"""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8192, 256, generator=g).cuda(), torch.randn(8192, 16, generator=g).cuda()
+    torch.manual_seed(0)
+    graphed = FusedLinearRegressor(256, 16, device="cuda")
+    eager = copy.deepcopy(graphed)
+    opts = {m: FusedSGD(m.parameters(), lr=0.01, momentum=0.9) for m in (graphed, eager)}
+    kept = None
+    for call in range(3):
+        h_graphed = graphed.fit(x, y, epochs=3, batch_size=1024, optimizer=opts[graphed], seed=call)
+        h_eager = eager.fit(x, y, epochs=3, batch_size=1024, optimizer=opts[eager], seed=call, cuda_graph=False)
+        assert h_graphed == h_eager and _same(graphed, eager), call
+        for p, q in zip(graphed.parameters(), eager.parameters()):
+            assert torch.equal(opts[graphed].state[p]["momentum_buffer"], opts[eager].state[q]["momentum_buffer"])
+        if call:
+            assert fit_per_batch._GRAPHS[opts[graphed]] is kept, "a repeat fit captured again"
+        kept = fit_per_batch._GRAPHS[opts[graphed]]
+
+
+@needs_cuda
+@pytest.mark.parametrize("shuffle", [True, "device"])
+def test_a_repeat_fit_on_a_gpu_syncs_once(shuffle):
+    """A repeat mini-batch fit without the data check and without log lines: one sync, the report point
+    at the end (torch.cuda's sync debug mode warns at each). (Written without a GPU, 2026-12-04.)"""
+    import warnings
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4096, 64, generator=g).cuda(), torch.randn(4096, 8, generator=g).cuda()
+    model = FusedLinearRegressor(64, 8, device="cuda")
+    opt = FusedSGD(model.parameters(), lr=0.01, momentum=0.9)
+    kwargs = dict(epochs=4, batch_size=512, optimizer=opt, seed=0, shuffle=shuffle, check_finite=False)
+    model.fit(x, y, **kwargs)  # captures
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            model.fit(x, y, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
