@@ -10,12 +10,12 @@ seeded by a second int64 of the global RNG) and, once exhausted, one more
 an int64 takes two of its 32-bit outputs (high word first) and
 ``randperm(N)`` is a Fisher-Yates shuffle that takes N-1, the i-th swap
 being with ``i + output % (N - i)``. So every epoch of a chunk can be drawn
-at once: one call takes all the outputs from the generator (_raw_outputs), and the shuffles run as N-1 vectorised swaps over all
-epochs. That is taken where it is
-cheaper than PyTorch's calls (N up to the number of epochs, e.g. the
-tutorial: 15 rows, 100 epochs) and only after a self-check against
-PyTorch's own draws; otherwise the same calls as DataLoader, reusing one
-generator and writing into one buffer.
+at once: three calls take all the outputs from the generator
+(``_raw_outputs``), and the shuffles run as N-1 vectorised swaps over all
+epochs. That is taken where it is cheaper than PyTorch's calls (N up to the
+number of epochs, e.g. the tutorial: 15 rows, 100 epochs) and only after a
+self-check against PyTorch's own draws; otherwise the same calls as
+DataLoader, reusing one generator and writing into one buffer.
 
 ``device_orders`` (fit's ``shuffle="device"``) draws a chunk's permutations on
 the model's device in one go: the argsort of random 63-bit keys per epoch,

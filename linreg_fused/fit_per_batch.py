@@ -8,7 +8,7 @@ chunk of orders by a device-side counter, the history row, the last finite
 state) are captured in one CUDA graph, so each epoch costs the host one
 replay. The graph is kept for the next fit with the same optimizer, model
 parameters and buffers, data tensors, shapes, batch size and options
-(``graph_key``): a repeat call replays from its first epoch. A first epoch
+(``PerBatchPath.key``): a repeat call replays from its first epoch. A first epoch
 runs eagerly only where it must: when it creates the momentum buffers (the
 first SGD step is special), or when no epoch of this signature ran in the
 process yet (its kernels compile on first use, which must not happen inside

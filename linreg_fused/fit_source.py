@@ -74,7 +74,8 @@ def positive_int(name: str, v, none_ok: bool = False) -> int | None:
     return int(v)
 
 
-def check_options(epochs, log_every, reduction, shuffle, seed, generator, print_fn) -> tuple[int, int | None, int]:
+def check_options(epochs, log_every, reduction, shuffle, seed, generator,
+                  print_fn) -> tuple[int, int | None, int | None]:
     """(epochs, log_every, seed) as ints, after checking every option of fit that needs no data."""
     epochs = positive_int("epochs", epochs)
     log_every = positive_int("log_every", log_every, none_ok=True)

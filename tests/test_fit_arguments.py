@@ -115,7 +115,8 @@ def test_one_sync_up_front_and_one_per_report_point(path, monkeypatch):
         monkeypatch.setattr(ops_type, "fit_small_supported", lambda self, *args: False)
     if path == "graphed":
         monkeypatch.setattr(fit_per_batch, "graph_capture_possible", lambda *args: True)
-        monkeypatch.setattr(fit_per_batch, "graphed_epoch", lambda fn: type("Replay", (), {"replay": staticmethod(fn)})())
+        replay = type("Replay", (), {"__init__": lambda self, fn: setattr(self, "replay", fn)})
+        monkeypatch.setattr(fit_per_batch, "graphed_epoch", replay)
     reads = _Reads(monkeypatch)
     for check_finite, expected in ((True, 4), (False, 3)):
         model = _model()
