@@ -8,10 +8,14 @@ batch's rows are gathered through a per-epoch permutation, and the update is
 torch.optim.SGD's (the same ``sgd_update`` as reduce_update.py).
 
 Divergence is handled on the device: after each epoch the kernel records the
-mean batch loss (and the last batch's loss, which the tutorial prints), and it keeps a copy of the parameters from the end of the
-last epoch whose loss was finite. That copy is what it writes back, so a run
-that blew up leaves the parameters (and buffers) as they were at the last
-finite epoch; the host reads the history once per launch to report it.
+mean batch loss, the last batch's loss (which the tutorial prints) and, given
+a third history column, whether W and b are finite at the epoch's end; it
+keeps a copy of the parameters from the end of the last epoch whose loss and
+end parameters were finite (the loss is taken before each step, so a last
+step that overflows shows in the parameters alone). That copy is what it
+writes back, so a run that blew up leaves the parameters (and buffers) as
+they were at the last finite epoch; the host reads the history once per
+launch to report it.
 
 A parameter can be left alone (UPDATE_WEIGHT / UPDATE_BIAS, compile-time):
 a frozen one, or one the optimizer does not hold, keeps its exact bits.
@@ -35,20 +39,21 @@ _MAX_BLOCK_ELEMENTS = 8192  # BLOCK_N·BLOCK_O·BLOCK_D, the largest temporary
 
 
 def fit_small_supported(batch_size: int, in_features: int, out_features: int) -> bool:
-    """Whether one program can hold a batch, W and the per-step temporaries."""
-    n, d, o = (triton.next_power_of_2(v) for v in (batch_size, in_features, out_features))
+    """Whether one program can hold a batch, W and the per-step temporaries (plain Python: fit
+    asks on every call)."""
+    n, d, o = (1 << (v - 1).bit_length() for v in (batch_size, in_features, out_features))  # next powers of 2
     return n * d * o <= _MAX_BLOCK_ELEMENTS
 
 
 @triton.jit
 def _fit_small_kernel(
     x_ptr, t_ptr, w_ptr, b_ptr, w_buf_ptr, b_buf_ptr, perm_ptr, history_ptr,
-    N, D, O, stride_xn, stride_xd, stride_tn, stride_to, stride_perm,
+    N, D, O, stride_xn, stride_xd, stride_tn, stride_to, stride_perm, stride_history,
     n_epochs, batch_size,
     w_lr: tl.float64, w_momentum: tl.float64, w_dampening: tl.float64, w_weight_decay: tl.float64,
     b_lr: tl.float64, b_momentum: tl.float64, b_dampening: tl.float64, b_weight_decay: tl.float64,
     HAS_BIAS: tl.constexpr, MEAN: tl.constexpr, UPDATE_WEIGHT: tl.constexpr, UPDATE_BIAS: tl.constexpr,
-    INIT_W_BUFFER: tl.constexpr, INIT_B_BUFFER: tl.constexpr,
+    FINITE_COLUMN: tl.constexpr, INIT_W_BUFFER: tl.constexpr, INIT_B_BUFFER: tl.constexpr,
     W_FLAGS: tl.constexpr, B_FLAGS: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
@@ -125,10 +130,17 @@ def _fit_small_kernel(
                     b, b_buf = sgd_update(b, grad_b, b_buf, b_decay, b_weight, b_lr_, b_momentum_, b_decay_, B_FLAGS)
 
         mean_loss = tl.sum(epoch_loss, axis=0) / n_batches
-        tl.store(history_ptr + 2 * epoch, mean_loss)
-        tl.store(history_ptr + 2 * epoch + 1, tl.sum(batch_loss, axis=0))
+        # Non-finite entries of W and b (abs(v) < inf is False for NaN too); padding counts as finite.
+        bad = tl.sum(tl.sum(tl.where(mask_od & ~(tl.abs(w) < float("inf")), 1, 0), axis=1), axis=0)
+        bad += tl.sum(tl.where(mask_o & ~(tl.abs(b) < float("inf")), 1, 0), axis=0)
+        params_finite = bad == 0
+        history_row = history_ptr + epoch * stride_history
+        tl.store(history_row, mean_loss)
+        tl.store(history_row + 1, tl.sum(batch_loss, axis=0))
+        if FINITE_COLUMN:
+            tl.store(history_row + 2, params_finite.to(ACC_DTYPE))
         perm_row += stride_perm
-        all_finite = all_finite & (tl.abs(mean_loss) < float("inf"))  # False for NaN too
+        all_finite = all_finite & (tl.abs(mean_loss) < float("inf")) & params_finite
         good_w = tl.where(all_finite, w, good_w)
         good_b = tl.where(all_finite, b, good_b)
         good_w_buf = tl.where(all_finite, w_buf, good_w_buf)
@@ -182,7 +194,7 @@ def plan_fit_small(
         b_buf_ptr=b_buf, perm_ptr=permutations, history_ptr=history,
         N=n_rows, D=in_features, O=out_features, stride_xn=x.stride(0), stride_xd=x.stride(1),
         stride_tn=target.stride(0), stride_to=target.stride(1), stride_perm=permutations.stride(0),
-        n_epochs=history.shape[0], batch_size=batch_size,
+        stride_history=history.stride(0), n_epochs=history.shape[0], batch_size=batch_size,
         w_lr=w_hyper.lr, w_momentum=w_hyper.momentum, w_dampening=w_hyper.dampening,
         w_weight_decay=w_hyper.weight_decay,
         b_lr=b_hyper.lr, b_momentum=b_hyper.momentum, b_dampening=b_hyper.dampening,
@@ -190,7 +202,8 @@ def plan_fit_small(
     )
     constexprs = dict(
         HAS_BIAS=bias is not None, MEAN=mean, UPDATE_WEIGHT=weight_hyper is not None,
-        UPDATE_BIAS=bias_hyper is not None, INIT_W_BUFFER=init_weight_buffer, INIT_B_BUFFER=init_bias_buffer,
+        UPDATE_BIAS=bias_hyper is not None, FINITE_COLUMN=history.shape[1] > 2,
+        INIT_W_BUFFER=init_weight_buffer, INIT_B_BUFFER=init_bias_buffer,
         W_FLAGS=w_hyper.flags, B_FLAGS=b_hyper.flags, ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32,
         BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_O=block_o,
     )
@@ -220,8 +233,9 @@ def fit_small(
     contiguous, updated in place, as are the momentum buffers (same shapes;
     needed where that parameter's momentum != 0). permutations: (epochs, N)
     int, the row order of each epoch (rows contiguous). history: (epochs, 2)
-    fp32/fp64, contiguous, receives each epoch's mean batch loss and its last
-    batch's loss. weight_hyper /
+    or (epochs, 3) fp32/fp64, rows contiguous, receives each epoch's mean batch
+    loss, its last batch's loss and (a third column) 1.0 if W and b are
+    finite at its end, else 0.0. weight_hyper /
     bias_hyper: None leaves that parameter (and its buffer) untouched, e.g.
     a frozen parameter; it still takes part in the predictions.
     init_*_buffer: that buffer is new (zeroed), so the first step sets it

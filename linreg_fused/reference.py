@@ -174,8 +174,11 @@ class TorchOps:
                     self.reduce_update_(partials.buffer, targets, scale=2.0 * scale, grad_output=None)
             history[epoch, 0] = torch.stack(losses).mean()
             history[epoch, 1] = losses[-1]
-            # The kernel keeps this flag on the device; the reference reads it once per epoch.
-            all_finite = all_finite and bool(torch.isfinite(history[epoch, 0]))
+            # The kernel keeps these flags on the device; the reference reads them once per epoch.
+            params_finite = all(bool(torch.isfinite(p).all()) for p in (weight, bias) if p is not None)
+            if history.shape[1] > 2:
+                history[epoch, 2] = float(params_finite)
+            all_finite = all_finite and bool(torch.isfinite(history[epoch, 0])) and params_finite
             if all_finite:
                 good = [t.clone() for p in params for t in p[:2] if t is not None]
         live = [t for p in params for t in p[:2] if t is not None]

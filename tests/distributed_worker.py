@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from linreg_fused import FusedLinearRegressor, FusedSGD, LinearStats
+from linreg_fused import FusedLinearRegressor, FusedSGD, LinearStats, TrainingDivergedError
 from linreg_fused.backend import triton_unavailable_reason
 from linreg_fused.distributed import all_reduce_sum_, rank_slice
 
@@ -104,6 +104,19 @@ def fit(s: Shard, *, batch_size: int | None, seed: int | None = 0, rng_seed: int
     return state(m, opt, history=torch.tensor(history))
 
 
+def fit_diverges(s: Shard, *, statistics: bool):
+    """lr 1e36 on data scaled by 1e3: epoch 1's loss is finite, its step overflows the parameters;
+    every rank raises at epoch 1 and goes back to the parameters fit started from."""
+    m = model()
+    x, t = data(13, seed=60)
+    try:
+        m.fit(x * 1e3, t, epochs=2, optimizer=FusedSGD(m.parameters(), lr=1e36), process_group=s.process_group,
+              statistics=statistics)
+    except TrainingDivergedError as err:
+        return state(m, epoch=torch.tensor(err.epoch))
+    return state(m, epoch=torch.tensor(0))
+
+
 def statistics_all_reduce(s: Shard):
     """LinearStats of each rank's rows, merged over the ranks: the statistics of all rows."""
     x, t = data(23, seed=50)
@@ -138,6 +151,8 @@ SCENARIOS = {
     "fit_global_rng": lambda s: fit(s, batch_size=3, seed=None, rng_seed=s.rank),  # ranks' RNGs differ
     "fit_different_starts": lambda s: fit(s, batch_size=3, perturb=True),
     "fit_statistics": lambda s: fit(s, batch_size=None, statistics=True, perturb=True),
+    "fit_diverges": lambda s: fit_diverges(s, statistics=False),
+    "fit_statistics_diverges": lambda s: fit_diverges(s, statistics=True),
     "statistics_all_reduce": statistics_all_reduce,
     "ddp": ddp,
 }

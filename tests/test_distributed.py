@@ -113,3 +113,16 @@ def test_a_rank_that_raises_does_not_hang_the_others(tmp_path):
     with pytest.raises((mp.ProcessRaisedException, mp.ProcessExitedException)):
         _join(_spawn(2, tmp_path, fail_rank=1))
     assert time.monotonic() - started < worker.TIMEOUT.total_seconds()
+
+
+def test_an_overflowing_step_diverges_on_every_rank(world):
+    """Data parallel, a pass per epoch and the statistics path: epoch 1's all-reduced step overflows the
+    parameters while its loss is finite; every rank raises at epoch 1 with the parameters fit started from."""
+    _, ranks, reference = world
+    start = worker.model()
+    for r, results in enumerate([*ranks, reference]):
+        for scenario in ("fit_diverges", "fit_statistics_diverges"):
+            result = results[scenario]
+            assert result["epoch"].item() == 1, (r, scenario)
+            assert torch.equal(result["weight"], start.weight.detach()), (r, scenario)
+            assert torch.equal(result["bias"], start.bias.detach()), (r, scenario)

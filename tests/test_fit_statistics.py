@@ -1,4 +1,4 @@
-"""fit's full-batch statistics path (linreg_fused.stats.StatisticsPath): the same
+"""fit's full-batch statistics path (linreg_fused.fit_statistics.StatisticsPath): the same
 history and parameters as a pass per epoch and as the float64 eager loop, on
 every SGD option, both backends; divergence; the chooser and its errors."""
 
@@ -13,7 +13,7 @@ from oracle import assert_close
 from torch import nn
 
 from linreg_fused import FusedLinearRegressor, FusedSGD, TrainingDivergedError
-from linreg_fused.stats import StatisticsPath, statistics_cost
+from linreg_fused.fit_statistics import StatisticsPath, statistics_cost
 from linreg_fused.train import TensorSource, choose_path
 
 # fp32 fit vs float64 eager, 15 full-batch epochs: the pass per epoch sums fp32 products of the
@@ -144,9 +144,15 @@ def test_divergence_restores_the_last_finite_epoch(backend):
 def test_divergence_in_the_first_epoch_restores_the_start(backend):
     x, y = _problem(n=30, d=3, o=2)
     model = FusedLinearRegressor(3, 2, backend=backend).to(DEVICE)
+    start = copy.deepcopy(model.state_dict())
     opt = FusedSGD(model.parameters(), lr=float("inf"), momentum=0.5, backend=backend)
-    with pytest.raises(TrainingDivergedError, match="at epoch 2/"):  # epoch 1's loss is finite; its step is not
+    # Epoch 1's loss is finite; its step is not: epoch 1 diverged, and fit goes back to before it.
+    with pytest.raises(TrainingDivergedError, match="non-finite parameters .* at epoch 1/4") as info:
         model.fit(x, y, epochs=4, optimizer=opt, statistics=True)
+    assert "values before fit" in str(info.value) and len(info.value.history) == 1
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, start[name]), f"{name} not restored"
+    assert all("momentum_buffer" not in opt.state[p] for p in model.parameters())
     x = x.clone()
     x[0, 0] = float("nan")
     start = copy.deepcopy(model.state_dict())
