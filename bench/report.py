@@ -92,12 +92,13 @@ def _gpu_check_rows(doc: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
     rows: list[Row] = []
     for row in doc["rows"]:
         old = row.get("section") == "timing" and "ms_per_step" in row
+        # A section's own timed rows may carry a regime without a peer (e.g. a kernel formulation): its name says which.
         new = row.get("measure") in ("time", "steady") and row.get("regime") and row.get("status") == "ok"
         if not (old or new):
             continue
         per_step = row["ms_per_step"] * 1e-3
         rows.append(Row(
-            group=row["group"] if old else row["regime"], peer=row["peer"], baseline=bool(row.get("baseline")),
+            group=row["group"] if old else row["regime"], peer=row.get("peer") or row["name"], baseline=bool(row.get("baseline")),
             time_per_step=per_step, gbps=_gbps(row.get("bytes_per_step"), per_step),
             copy_gbps=row.get("copy_gbps") or copy, speedup=None, peak_extra_bytes=row.get("peak_extra_bytes"),
             peak_bytes=row.get("peak_mem_bytes"), check=_check_text(row), timing=row.get("timer", "do_bench median"),

@@ -85,7 +85,7 @@ def check_opcheck(device: torch.device) -> dict[str, Any]:
                             "loss_dtype": torch.float32}),
         "fit_small_": (ops.fit_small_, (x, t, w.clone(), b.clone(), torch.zeros_like(w), torch.zeros_like(b),
                                         torch.stack([torch.randperm(37, generator=g) for _ in range(2)]).to(device),
-                                        torch.empty(2, device=device)),
+                                        torch.empty(2, 2, device=device)),
                        {"batch_size": 8, "mean": True, "weight_sgd": hyper, "bias_sgd": hyper}),
     }
     errors, failures = {}, {}

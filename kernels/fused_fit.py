@@ -182,6 +182,13 @@ def plan_fit_small(
     the other plan_* helpers: one program, whatever the device."""
     n_rows, in_features = x.shape
     out_features = weight.shape[0]
+    # The kernel writes 2 or 3 values per epoch row: any other shape would be written out of bounds.
+    if history.dim() != 2 or history.shape[1] not in (2, 3) or history.stride(1) != 1:
+        raise ValueError(f"history must be (epochs, 2) or (epochs, 3) with contiguous rows, got shape "
+                         f"{tuple(history.shape)} and strides {history.stride()}")
+    if permutations.dim() != 2 or permutations.shape[0] != history.shape[0]:
+        raise ValueError(f"permutations must be (epochs, N) with one row per history row, got "
+                         f"{tuple(permutations.shape)} for {history.shape[0]} epochs")
     acc = history.dtype
     block_n, block_d, block_o = (triton.next_power_of_2(v) for v in (batch_size, in_features, out_features))
     elements = block_n * block_d * block_o  # the largest per-step temporary: 1 warp for the tutorial, up to 8

@@ -143,6 +143,17 @@ def test_fit_small_op(backend):
     assert torch.equal(frozen_bias, b) and torch.equal(bias_buffer, torch.full_like(b, 0.5))
 
 
+
+@pytest.mark.parametrize("shape", [(2,), (2, 1), (2, 4), (3, 2)])
+def test_fit_small_op_refuses_a_history_it_would_write_out_of_bounds(shape):
+    """The kernel writes 2 or 3 values per epoch row: a (2,) history was once written past its end."""
+    x, w, b, t = random_problem(10, 3, 2, device=DEVICE)
+    orders = torch.stack([torch.randperm(10) for _ in range(2)]).to(DEVICE)
+    hyper = ops.pack_sgd(SGDHyper(lr=0.05), False)
+    with pytest.raises(ValueError, match="history|permutations"):
+        ops.fit_small_(x, t, w.clone(), b.clone(), None, None, orders, torch.empty(*shape, device=DEVICE),
+                       batch_size=4, mean=True, weight_sgd=hyper, bias_sgd=hyper, backend="triton")
+
 def test_mutating_ops_declare_what_they_write():
     def written(op):
         return {a.name for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write}
