@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import distributed, ops
+from . import distributed, ops, step_cache
 from .backend import BACKENDS
 from .kernels.specs import ColumnTarget, GradPartials, accumulator_dtype
 from .ops import RegisteredOps, loss_scale
@@ -232,7 +232,6 @@ def linear_mse(
     return loss
 
 
-@torch.no_grad()
 def fused_sgd_step(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -260,7 +259,24 @@ def fused_sgd_step(
     once torch.distributed is initialised): the step is then the step on
     every rank's rows, and the loss theirs (an empty row_index is allowed:
     this rank contributes no rows).
+
+    A call like an earlier one (same shapes, strides, dtypes, devices, options
+    and optimizer settings) skips straight to that call's planned launches:
+    see linreg_fused/step_cache.py.
     """
+    if row_index is None or not validate:  # a row_index to validate is read back every call: the full path
+        loss = step_cache.try_step(x, weight, bias, target, optimizer, reduction, row_index, backend,
+                                   input_precision, process_group)
+        if loss is not None:
+            return loss
+    return _full_sgd_step(x, weight, bias, target, optimizer, reduction, row_index, backend, input_precision,
+                          validate, process_group)
+
+
+@torch.no_grad()
+def _full_sgd_step(x, weight, bias, target, optimizer, reduction, row_index, backend, input_precision, validate,
+                   process_group) -> torch.Tensor:
+    """fused_sgd_step through the registered ops; plans the repeat-call path for the next call."""
     group = distributed.resolve_group(process_group)
     if validate:
         _check_options(reduction, input_precision, backend)
@@ -277,7 +293,10 @@ def fused_sgd_step(
                                      input_precision=input_precision)
         scale = loss_scale(reduction, partials.n_rows, partials.out_features)
         # One launch finishes the loss and updates weight and bias: two launches per step in all.
-        return update.apply_(ops, partials, None, 2.0 * scale, loss_scale=scale, loss_dtype=loss_dtype)
+        loss = update.apply_(ops, partials, None, 2.0 * scale, loss_scale=scale, loss_dtype=loss_dtype)
+        step_cache.remember_step(x, weight, bias, target, optimizer, reduction, row_index, backend, input_precision,
+                                 process_group, 2.0 * scale, scale, loss_dtype)
+        return loss
     if (row_index.shape[0] if row_index is not None else x.shape[0]) == 0:  # no rows here; other ranks have some
         out_features, in_features = weight.shape
         partials = GradPartials(x.new_empty((0, out_features * in_features + out_features + 1),

@@ -130,11 +130,12 @@ class FusedLinearRegressor(nn.Module):
         the model in DistributedDataParallel).
         """
         if isinstance(optimizer, FusedSGD):
-            functional.check_inputs(x, self.weight, self.bias, target)
-            return functional.fused_sgd_step(
-                x.reshape(-1, x.shape[-1]), self.weight, self.bias, target.reshape(-1, target.shape[-1]), optimizer,
-                reduction=reduction, backend=self.backend, input_precision=self.input_precision,
-                process_group=process_group)
+            if not (isinstance(x, torch.Tensor) and isinstance(target, torch.Tensor) and x.dim() == target.dim() == 2):
+                functional.check_inputs(x, self.weight, self.bias, target)  # before reshape: errors name the shapes given
+                x, target = x.reshape(-1, x.shape[-1]), target.reshape(-1, target.shape[-1])
+            return functional.fused_sgd_step(x, self.weight, self.bias, target, optimizer, reduction=reduction,
+                                             backend=self.backend, input_precision=self.input_precision,
+                                             process_group=process_group)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer (e.g. FusedSGD), got {type(optimizer).__name__}")
         if process_group is not None and process_group is not False:
