@@ -27,6 +27,7 @@ from .config import MAX_PROGRAMS_PER_SM, DeviceProfile, TileConfig
 from .linear_mse_grad import partial_sums, plan_linear_mse_partials
 from .plan import LaunchPlan
 from .reduce_update import _TL_ACC, _acc_of, finish_columns, loss_sum, summation_lanes, target_args
+from . import specs
 from .specs import ColumnTarget, GradPartials
 from .tiles import f64_scalar
 
@@ -136,6 +137,16 @@ def plan_linear_mse_step(
     b, b_constants = target_args("b", targets[1] if len(targets) == 2 else None, buffer)
     args.update(a, **b, ticket_ptr=ticket, loss_ptr=loss_out, scale=float(scale), loss_scale=float(loss_scale),
                 loss_column=sums.loss_column)
+    # Pointers the kernel never reads here are None (compile-time constants): fewer arguments for the
+    # launcher to convert at every launch, and the same code.
+    unused = [name for name, absent in (("row_index_ptr", row_index is None), ("residual_ptr", not store_residual),
+                                        ("b_ptr", bias is None)) if absent]
+    for slot, constants in (("a", a_constants), ("b", b_constants)):
+        if not constants[f"{slot.upper()}_FLAGS"] & specs.MOMENTUM or not constants[f"{slot.upper()}_UPDATE"]:
+            unused.append(f"{slot}_buf_ptr")
+        if not constants[f"{slot.upper()}_LR_FROM_PTR"]:
+            unused.append(f"{slot}_lr_ptr")
+    args.update(dict.fromkeys(unused))
     lanes = summation_lanes(buffer.shape[0])
     acc = _acc_of(buffer, *(t.out for t in targets))
     constexprs = dict(grad.constexprs, **a_constants, **b_constants, ACC_DTYPE=_TL_ACC[acc], BLOCK_P=lanes,

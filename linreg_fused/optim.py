@@ -12,6 +12,7 @@ from torch.optim.sgd import sgd as sgd_functional
 
 from .backend import BACKENDS, triton_unavailable_reason
 from .kernels.specs import ColumnTarget, GradPartials, SGDHyper
+from . import step_cache
 from .ops import RegisteredOps
 
 
@@ -190,20 +191,29 @@ class FusedSGD(torch.optim.SGD):
             self.state[param].pop("momentum_buffer", None)
 
     # ------------------------------------------------------------ steps
-    @torch.no_grad()
     def step(self, closure=None):
         """Apply the update to every parameter that has a ``.grad``."""
+        # A step like the last one: its planned launches (step_cache.py; no autograd op runs there).
+        if closure is None and step_cache.try_updates(self):
+            return None
+        return self._step(closure)
+
+    @torch.no_grad()
+    def _step(self, closure):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+            if step_cache.try_updates(self):
+                return loss
+        updated = []
         for group in self.param_groups:
             hyper = None
             for p in group["params"]:
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
                 ops = self._ops(group, p.device)
-                grad = p.grad
                 if grad.layout != torch.strided:  # a sparse gradient
                     if group.get("fused"):
                         raise RuntimeError("FusedSGD: fused=True does not support sparse gradients (torch.optim.SGD"
@@ -228,6 +238,9 @@ class FusedSGD(torch.optim.SGD):
                 except BaseException:
                     self.forget_new_buffer(p, is_new)
                     raise
+                if param is p and grad is p.grad:  # not a complex one's real view, not a sparse gradient made dense
+                    updated.append((group, p, grad))
+        step_cache.remember_updates(self, updated)
         return loss
 
     def _sparse_step(self, group: dict, param: torch.Tensor) -> None:

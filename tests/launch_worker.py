@@ -32,9 +32,9 @@ RUNS = [0]
 
 
 def _value(a):
-    if isinstance(a, torch.Tensor):
-        return ("ptr", a.data_ptr(), str(a.dtype))
-    return (type(a).__name__, a)
+    """What the C launcher extracts: a tensor's address, or an address, int or float as it is
+    (the cheap launch passes tensors as their addresses)."""
+    return a.data_ptr() if isinstance(a, torch.Tensor) else a
 
 
 def _install_recorders() -> None:
@@ -76,26 +76,27 @@ def _cases(offset: int):
     tensor_lr = SGDHyper(lr=0.0, momentum=0.9, lr_tensor=lr)
     grad, sums = linear_mse_grad.plan_linear_mse_partials(x, w, b, t)
     buffer = sums.buffer
-    yield "grad", grad, (x, w, b, t, buffer), 5
+    names = ["x_ptr", "w_ptr", "b_ptr", "t_ptr", "row_index_ptr"]
+    yield "grad", grad, (x, w, b, t, buffer), names
     loss = torch.empty(())
     for name, h in (("reduce", hyper), ("reduce, tensor lr", tensor_lr)):
         targets = [ColumnTarget(0, w, h, wbuf), ColumnTarget(6, b, h, bbuf)]
         plan = reduce_update.plan_reduce_update(buffer, targets, scale=0.1, loss_out=loss, loss_column=8,
                                                 loss_scale=0.05)
-        a = plan.args
-        values = tuple(a[n] for n in plan.kernel.arg_names[:21])
-        yield name, plan, values, 21
+        names = plan.kernel.arg_names[:21]  # the pointers and floats
+        yield name, plan, tuple(plan.args[n] for n in names), names
     for name, h in (("step", hyper), ("step, tensor lr", tensor_lr)):
         targets = [ColumnTarget(0, w, h, wbuf), ColumnTarget(6, b, h, bbuf)]
         plan, _, _ = sgd_step.plan_linear_mse_step(x, w, b, t, targets, scale=0.1, loss_out=loss, loss_scale=0.05)
-        values = tuple(plan.args[n] for n in plan.kernel.arg_names[:24])
-        yield name, plan, values, 24
+        names = plan.kernel.arg_names[:24]  # the pointers and floats
+        yield name, plan, tuple(plan.args[n] for n in names), names
 
 
 def _normal(fast: FastLaunch, values) -> tuple:
     """Triton's own launch (JITFunction.run) of the same kernel with the same arguments."""
     start = len(RECORDS)
-    fast.kernel[fast.grid](*values, *fast.tail, **fast.options)
+    args = fast._arguments(*values)  # every parameter's value (tensors as tensors)
+    fast.kernel[fast.grid](*args, **fast.options)
     return RECORDS[start]
 
 
