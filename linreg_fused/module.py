@@ -133,7 +133,7 @@ class FusedLinearRegressor(nn.Module):
             weight, bias = self.weight, self.bias
             if not (isinstance(x, torch.Tensor) and isinstance(target, torch.Tensor) and x.dim() == target.dim() == 2):
                 functional.check_inputs(x, weight, bias, target)  # before reshape: errors name the shapes given
-                x, target = x.reshape(-1, x.shape[-1]), target.reshape(-1, target.shape[-1])
+                x, target = functional.rows(x), functional.rows(target)
             else:  # a call like an earlier one: straight to its planned launches (step_cache.py)
                 loss = step_cache.try_step(x, weight, bias, target, optimizer, reduction, None, self.backend,
                                            self.input_precision, process_group)
