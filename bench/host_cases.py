@@ -92,6 +92,20 @@ def torch_sgd_foreach_step(shape: str = "tutorial") -> Callable[[], Any]:
     return torch.optim.SGD(model.parameters(), lr=1e-3, foreach=True).step
 
 
+def _grad_launch(fast: bool) -> Callable[[], Any]:
+    """One launch of the gradient kernel (5x3->2 plan): Triton's JITFunction.run, or FastLaunch."""
+    from linreg_fused.kernels import linear_mse_grad
+    from linreg_fused.kernels.launch import FastLaunch
+
+    x, t = _data("tutorial")
+    w, b = torch.randn(2, 3), torch.randn(2)
+    plan, _ = linear_mse_grad.plan_linear_mse_partials(x, w, b, t)
+    if not fast:
+        return plan.launch
+    launch = FastLaunch(plan, ["x_ptr", "w_ptr", "b_ptr", "t_ptr"])
+    return lambda: launch(x, w, b, t)
+
+
 # name -> (setup, is the group's baseline)
 CASES: dict[str, tuple[Callable[[], Callable[[], Any]], bool]] = {
     "eager step (nn.Linear+F.mse_loss+backward+SGD, CPU 5x3->2)": (eager_step, True),
@@ -101,6 +115,8 @@ CASES: dict[str, tuple[Callable[[], Callable[[], Any]], bool]] = {
     "FusedSGD.step()": (fused_sgd_dot_step, False),
     "torch.optim.SGD(foreach=True).step() (CPU)": (torch_sgd_foreach_step, False),
     "train_step (FusedSGD, 1024x256->16 plan)": (lambda: train_step("minibatch"), False),
+    "launch: JITFunction.run (kernel[grid](...))": (lambda: _grad_launch(False), False),
+    "launch: FastLaunch (kernels/launch.py)": (lambda: _grad_launch(True), False),
 }
 EAGER = next(name for name, (_, baseline) in CASES.items() if baseline)
 
