@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from . import distributed, loss_cache, ops
 from .checks import PRECISIONS, REDUCTIONS, _check_options, _check_parameters, check_inputs  # noqa: F401
 from .fused_step import fused_sgd_step  # noqa: F401 (part of this API)
-from .kernels.specs import ColumnTarget, GradPartials, accumulator_dtype
+from .kernels.specs import ColumnTarget, GradPartials
 from .ops import RegisteredOps, loss_scale
 from . import reference
 from .reference import TORCH_OPS

@@ -16,16 +16,19 @@ between calls is looked at again:
 - the options (reduction, backend, input_precision and, for "auto",
   torch's float32 matmul precision) and the process group (none);
 - per updated parameter: that it still requires grad and sits in the same
-  param group, the group's flags (momentum, dampening, weight decay,
-  nesterov, maximize, fused, differentiable) and the kind of its learning
-  rate, and its momentum buffer (the same tensor as last time, else checked
-  again); the learning rate and the other floats are read at every call;
+  param group at the same place, the group's flags (momentum ≠ 0, weight
+  decay ≠ 0, nesterov, maximize, differentiable, a tensor learning rate),
+  and its momentum buffer (the same tensor as the plan's, else the full
+  path checks it); the learning rate, momentum, dampening and weight decay
+  are read at every call;
 - nothing that needs the ops is active: torch.compile or export tracing, a
   dispatch mode, functorch transforms, CUDA graph capture (under a
   profiler the launches run inside a record_function named for the step).
 
 Anything else, and any mismatch, takes the full path, which may leave a new
 RepeatStep (a few per optimizer, keyed by parameters and batch rows).
+FusedSGD.step() plans its per-parameter updates from .grad the same way
+(``RepeatUpdate``, at the end of this file).
 """
 
 from __future__ import annotations
