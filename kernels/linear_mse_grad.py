@@ -41,6 +41,24 @@ def _linear_mse_partials_kernel(
     INPUT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr, ONE_D_BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
+    partial_sums(x_ptr, w_ptr, b_ptr, t_ptr, row_index_ptr, partials_ptr, residual_ptr,
+                 n_rows, D, O, n_programs,
+                 stride_xn, stride_xd, stride_wo, stride_wd, stride_tn, stride_to, stride_index, stride_partials,
+                 HAS_BIAS, HAS_ROW_INDEX, STORE_RESIDUAL, INPUT_PRECISION, USE_DOT, ONE_D_BLOCK, NUM_STAGES,
+                 BLOCK_N, BLOCK_D, BLOCK_O)
+
+
+@triton.jit
+def partial_sums(
+    x_ptr, w_ptr, b_ptr, t_ptr, row_index_ptr, partials_ptr, residual_ptr,
+    n_rows, D, O, n_programs,
+    stride_xn, stride_xd, stride_wo, stride_wd, stride_tn, stride_to, stride_index, stride_partials,
+    HAS_BIAS: tl.constexpr, HAS_ROW_INDEX: tl.constexpr, STORE_RESIDUAL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr, ONE_D_BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    """One program's share of the pass: its row tiles summed into its row of the partial buffer
+    (the kernel above; kernels/sgd_step.py runs it before finishing the sums in the same launch)."""
     pid = tl.program_id(0)
     # n_programs is the grid, passed in: Triton 3.6's interpreter gives tl.num_programs as a 1-element array.
     # Products run in the accumulator dtype: half-precision inputs are upcast on

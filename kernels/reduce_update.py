@@ -62,53 +62,91 @@ def sgd_update(param, grad, buf, buf_decay, grad_weight, lr, momentum, weight_de
 
 
 @triton.jit
-def _sum_column(partials_ptr, n_partials, stride_partials, column, ACC_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Σ_p partials[p, column], in a fixed order."""
-    offs = tl.arange(0, BLOCK_P)
-    acc = tl.zeros([BLOCK_P], dtype=ACC_DTYPE)
-    for p0 in range(0, n_partials, BLOCK_P):
-        p = p0 + offs
-        acc += tl.load(partials_ptr + p.to(tl.int64) * stride_partials + column, mask=p < n_partials,
-                       other=0.0).to(ACC_DTYPE)
-    return tl.sum(acc, axis=0)
+def column_sums(partials_ptr, n_partials, stride_partials, cols, mask_c, ACC_DTYPE: tl.constexpr,
+                LANES: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Σ_p partials[p, cols] over the n_partials rows, in an order fixed by n_partials and LANES alone.
+
+    Lane i sums rows i, i + LANES, i + 2·LANES, ... one after another; the
+    LANES lane sums are then added pairwise in a fixed tree ((0+1)+(2+3))+...
+    Neither step depends on how Triton lays the tile out over threads (an add
+    of two values is the same in either order), so any kernel that sums with
+    the same LANES gets the same bits, whatever its warps and blocks: the
+    one-launch step (kernels/sgd_step.py) and this file's kernels agree.
+    NUM_STAGES pipelines the loads of the row loop; the adds keep their order.
+    """
+    offs_p = tl.arange(0, LANES)
+    acc = tl.zeros([LANES, cols.shape[0]], dtype=ACC_DTYPE)
+    for p0 in tl.range(0, n_partials, LANES, num_stages=NUM_STAGES):
+        p = p0 + offs_p
+        # .cg: the one-launch step reads rows other programs wrote in the same launch (past L1).
+        acc += tl.load(partials_ptr + p[:, None].to(tl.int64) * stride_partials + cols[None, :],
+                       mask=(p[:, None] < n_partials) & mask_c[None, :], other=0.0, cache_modifier=".cg").to(ACC_DTYPE)
+    return pairwise_rows(acc, LANES)
 
 
 @triton.jit
-def _sum_column_kernel(partials_ptr, n_partials, stride_partials, column, scale: tl.float64, out_ptr,
+def pairwise_rows(acc, LANES: tl.constexpr):
+    """Σ over the LANES (a power of two, <= 64) rows of acc, added in pairs level by level."""
+    COLS: tl.constexpr = acc.shape[1]
+    if LANES >= 64:
+        acc = tl.sum(tl.reshape(acc, (32, 2, COLS)), axis=1)
+    if LANES >= 32:
+        acc = tl.sum(tl.reshape(acc, (16, 2, COLS)), axis=1)
+    if LANES >= 16:
+        acc = tl.sum(tl.reshape(acc, (8, 2, COLS)), axis=1)
+    if LANES >= 8:
+        acc = tl.sum(tl.reshape(acc, (4, 2, COLS)), axis=1)
+    if LANES >= 4:
+        acc = tl.sum(tl.reshape(acc, (2, 2, COLS)), axis=1)
+    if LANES >= 2:
+        acc = tl.sum(tl.reshape(acc, (1, 2, COLS)), axis=1)
+    return tl.reshape(acc, (COLS,))
+
+
+@triton.jit
+def loss_sum(partials_ptr, n_partials, stride_partials, column, ACC_DTYPE: tl.constexpr, LANES: tl.constexpr):
+    """Σ_p partials[p, column], in column_sums' order."""
+    offs = tl.arange(0, 16)
+    sums = column_sums(partials_ptr, n_partials, stride_partials, column + offs, offs < 1, ACC_DTYPE, LANES, 1)
+    return tl.sum(tl.where(offs == 0, sums, 0.0), axis=0)  # one value plus zeros: exact
+
+
+@triton.jit
+def _sum_column_kernel(partials_ptr, out_ptr, scale: tl.float64, n_partials, stride_partials, column,
                        ACC_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr):
-    total = _sum_column(partials_ptr, n_partials, stride_partials, column, ACC_DTYPE, BLOCK_P)
+    total = loss_sum(partials_ptr, n_partials, stride_partials, column, ACC_DTYPE, BLOCK_P)
     tl.store(out_ptr, total * f64_scalar(scale, ACC_DTYPE))
 
 
 @triton.jit
-def _finish_columns(
+def finish_columns(
     partials_ptr, n_partials, stride_partials, block, col_start, n_cols,
-    scale, grad_output_ptr, out_ptr, buf_ptr,
+    scale, grad_output_ptr, out_ptr, buf_ptr, lr_ptr,
     lr, momentum, weight_decay, buf_decay, grad_weight,
-    HAS_GRAD_OUTPUT: tl.constexpr, UPDATE: tl.constexpr, FLAGS: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    NUM_STAGES: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    HAS_GRAD_OUTPUT: tl.constexpr, UPDATE: tl.constexpr, FLAGS: tl.constexpr, LR_FROM_PTR: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, NUM_STAGES: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
-    """Block ``block`` of one target's columns: sum over the partial rows in a
-    fixed order, scale, then store the gradient or apply the SGD update."""
+    """Block ``block`` of one target's columns: sum over the partial rows (column_sums), scale,
+    then store the gradient or apply the SGD update. LR_FROM_PTR: the learning rate is read
+    from lr_ptr (a tensor learning rate, which a schedule changes in place; no host sync)."""
     cols = block * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     mask_c = cols < n_cols
-    offs_p = tl.arange(0, BLOCK_P)
-    acc = tl.zeros([BLOCK_P, BLOCK_COLS], dtype=ACC_DTYPE)
-    for p0 in tl.range(0, n_partials, BLOCK_P, num_stages=NUM_STAGES):
-        p = p0 + offs_p
-        ptrs = partials_ptr + p[:, None].to(tl.int64) * stride_partials + col_start + cols[None, :]
-        acc += tl.load(ptrs, mask=(p[:, None] < n_partials) & mask_c[None, :], other=0.0).to(ACC_DTYPE)
-    grad = tl.sum(acc, axis=0) * f64_scalar(scale, ACC_DTYPE)
+    grad = column_sums(partials_ptr, n_partials, stride_partials, col_start + cols, mask_c, ACC_DTYPE, BLOCK_P,
+                       NUM_STAGES)
+    grad = grad * f64_scalar(scale, ACC_DTYPE)
     if HAS_GRAD_OUTPUT:
         grad = grad * tl.load(grad_output_ptr).to(ACC_DTYPE)
     if UPDATE:  # out_ptr is the parameter, updated in place
+        if LR_FROM_PTR:
+            step = tl.load(lr_ptr).to(tl.float64).to(ACC_DTYPE)
+        else:
+            step = f64_scalar(lr, ACC_DTYPE)
         param = tl.load(out_ptr + cols, mask=mask_c).to(ACC_DTYPE)
         buf = grad
         if MOMENTUM & FLAGS:
             buf = tl.load(buf_ptr + cols, mask=mask_c).to(ACC_DTYPE)
         param, buf = sgd_update(param, grad, buf, f64_scalar(buf_decay, ACC_DTYPE), f64_scalar(grad_weight, ACC_DTYPE),
-                                f64_scalar(lr, ACC_DTYPE), f64_scalar(momentum, ACC_DTYPE),
-                                f64_scalar(weight_decay, ACC_DTYPE), FLAGS)
+                                step, f64_scalar(momentum, ACC_DTYPE), f64_scalar(weight_decay, ACC_DTYPE), FLAGS)
         tl.store(out_ptr + cols, param, mask=mask_c)  # the one rounding to the parameter's dtype
         if MOMENTUM & FLAGS:
             tl.store(buf_ptr + cols, buf, mask=mask_c)
@@ -118,33 +156,35 @@ def _finish_columns(
 
 @triton.jit
 def _reduce_update_kernel(
-    partials_ptr, n_partials, stride_partials, scale: tl.float64, grad_output_ptr,
-    a_col_start, a_n_cols, a_out_ptr, a_buf_ptr, a_lr: tl.float64, a_momentum: tl.float64,
-    a_weight_decay: tl.float64, a_buf_decay: tl.float64, a_grad_weight: tl.float64,
-    b_col_start, b_n_cols, b_out_ptr, b_buf_ptr, b_lr: tl.float64, b_momentum: tl.float64,
-    b_weight_decay: tl.float64, b_buf_decay: tl.float64, b_grad_weight: tl.float64,
-    loss_column, loss_scale: tl.float64, loss_ptr,
-    HAS_GRAD_OUTPUT: tl.constexpr, A_UPDATE: tl.constexpr, A_FLAGS: tl.constexpr,
-    B_UPDATE: tl.constexpr, B_FLAGS: tl.constexpr, WRITE_LOSS: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    NUM_STAGES: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    # What changes from one launch to the next first (kernels/launch.py relaunches with new values of these).
+    partials_ptr, grad_output_ptr, loss_ptr, a_out_ptr, a_buf_ptr, a_lr_ptr, b_out_ptr, b_buf_ptr, b_lr_ptr,
+    scale: tl.float64, loss_scale: tl.float64,
+    a_lr: tl.float64, a_momentum: tl.float64, a_weight_decay: tl.float64, a_buf_decay: tl.float64,
+    a_grad_weight: tl.float64,
+    b_lr: tl.float64, b_momentum: tl.float64, b_weight_decay: tl.float64, b_buf_decay: tl.float64,
+    b_grad_weight: tl.float64,
+    n_partials, stride_partials, a_col_start, a_n_cols, b_col_start, b_n_cols, loss_column,
+    HAS_GRAD_OUTPUT: tl.constexpr, A_UPDATE: tl.constexpr, A_FLAGS: tl.constexpr, A_LR_FROM_PTR: tl.constexpr,
+    B_UPDATE: tl.constexpr, B_FLAGS: tl.constexpr, B_LR_FROM_PTR: tl.constexpr, WRITE_LOSS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, NUM_STAGES: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     # Two targets (weight and bias) in one launch: the first programs take A's
     # columns, the rest B's; program 0 also sums the loss column if asked.
     pid = tl.program_id(0)
     a_blocks = tl.cdiv(a_n_cols, BLOCK_COLS)
     if pid < a_blocks:
-        _finish_columns(partials_ptr, n_partials, stride_partials, pid, a_col_start, a_n_cols,
-                        scale, grad_output_ptr, a_out_ptr, a_buf_ptr,
-                        a_lr, a_momentum, a_weight_decay, a_buf_decay, a_grad_weight,
-                        HAS_GRAD_OUTPUT, A_UPDATE, A_FLAGS, ACC_DTYPE, NUM_STAGES, BLOCK_P, BLOCK_COLS)
+        finish_columns(partials_ptr, n_partials, stride_partials, pid, a_col_start, a_n_cols,
+                       scale, grad_output_ptr, a_out_ptr, a_buf_ptr, a_lr_ptr,
+                       a_lr, a_momentum, a_weight_decay, a_buf_decay, a_grad_weight,
+                       HAS_GRAD_OUTPUT, A_UPDATE, A_FLAGS, A_LR_FROM_PTR, ACC_DTYPE, NUM_STAGES, BLOCK_P, BLOCK_COLS)
     else:
-        _finish_columns(partials_ptr, n_partials, stride_partials, pid - a_blocks, b_col_start, b_n_cols,
-                        scale, grad_output_ptr, b_out_ptr, b_buf_ptr,
-                        b_lr, b_momentum, b_weight_decay, b_buf_decay, b_grad_weight,
-                        HAS_GRAD_OUTPUT, B_UPDATE, B_FLAGS, ACC_DTYPE, NUM_STAGES, BLOCK_P, BLOCK_COLS)
+        finish_columns(partials_ptr, n_partials, stride_partials, pid - a_blocks, b_col_start, b_n_cols,
+                       scale, grad_output_ptr, b_out_ptr, b_buf_ptr, b_lr_ptr,
+                       b_lr, b_momentum, b_weight_decay, b_buf_decay, b_grad_weight,
+                       HAS_GRAD_OUTPUT, B_UPDATE, B_FLAGS, B_LR_FROM_PTR, ACC_DTYPE, NUM_STAGES, BLOCK_P, BLOCK_COLS)
     if WRITE_LOSS:
         if pid == 0:
-            total = _sum_column(partials_ptr, n_partials, stride_partials, loss_column, ACC_DTYPE, BLOCK_P)
+            total = loss_sum(partials_ptr, n_partials, stride_partials, loss_column, ACC_DTYPE, BLOCK_P)
             tl.store(loss_ptr, total * f64_scalar(loss_scale, ACC_DTYPE))
 
 
@@ -153,14 +193,20 @@ def _acc_of(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(accumulator_dtype(t.dtype) == torch.float64 for t in tensors) else torch.float32
 
 
+def summation_lanes(n_partials: int) -> int:
+    """LANES of column_sums for a buffer of n_partials rows: every kernel that finishes the same
+    buffer sums with this many lanes, so that all of them give the same bits."""
+    return min(triton.next_power_of_2(max(n_partials, 1)), 32)
+
+
 def plan_sum_column(partials: torch.Tensor, column: int, scale: float, out: torch.Tensor, *,
                     config: ReduceConfig | None = None, profile: DeviceProfile | None = None) -> LaunchPlan:
     """The launch of sum_column; profile: the device to plan for (default: partials' device)."""
-    cfg = config or reduce_config(partials.shape[0], 1, profile or device_profile(partials.device))
-    args = dict(partials_ptr=partials, n_partials=partials.shape[0], stride_partials=partials.stride(0),
-                column=column, scale=float(scale), out_ptr=out)
-    constexprs = dict(ACC_DTYPE=_TL_ACC[_acc_of(partials, out)], BLOCK_P=cfg.block_p)
-    return LaunchPlan(_sum_column_kernel, (1,), args, constexprs, num_warps=1 if cfg.block_p <= 32 else 4,
+    args = dict(partials_ptr=partials, out_ptr=out, scale=float(scale), n_partials=partials.shape[0],
+                stride_partials=partials.stride(0), column=column)
+    lanes = summation_lanes(partials.shape[0])
+    constexprs = dict(ACC_DTYPE=_TL_ACC[_acc_of(partials, out)], BLOCK_P=lanes)
+    return LaunchPlan(_sum_column_kernel, (1,), args, constexprs, num_warps=1 if lanes * 16 <= 256 else 4,
                       num_stages=1)
 
 
@@ -170,18 +216,24 @@ def sum_column(partials: torch.Tensor, column: int, scale: float, out: torch.Ten
     return out
 
 
-def _target_args(prefix: str, target: ColumnTarget | None, fallback: torch.Tensor) -> tuple[dict, bool, int]:
-    """(runtime args, UPDATE, FLAGS) of one target slot; an absent target has no columns."""
-    names = [f"{prefix}_{n}" for n in ("col_start", "n_cols", "out_ptr", "buf_ptr", "lr", "momentum",
+def target_args(prefix: str, target: ColumnTarget | None, fallback: torch.Tensor) -> tuple[dict, dict]:
+    """(runtime args, compile-time constants) of one target slot; an absent target has no columns."""
+    names = [f"{prefix}_{n}" for n in ("col_start", "n_cols", "out_ptr", "buf_ptr", "lr_ptr", "lr", "momentum",
                                        "weight_decay", "buf_decay", "grad_weight")]
+    upper = prefix.upper()
     if target is None:
-        return dict(zip(names, [0, 0, fallback, fallback, 0.0, 0.0, 0.0, 0.0, 0.0])), False, 0
+        constants = {f"{upper}_UPDATE": False, f"{upper}_FLAGS": 0, f"{upper}_LR_FROM_PTR": False}
+        return dict(zip(names, [0, 0, fallback, fallback, fallback, 0.0, 0.0, 0.0, 0.0, 0.0])), constants
     h = target.hyper or SGDHyper(lr=0.0)
     buf_decay, grad_weight = (0.0, 1.0) if target.init_buffer else (h.momentum, 1.0 - h.dampening)
     buf = target.momentum_buffer if target.momentum_buffer is not None else target.out
-    values = [target.col_start, target.out.numel(), target.out, buf, h.lr, h.momentum, h.weight_decay, buf_decay,
-              grad_weight]
-    return dict(zip(names, values)), target.hyper is not None, h.flags
+    lr_ptr = h.lr_tensor if h.lr_tensor is not None else fallback
+    lr = 0.0 if h.lr_tensor is not None else float(h.lr)
+    values = [target.col_start, target.out.numel(), target.out, buf, lr_ptr, lr, float(h.momentum),
+              float(h.weight_decay), float(buf_decay), float(grad_weight)]
+    constants = {f"{upper}_UPDATE": target.hyper is not None, f"{upper}_FLAGS": h.flags,
+                 f"{upper}_LR_FROM_PTR": h.lr_tensor is not None}
+    return dict(zip(names, values)), constants
 
 
 def plan_reduce_update(
@@ -201,17 +253,18 @@ def plan_reduce_update(
         raise ValueError(f"one launch takes one or two targets, got {len(targets)}")
     n_columns = sum(t.out.numel() for t in targets)
     cfg = config or reduce_config(partials.shape[0], n_columns, profile or device_profile(partials.device))
-    a, a_update, a_flags = _target_args("a", targets[0], partials)
-    b, b_update, b_flags = _target_args("b", targets[1] if len(targets) == 2 else None, partials)
+    a, a_constants = target_args("a", targets[0], partials)
+    b, b_constants = target_args("b", targets[1] if len(targets) == 2 else None, partials)
     grid = (triton.cdiv(a["a_n_cols"], cfg.block_cols) + triton.cdiv(b["b_n_cols"], cfg.block_cols),)
     acc = _acc_of(partials, *(t.out for t in targets))
-    args = dict(partials_ptr=partials, n_partials=partials.shape[0], stride_partials=partials.stride(0),
-                scale=float(scale), grad_output_ptr=grad_output if grad_output is not None else partials,
-                **a, **b, loss_column=loss_column, loss_scale=float(loss_scale),
-                loss_ptr=loss_out if loss_out is not None else partials)
-    constexprs = dict(HAS_GRAD_OUTPUT=grad_output is not None, A_UPDATE=a_update, A_FLAGS=a_flags,
-                      B_UPDATE=b_update, B_FLAGS=b_flags, WRITE_LOSS=loss_out is not None, ACC_DTYPE=_TL_ACC[acc],
-                      NUM_STAGES=cfg.num_stages, BLOCK_P=cfg.block_p, BLOCK_COLS=cfg.block_cols)
+    args = dict(partials_ptr=partials, grad_output_ptr=grad_output if grad_output is not None else partials,
+                loss_ptr=loss_out if loss_out is not None else partials, scale=float(scale),
+                loss_scale=float(loss_scale), n_partials=partials.shape[0], stride_partials=partials.stride(0),
+                loss_column=loss_column, **a, **b)
+    # BLOCK_P is the summation's lane count (summation_lanes), not the config's: it fixes the order of the sums.
+    constexprs = dict(HAS_GRAD_OUTPUT=grad_output is not None, **a_constants, **b_constants,
+                      WRITE_LOSS=loss_out is not None, ACC_DTYPE=_TL_ACC[acc], NUM_STAGES=cfg.num_stages,
+                      BLOCK_P=summation_lanes(partials.shape[0]), BLOCK_COLS=cfg.block_cols)
     return LaunchPlan(_reduce_update_kernel, grid, args, constexprs, cfg.num_warps, cfg.num_stages)
 
 

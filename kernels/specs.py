@@ -4,7 +4,7 @@ shares these definitions on machines without it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -51,7 +51,12 @@ NESTEROV = 8
 @dataclass(frozen=True)
 class SGDHyper:
     """One param group's SGD hyper-parameters. Floats are passed to kernels
-    as runtime values, so changing them (an LR schedule) never recompiles."""
+    as runtime values, so changing them (an LR schedule) never recompiles.
+
+    lr_tensor: the learning rate as a one-element tensor on the parameters'
+    device, read there by the kernels (a schedule that changes it in place
+    needs no host sync and no recompile); ``lr`` is then not used.
+    """
 
     lr: float
     momentum: float = 0.0
@@ -59,6 +64,7 @@ class SGDHyper:
     weight_decay: float = 0.0
     nesterov: bool = False
     maximize: bool = False
+    lr_tensor: torch.Tensor | None = field(default=None, compare=False)
 
     @property
     def flags(self) -> int:

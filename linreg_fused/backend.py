@@ -23,6 +23,12 @@ from .reference import TORCH_OPS, TorchOps
 
 BACKENDS = ("auto", "triton", "torch")
 
+# How a repeated fused SGD step launches on the Triton backend (linreg_fused/step_cache.py): "auto"
+# follows kernels/sgd_step.one_launch (one launch where the last program's reduction is short, two
+# otherwise); 1 or 2 force one. The one-launch kernel has not yet run on a GPU: set 2 to keep the
+# two-launch path (the ops' kernels) everywhere. Read when a step is planned.
+STEP_LAUNCHES: str | int = "auto"
+
 
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -13,84 +13,28 @@ once, between the gradient kernel and the update kernel.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from . import distributed, ops
-from .backend import BACKENDS
-from .kernels.specs import ColumnTarget, GradPartials, accumulator_dtype
+from . import distributed, loss_cache, ops
+from .checks import PRECISIONS, REDUCTIONS, _check_options, _check_parameters, check_inputs  # noqa: F401
+from .fused_step import fused_sgd_step  # noqa: F401 (part of this API)
+from .kernels.specs import ColumnTarget, GradPartials
 from .ops import RegisteredOps, loss_scale
+from . import reference
 from .reference import TORCH_OPS
 
-REDUCTIONS = ("mean", "sum")
-PRECISIONS = ("auto", "ieee", "tf32", "tf32x3")
-_HALF = (torch.float16, torch.bfloat16)
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
-# ---------------------------------------------------------------- input checks
-def _check_parameters(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
-        if t is not None and not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
-    out_features, in_features = weight.shape
-    if bias is not None and bias.shape != (out_features,):
-        raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
-    if x.dim() < 1 or x.shape[-1] != in_features:
-        raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} features (shape {tuple(x.shape)}) "
-                         f"but the weight expects in_features={in_features}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-    if not weight.is_floating_point():
-        raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
-    if bias is not None and bias.dtype != weight.dtype:
-        raise TypeError(f"bias is {bias.dtype} but weight is {weight.dtype}; they must match")
-    if x.dtype != weight.dtype and not (x.dtype in _HALF and weight.dtype == torch.float32):
-        raise TypeError(f"x is {x.dtype} but the weight is {weight.dtype}: use the same dtype, or half-precision x "
-                        f"(float16/bfloat16) with float32 weights (mixed precision)")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"x is on {x.device} but {name} is on {t.device}; move them to one device")
 
-
-def _check_target(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> None:
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    expected = (*x.shape[:-1], weight.shape[0])
-    if tuple(target.shape) != expected:
-        raise ValueError(f"target has shape {tuple(target.shape)} but the predictions have shape {expected}")
-    if not target.is_floating_point():
-        raise TypeError(f"target must be a floating-point tensor, got {target.dtype}")
-    if target.dtype != x.dtype:
-        raise TypeError(f"x is {x.dtype} but target is {target.dtype}; they must match")
-    if target.device != x.device:
-        raise ValueError(f"x is on {x.device} but target is on {target.device}; move them to one device")
-    if x.numel() == 0 or target.numel() == 0:
-        raise ValueError(f"empty batch: x has shape {tuple(x.shape)}")
-
-
-def _check_options(reduction: str, input_precision: str, backend: str = "auto") -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if input_precision not in PRECISIONS:
-        raise ValueError(f"input_precision must be one of {PRECISIONS}, got {input_precision!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-
-def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor) -> None:
-    """Raise TypeError/ValueError naming the problem; runs no kernel and syncs nothing."""
-    _check_parameters(x, weight, bias)
-    _check_target(x, weight, target)
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
+def rows(t: torch.Tensor) -> torch.Tensor:
     """(..., F) -> (N, F); a view whenever the strides allow it (kernels take any 2-D strides)."""
-    return t.reshape(-1, t.shape[-1])
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])  # (not -1: ambiguous when F = 0)
 
 
 # ---------------------------------------------------------------- linear + MSE
@@ -217,8 +161,20 @@ def linear_mse(
     torch.get_float32_matmul_precision() asks for float32 inputs, "tf32x3"
     for bfloat16/float16 inputs).
     """
+    if optimizer is not None:  # a call like an earlier one: its planned launches (loss_cache.py)
+        loss = loss_cache.try_loss(x, weight, bias, target, optimizer, reduction, backend, input_precision,
+                                   process_group)
+        if loss is not None:
+            return loss
     _check_options(reduction, input_precision, backend)
     check_inputs(x, weight, bias, target)
+    if _under_transform(x, weight, bias, target):
+        if optimizer is not None:
+            raise ValueError("linear_mse(optimizer=) applies an SGD step in place: it cannot run under a "
+                             "torch.func transform (grad, vmap, jvp, ...); differentiate the loss without it")
+        return reference.linear_mse(x, weight, bias, target, reduction)
+    if weight.shape[1] == 0:  # no features: the loss of the bias alone, computed by the reference ops
+        backend = "torch"
     group = None
     if optimizer is None:
         if process_group is not None and process_group is not False:
@@ -228,85 +184,11 @@ def linear_mse(
     else:
         update, group = optimizer.fused_update(weight, bias), distributed.resolve_group(process_group)
     plan = _LossPlan(RegisteredOps(backend, x.device), reduction, input_precision, update, group)
-    loss, _, _ = LinearMSEFunction.apply(_rows(x), weight, bias, _rows(target), plan)
+    loss, _, _ = LinearMSEFunction.apply(rows(x), weight, bias, rows(target), plan)
+    if update is not None and group is None:
+        loss_cache.remember_loss(x, weight, bias, target, optimizer, reduction, backend, input_precision,
+                                 process_group)
     return loss
-
-
-@torch.no_grad()
-def fused_sgd_step(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    target: torch.Tensor,
-    optimizer: Any,
-    *,
-    reduction: str = "mean",
-    row_index: torch.Tensor | None = None,
-    backend: str = "auto",
-    input_precision: str = "auto",
-    validate: bool = True,
-    process_group: Any = None,
-) -> torch.Tensor:
-    """One training step without building an autograd graph: the same kernels
-    as ``linear_mse(..., optimizer=optimizer).backward()`` and the same result.
-
-    x: (N, D), weight: (O, D), bias: (O,) or None, target: (N, O).
-    row_index: optional (n,) integer tensor; the step then uses rows
-    x[row_index], target[row_index] (gathered inside the kernel, no copy).
-    Returns the detached loss (0-d, on device). validate=False skips the
-    input checks, including the range check of row_index (which reads it
-    back: one sync); fit passes it for the row orders it drew itself.
-    process_group: see linreg_fused.distributed (by default the world group
-    once torch.distributed is initialised): the step is then the step on
-    every rank's rows, and the loss theirs (an empty row_index is allowed:
-    this rank contributes no rows).
-    """
-    group = distributed.resolve_group(process_group)
-    if validate:
-        _check_options(reduction, input_precision, backend)
-        check_inputs(x, weight, bias, target)
-        if x.dim() != 2:
-            raise ValueError(f"fused_sgd_step takes 2-D x (N, D) and target (N, O), got x of shape {tuple(x.shape)}")
-        if row_index is not None:
-            row_index = _checked_row_index(row_index, x, allow_empty=group is not None)
-    ops = RegisteredOps(backend, x.device)
-    update = optimizer.fused_update(weight, bias)
-    loss_dtype = torch.promote_types(x.dtype, weight.dtype)
-    if group is None:
-        partials = ops.grad_partials(x, weight, bias, target, row_index=row_index, store_residual=False,
-                                     input_precision=input_precision)
-        scale = loss_scale(reduction, partials.n_rows, partials.out_features)
-        # One launch finishes the loss and updates weight and bias: two launches per step in all.
-        return update.apply_(ops, partials, None, 2.0 * scale, loss_scale=scale, loss_dtype=loss_dtype)
-    if (row_index.shape[0] if row_index is not None else x.shape[0]) == 0:  # no rows here; other ranks have some
-        out_features, in_features = weight.shape
-        partials = GradPartials(x.new_empty((0, out_features * in_features + out_features + 1),
-                                            dtype=accumulator_dtype(weight.dtype)), None, 0, out_features, in_features)
-    else:
-        partials = ops.grad_partials(x, weight, bias, target, row_index=row_index, store_residual=False,
-                                     input_precision=input_precision)
-    batch = distributed.all_reduce_partials(partials, group)
-    scale, factor = batch.grad_scales(reduction)
-    update.apply_(ops, batch.partials, factor, scale)
-    return batch.loss(reduction, loss_dtype)
-
-
-def _checked_row_index(row_index: torch.Tensor, x: torch.Tensor, allow_empty: bool = False) -> torch.Tensor:
-    """A contiguous 1-D integer index of rows of x, every entry in range (read back once to check)."""
-    if not isinstance(row_index, torch.Tensor):
-        raise TypeError(f"row_index must be a torch.Tensor, got {type(row_index).__name__}")
-    if row_index.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"row_index must be int64 or int32, got {row_index.dtype}")
-    if row_index.dim() != 1 or (row_index.numel() == 0 and not allow_empty):
-        raise ValueError(f"row_index must be a non-empty 1-D tensor, got shape {tuple(row_index.shape)}")
-    if row_index.device != x.device:
-        raise ValueError(f"x is on {x.device} but row_index is on {row_index.device}; move them to one device")
-    if row_index.numel() == 0:
-        return row_index.contiguous()
-    low, high = (int(v) for v in torch.aminmax(row_index))
-    if low < 0 or high >= x.shape[0]:
-        raise IndexError(f"row_index holds {low if low < 0 else high}, outside the {x.shape[0]} rows of x")
-    return row_index.contiguous()
 
 
 # ---------------------------------------------------------------- linear
@@ -348,16 +230,26 @@ def linear(
     """
     _check_options("mean", input_precision, backend)
     _check_parameters(x, weight, bias)
-    if x.numel() == 0:
-        # No rows or no features: F.linear's answer (the bias, or an empty output) with its gradients.
+    if x.numel() == 0 or weight.shape[0] == 0 or _under_transform(x, weight, bias):
+        # No rows, features or outputs: F.linear's answer (the bias, or an empty output) with its gradients.
+        # Under torch.func transforms too: they batch and differentiate F.linear natively.
         return TORCH_OPS.linear(x, weight, bias, input_precision=input_precision)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
-        y = LinearFunction.apply(_rows(x), weight, bias, _LossPlan(RegisteredOps(backend, x.device), "mean",
+        y = LinearFunction.apply(rows(x), weight, bias, _LossPlan(RegisteredOps(backend, x.device), "mean",
                                                                    input_precision))
     else:  # inference: the op alone
-        y = ops.linear(_rows(x), weight, bias, input_precision=input_precision, backend=backend)
+        y = ops.linear(rows(x), weight, bias, input_precision=input_precision, backend=backend)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _under_transform(*tensors: torch.Tensor | None) -> bool:
+    """Whether a torch.func transform (grad, vmap, jvp, jacrev, hessian, ...) wraps an input. The
+    functions then compute with PyTorch's own ops (the reference definitions: F.linear, F.mse_loss),
+    which every transform batches and differentiates, to any order, as it does nn.Linear's."""
+    if torch.compiler.is_compiling():  # Dynamo cannot trace the check (and handles torch.func itself)
+        return False
+    return any(t is not None and _is_wrapped(t) for t in tensors)
 
 
 __all__ = ["linear", "linear_mse", "fused_sgd_step", "check_inputs", "LinearMSEFunction", "LinearFunction"]

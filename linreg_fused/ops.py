@@ -10,7 +10,7 @@ where the library runs kernels, instead of opaque Python:
     linreg_fused::reduce_update_(Tensor source, Tensor(a!) out, Tensor(b!)? momentum_buffer, Tensor(c!)? out2,
                                  Tensor(d!)? momentum_buffer2, Tensor? grad_output, *, int[] col_starts,
                                  float[] sgd, float[] sgd2, Scalar scale, int? loss_column, Scalar loss_scale,
-                                 ScalarType? loss_dtype, str backend) -> Tensor
+                                 ScalarType? loss_dtype, str backend, Tensor? lr, Tensor? lr2) -> Tensor
     linreg_fused::fit_small_(Tensor x, Tensor target, Tensor(a!) weight, Tensor(b!)? bias,
                              Tensor(c!)? weight_momentum, Tensor(d!)? bias_momentum, Tensor orders,
                              Tensor(e!) history, *, int batch_size, bool mean, float[] weight_sgd,
@@ -43,6 +43,8 @@ last three 0 or 1 (``pack_sgd``).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
@@ -63,6 +65,10 @@ def pack_sgd(hyper: SGDHyper | None, init_buffer: bool = False) -> list[float]:
         return []
     return [hyper.lr, hyper.momentum, hyper.dampening, hyper.weight_decay, float(hyper.nesterov),
             float(hyper.maximize), float(init_buffer)]
+
+
+def _lr_tensor(target: ColumnTarget) -> Tensor | None:
+    return None if target.hyper is None else target.hyper.lr_tensor
 
 
 def unpack_sgd(sgd: list[float]) -> tuple[SGDHyper | None, bool]:
@@ -92,10 +98,22 @@ def _fake_partials(x: Tensor, weight: Tensor) -> Tensor:
 def _define(name: str, schema: str):
     """Define linreg_fused::<name> and register the decorated function as its
     implementation for every device (it asks backend.py what runs there, and
-    says why when nothing can)."""
+    says why when nothing can).
+
+    The implementation is hidden from torch.compile (torch.compiler.disable):
+    a graph calls the op, never traces into it; and where a compiled function
+    without fullgraph runs part of itself eagerly (after a graph break, or in
+    a backward), Dynamo would otherwise try to trace the launch helpers and,
+    under TRITON_INTERPRET, Triton's interpreter itself."""
     qualname = f"{NAMESPACE}::{name}"
     torch.library.define(qualname, schema)
-    return torch.library.impl(qualname, "CompositeExplicitAutograd")
+    register = torch.library.impl(qualname, "CompositeExplicitAutograd")
+
+    def decorate(fn):
+        register(torch.compiler.disable(fn, recursive=True))
+        return fn
+
+    return decorate
 
 
 # ---------------------------------------------------------------- linear
@@ -156,22 +174,27 @@ def _(x, weight, bias, target, *, reduction="mean", keep_residual=False, input_p
 @_define("reduce_update_", "(Tensor source, Tensor(a!) out, Tensor(b!)? momentum_buffer, Tensor(c!)? out2, "
                            "Tensor(d!)? momentum_buffer2, Tensor? grad_output, *, int[] col_starts, float[] sgd, "
                            "float[] sgd2, Scalar scale, int? loss_column=None, Scalar loss_scale=1., "
-                           "ScalarType? loss_dtype=None, str backend='auto') -> Tensor")
+                           "ScalarType? loss_dtype=None, str backend='auto', Tensor? lr=None, Tensor? lr2=None) "
+                           "-> Tensor")
 def _reduce_update_(source, out, momentum_buffer, out2, momentum_buffer2, grad_output, *, col_starts, sgd, sgd2,
-                    scale, loss_column=None, loss_scale=1.0, loss_dtype=None, backend="auto"):
+                    scale, loss_column=None, loss_scale=1.0, loss_dtype=None, backend="auto", lr=None, lr2=None):
     """Finish partial sums and write a gradient or apply SGD, for one or two targets in one launch.
 
     source: (P, K) partial sums (a gradient is a source with one row).
     For out (and out2): g = scale · grad_output · Σ_p source[p, c : c + out.numel()] with
     c = col_starts[i]; then out = g (sgd empty) or the SGD update of the
-    parameter ``out`` and its momentum buffer in place (see pack_sgd).
+    parameter ``out`` and its momentum buffer in place (see pack_sgd); lr
+    (lr2), a one-element tensor on source's device, replaces sgd's learning
+    rate: it is read there (a tensor learning rate: no sync, no recompile).
     Returns loss_scale · Σ_p source[p, loss_column] as a 0-d loss_dtype
     tensor, or an empty (0,) tensor without loss_column."""
     targets = []
-    for column, param, buffer, settings in ((col_starts[0], out, momentum_buffer, sgd),
-                                            (col_starts[-1], out2, momentum_buffer2, sgd2)):
+    for column, param, buffer, settings, rate in ((col_starts[0], out, momentum_buffer, sgd, lr),
+                                                  (col_starts[-1], out2, momentum_buffer2, sgd2, lr2)):
         if param is not None:
             hyper, init = unpack_sgd(settings)
+            if hyper is not None and rate is not None:
+                hyper = replace(hyper, lr=0.0, lr_tensor=rate)
             targets.append(ColumnTarget(column, param, hyper, buffer, init))
     loss = select_ops(backend, source.device).reduce_update_(
         source, targets, scale=scale, grad_output=grad_output, loss_column=loss_column, loss_scale=loss_scale,
@@ -181,7 +204,7 @@ def _reduce_update_(source, out, momentum_buffer, out2, momentum_buffer2, grad_o
 
 @torch.library.register_fake(f"{NAMESPACE}::reduce_update_")
 def _(source, out, momentum_buffer, out2, momentum_buffer2, grad_output, *, col_starts, sgd, sgd2, scale,
-      loss_column=None, loss_scale=1.0, loss_dtype=None, backend="auto"):
+      loss_column=None, loss_scale=1.0, loss_dtype=None, backend="auto", lr=None, lr2=None):
     return source.new_empty(0) if loss_column is None else source.new_empty((), dtype=loss_dtype)
 
 
@@ -260,7 +283,8 @@ class RegisteredOps:
                 sgd=pack_sgd(first.hyper, first.init_buffer),
                 sgd2=[] if second is None else pack_sgd(second.hyper, second.init_buffer),
                 scale=scale, loss_column=loss_column if i == 0 else None, loss_scale=loss_scale,
-                loss_dtype=loss_dtype, backend=self.backend)
+                loss_dtype=loss_dtype, backend=self.backend, lr=_lr_tensor(first),
+                lr2=None if second is None else _lr_tensor(second))
             if i == 0 and loss_column is not None:
                 loss = result
         return loss

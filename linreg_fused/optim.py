@@ -12,22 +12,30 @@ from torch.optim.sgd import sgd as sgd_functional
 
 from .backend import BACKENDS, triton_unavailable_reason
 from .kernels.specs import ColumnTarget, GradPartials, SGDHyper
+from . import step_cache
 from .ops import RegisteredOps
 
 
-def group_hyper(group: dict | None) -> SGDHyper:
+def group_hyper(group: dict | None, *, lr_on: torch.device | None = None) -> SGDHyper:
     """A param group's hyper-parameters as plain floats (read at every step,
     so a scheduler's changes take effect without recompiling).
 
     A tensor lr (or weight_decay) is read with float(): on a CUDA tensor that
     is one host sync per group and step, as torch.optim.SGD's own for-loop
-    and foreach updates do (the kernels take the learning rate by value).
+    and foreach updates do. lr_on: the parameters' device; a one-element
+    tensor lr on it is then passed on as ``lr_tensor`` instead, which the
+    kernels (and the reference) read on the device: no host sync, and
+    torch.compile follows a schedule that changes it in place without
+    recompiling.
     """
     if group is None:
         raise ValueError("this parameter is not in the optimizer (FusedSGD.group_of returned None)")
-    return SGDHyper(lr=float(group["lr"]), momentum=float(group["momentum"]), dampening=float(group["dampening"]),
+    lr, lr_tensor = group["lr"], None
+    if lr_on is not None and isinstance(lr, torch.Tensor) and lr.device == lr_on and lr.numel() == 1:
+        lr, lr_tensor = 0.0, lr
+    return SGDHyper(lr=float(lr), momentum=float(group["momentum"]), dampening=float(group["dampening"]),
                     weight_decay=float(group["weight_decay"]), nesterov=bool(group["nesterov"]),
-                    maximize=bool(group.get("maximize", False)))
+                    maximize=bool(group.get("maximize", False)), lr_tensor=lr_tensor)
 
 
 def _check_flags(options: dict, where: str) -> None:
@@ -190,20 +198,29 @@ class FusedSGD(torch.optim.SGD):
             self.state[param].pop("momentum_buffer", None)
 
     # ------------------------------------------------------------ steps
-    @torch.no_grad()
     def step(self, closure=None):
         """Apply the update to every parameter that has a ``.grad``."""
+        # A step like the last one: its planned launches (step_cache.py; no autograd op runs there).
+        if closure is None and step_cache.try_updates(self):
+            return None
+        return self._step(closure)
+
+    @torch.no_grad()
+    def _step(self, closure):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+            if step_cache.try_updates(self):
+                return loss
+        updated = []
         for group in self.param_groups:
             hyper = None
             for p in group["params"]:
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
                 ops = self._ops(group, p.device)
-                grad = p.grad
                 if grad.layout != torch.strided:  # a sparse gradient
                     if group.get("fused"):
                         raise RuntimeError("FusedSGD: fused=True does not support sparse gradients (torch.optim.SGD"
@@ -213,7 +230,7 @@ class FusedSGD(torch.optim.SGD):
                         continue
                     grad = grad.to_dense()  # momentum and weight decay move every element anyway
                 if hyper is None:
-                    hyper = group_hyper(group)
+                    hyper = group_hyper(group, lr_on=p.device)
                 buf, is_new = self.momentum_buffer(p, hyper)
                 param = p
                 if p.is_complex():  # SGD on a complex tensor is SGD on its real view
@@ -228,6 +245,9 @@ class FusedSGD(torch.optim.SGD):
                 except BaseException:
                     self.forget_new_buffer(p, is_new)
                     raise
+                if param is p and grad is p.grad:  # not a complex one's real view, not a sparse gradient made dense
+                    updated.append((group, p, grad))
+        step_cache.remember_updates(self, updated)
         return loss
 
     def _sparse_step(self, group: dict, param: torch.Tensor) -> None:
@@ -329,7 +349,7 @@ class FusedUpdate:
             # Read once per group (a CUDA tensor lr costs a sync to read); compared with `is`,
             # not id(): torch.compile (2.11) cannot trace id() of a dict.
             if group is not last_group:
-                last_group, hyper = group, group_hyper(group)
+                last_group, hyper = group, group_hyper(group, lr_on=param.device)
             buf, is_new = optimizer.momentum_buffer(param, hyper)
             new_buffers.append((param, is_new))
             targets.append(ColumnTarget(col_start, param, hyper, buf, is_new))

@@ -67,7 +67,7 @@ def sgd_update_(
             buf = hyper.momentum * momentum_buffer.to(g.dtype) + (1.0 - hyper.dampening) * g
         momentum_buffer.copy_(buf)
         g = g + hyper.momentum * buf if hyper.nesterov else buf
-    param.copy_(p - hyper.lr * g)
+    param.copy_(p - (hyper.lr if hyper.lr_tensor is None else hyper.lr_tensor.to(g.dtype)) * g)
 
 
 class TorchOps:

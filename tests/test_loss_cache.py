@@ -1,0 +1,107 @@
+"""The repeat-call path of loss(x, t, optimizer=opt).backward() (linreg_fused/loss_cache.py): the
+full path's numbers bitwise, with one or two launches, and the full path's behaviour where the
+optimizer changes between a loss and its backward."""
+
+import copy
+
+import pytest
+import torch
+from conftest import DEVICE
+from oracle import random_problem
+
+from linreg_fused import FusedLinearRegressor, FusedSGD, backend, loss_cache
+
+
+def _pair(**sgd):
+    torch.manual_seed(0)
+    a = FusedLinearRegressor(4, 3, backend="triton").to(DEVICE)
+    b = copy.deepcopy(a)
+    return (a, FusedSGD(a.parameters(), lr=0.05, **sgd)), (b, FusedSGD(b.parameters(), lr=0.05, **sgd))
+
+
+@pytest.fixture
+def switch(monkeypatch):
+    """Which model may take the repeat path: the reference never does."""
+    real, state = loss_cache.try_loss, {"off": False, "hits": 0}
+
+    def maybe(*args):
+        out = None if state["off"] else real(*args)
+        state["hits"] += out is not None
+        return out
+
+    monkeypatch.setattr(loss_cache, "try_loss", maybe)
+    return state
+
+
+def _both(models, switch, x, t, scale=1.0):
+    losses = []
+    for (model, opt), off in zip(models, (False, True)):
+        switch["off"] = off
+        loss = model.loss(x, t, optimizer=opt)
+        (loss * scale).backward()
+        losses.append(loss.detach())
+    (a, opt_a), (b, opt_b) = models
+    assert torch.equal(*losses)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+        sa, sb = opt_a.state[p].get("momentum_buffer"), opt_b.state[q].get("momentum_buffer")
+        assert (sa is None) == (sb is None) and (sa is None or torch.equal(sa, sb))
+
+
+@pytest.mark.parametrize("launches", ["auto", 2])
+@pytest.mark.parametrize("sgd", [dict(), dict(momentum=0.9, nesterov=True, weight_decay=0.01)],
+                         ids=["plain", "nesterov-wd"])
+def test_repeat_loss_is_the_full_path_bitwise(sgd, launches, switch, monkeypatch):
+    monkeypatch.setattr(backend, "STEP_LAUNCHES", launches)
+    models = _pair(**sgd)
+    for i in range(5):
+        x, _, _, t = random_problem(11, 4, 3, device=DEVICE)
+        _both(models, switch, x, t, scale=0.5 if i == 3 else 1.0)  # grad_output 0.5 once
+    assert switch["hits"] >= 2
+
+
+def test_two_losses_then_their_backwards(switch):
+    """Each loss keeps its own partial sums until its backward; a backward after another loss's step
+    changed the weight raises on both paths (autograd's version check), none steps from stale sums."""
+    models = _pair()
+    x, _, _, t = random_problem(11, 4, 3, device=DEVICE)
+    _both(models, switch, x, t), _both(models, switch, x, t)  # planned
+    batches = [random_problem(11, 4, 3, device=DEVICE)[::3] for _ in range(2)]
+    for (model, opt), off in zip(models, (False, True)):
+        switch["off"] = off
+        first, second = (model.loss(xb, tb, optimizer=opt) for xb, tb in batches)
+        second.backward()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            first.backward()
+    (a, _), (b, _) = models
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert switch["hits"] >= 3
+
+
+def test_settings_changed_before_the_backward_are_used(switch):
+    models = _pair(momentum=0.9)
+    x, _, _, t = random_problem(11, 4, 3, device=DEVICE)
+    for _ in range(3):
+        _both(models, switch, x, t)
+    for (model, opt), off in zip(models, (False, True)):
+        switch["off"] = off
+        loss = model.loss(x, t, optimizer=opt)
+        opt.param_groups[0]["lr"] = 0.2
+        opt.param_groups[0]["momentum"] = 0.5
+        opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # new groups and buffers
+        loss.backward()
+    (a, _), (b, _) = models
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_create_graph_is_refused_and_inputs_that_need_grad_take_the_full_path(switch):
+    (model, opt), _ = _pair()
+    x, _, _, t = random_problem(11, 4, 3, device=DEVICE)
+    for _ in range(3):
+        model.loss(x, t, optimizer=opt).backward()
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        model.loss(x, t, optimizer=opt).backward(create_graph=True)
+    hits = switch["hits"]
+    xg = x.clone().requires_grad_()
+    model.loss(xg, t, optimizer=opt).backward()
+    assert switch["hits"] == hits and xg.grad is not None
