@@ -1,0 +1,224 @@
+"""Least squares and ridge from the R factor (linreg_fused/factor.py), and the
+regression summary: coefficients, standard errors, t values, residual standard
+deviation, R², adjusted R², degrees of freedom, rank and condition number.
+
+The method, for the design factor F = [[Fxx, Fxt], [0, Ftt]] (the R of [X, T],
+centred when an intercept is fitted; ridge appends √α·I below Fxx and refactors):
+
+1. Equilibrate: divide each column of Fxx by its norm (the norm of that design column).
+2. Reveal the rank: the SVD of the scaled Fxx (D × D, small). Singular values below
+   rcond·σ_max are dropped, rcond = max(D, 1)·ε with ε the unit roundoff of the coarser
+   of the data and the accumulation (2⁻⁵³ for float64, 2⁻²⁴ for float32 or 16-bit).
+3. Full rank: W = Fxx⁻¹·Fxt by back substitution (the textbook QR least squares).
+   Rank r < D: the least-squares solution on the r kept directions with the smallest
+   ‖W‖ (the minimum-norm solution numpy.linalg.lstsq gives when the dropped directions
+   are exact null directions): w_s = V_r·Σ_r⁻¹·U_rᵀ·Fxt in scaled coordinates, then
+   w = S⁻¹·w_s projected off S⁻¹·V_null.
+4. Residual sums of squares of any W: ‖Fxx·w − Fxt‖² + ‖Ftt‖² per output: never negative.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .factor import qr_r
+
+EPS = {"fp64": 2.0**-53, "fp32": 2.0**-24}
+DIGITS_WARNING = 4.0  # warn when the estimated correct digits of a coefficient fall below this
+
+
+def check_alpha(alpha: Any) -> float:
+    """alpha as a float: any real number (Python, NumPy or 0-d tensor), not a bool, finite, ≥ 0."""
+    if isinstance(alpha, torch.Tensor) and alpha.dim() == 0 and not alpha.dtype.is_complex \
+            and alpha.dtype != torch.bool:
+        alpha = alpha.item()
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(float(alpha)) \
+            or float(alpha) < 0:
+        raise ValueError(f"alpha must be a finite real number >= 0, got {alpha!r}")
+    return float(alpha)
+
+
+@dataclass(frozen=True)
+class Design:
+    """A least-squares problem in factored form (all fp64, on one device)."""
+
+    f: torch.Tensor  # (D + O, D + O) upper-triangular R of [X, T] (centred X and T when intercept)
+    d: int
+    n_rows: int
+    mean_x: torch.Tensor  # (D,)
+    mean_t: torch.Tensor  # (O,)
+    intercept: bool
+
+
+def design(r: torch.Tensor, shift: torch.Tensor, n_rows: int, d: int, intercept: bool) -> Design:
+    """The design factor from the statistic R of [1, z − shift] (factor.py's layout)."""
+    root_n = r[0, 0]
+    mean = shift + (r[0, 1:] / root_n if n_rows else torch.zeros_like(shift))
+    centred = r[1:, 1:]
+    if intercept:
+        f = centred
+    else:  # uncentred: the Gram gains n·mean·meanᵀ, i.e. the row √n·mean on top of the centred R
+        top = r[0, 1:] + root_n * shift
+        f = qr_r(torch.cat([top[None], centred]))[: centred.shape[0]]
+    return Design(f, d, n_rows, mean[:d], mean[d:], intercept)
+
+
+@dataclass(frozen=True)
+class Solution:
+    weight: torch.Tensor  # (O, D)
+    bias: torch.Tensor | None  # (O,)
+    rank: int  # of the (centred, when intercept) features
+    singular_values: torch.Tensor  # of the equilibrated (augmented, for ridge) Fxx, descending
+    rcond: float
+    operator: Any  # rhs (D, k) -> the solution for that right-hand side: W = operator(Fxt)ᵀ
+
+
+def solve(des: Design, alpha: float, eps: float, rcond: float | None = None) -> Solution:
+    d = des.d
+    f = des.f
+    if alpha > 0:  # ridge: min ‖X·w − t‖² + α‖w‖² is least squares on [X; √α·I], [t; 0]
+        o = f.shape[0] - d
+        penalty = torch.cat([math.sqrt(alpha) * torch.eye(d, dtype=f.dtype, device=f.device),
+                             f.new_zeros(d, o)], 1)
+        f = qr_r(torch.cat([f, penalty]))
+    fxx, fxt = f[:d, :d], f[:d, d:]
+    norms = fxx.norm(dim=0)
+    scale = torch.where(norms > 0, norms, torch.ones_like(norms))
+    u, sv, vh = torch.linalg.svd(fxx / scale)
+    cut = rcond if rcond is not None else max(d, 1) * eps
+    rank = int((sv > cut * sv[0]).sum()) if float(sv[0]) > 0 else 0  # the one host sync
+
+    if rank == d:
+        def operator(rhs):
+            return torch.linalg.solve_triangular(fxx, rhs, upper=True)
+    else:
+        null = vh[rank:].t() / scale[:, None]  # S⁻¹·V_null: the dropped directions in w's coordinates
+        basis = torch.linalg.qr(null).Q
+
+        def operator(rhs):
+            w = (vh[:rank].t() @ ((u[:, :rank].t() @ rhs) / sv[:rank, None])) / scale[:, None]
+            return w - basis @ (basis.t() @ w)  # the smallest ‖w‖ with the same fit on the kept directions
+
+    weight = operator(fxt).t().contiguous()
+    bias = des.mean_t - weight @ des.mean_x if des.intercept else None
+    return Solution(weight, bias, rank, sv, cut, operator)
+
+
+def residual_sums(des: Design, weight: torch.Tensor) -> torch.Tensor:
+    """(O,) Σ_rows (x·w_o − t_o)² for the design's (centred) rows: ‖Fxx·w_o − Fxt_o‖² + ‖Ftt_o‖²."""
+    d = des.d
+    fit = des.f[:d, :d] @ weight.t() - des.f[:d, d:]
+    return fit.square().sum(0) + des.f[d:, d:].square().sum(0)
+
+
+def check_accuracy(des: Design, sol: Solution, eps_factor: float, eps_data: float, data_name: str) -> None:
+    """The warnings of a solve: a rank below D, and fewer than DIGITS_WARNING estimated correct digits.
+
+    Estimated relative error of the coefficients: κ·(ε_accumulation + ε_data·g), κ the condition
+    number of the equilibrated design on the kept directions and g how much larger the stored
+    values are than what the fit uses (uncentred over centred column norms, targets over fitted
+    values): the storage rounding of a value is relative to the value itself."""
+    d, kind = des.d, "centred features" if des.intercept else "features"
+    sv = sol.singular_values
+    if sol.rank < d:
+        warnings.warn(f"solve: the {kind} have numerical rank {sol.rank} of {d} (columns scaled to unit norm; "
+                      f"singular values below {sol.rcond:.1e} of the largest dropped); returning the minimum-norm "
+                      f"least-squares solution on the {sol.rank} well-determined directions",
+                      RuntimeWarning, stacklevel=4)
+    if sol.rank == 0:
+        return
+    norms = des.f[:d, :d].norm(dim=0)
+    n = des.n_rows
+    one = torch.ones((), dtype=norms.dtype, device=norms.device)
+    uncentred = torch.sqrt(norms.square() + n * des.mean_x.square())
+    g_x = torch.where(norms > 0, uncentred / torch.where(norms > 0, norms, one), one)
+    fitted = (des.f[:d, :d] @ sol.weight.t()).norm(dim=0)
+    t_norm = torch.sqrt(des.f[:, d:].square().sum(0) + (n * des.mean_t.square() if des.intercept else 0.0))
+    g_t = torch.where(fitted > 0, t_norm / torch.where(fitted > 0, fitted, one), one)
+    kappa, g = torch.stack([sv[0] / sv[sol.rank - 1], torch.maximum(g_x.max(), g_t.max())]).tolist()
+    err = kappa * (eps_factor + eps_data * g)
+    digits = -math.log10(err) if err > 0 else 16.0
+    if digits < DIGITS_WARNING:
+        warnings.warn(f"solve: condition number {kappa:.1e} of the {kind} (columns scaled to unit norm): about "
+                      f"{max(digits, 0):.0f} significant digits of the coefficients are reliable with {data_name} "
+                      f"(an error of {err:.0e} relative to the data's own rounding is possible)",
+                      RuntimeWarning, stacklevel=4)
+
+
+@dataclass(frozen=True)
+class RegressionSummary:
+    """statsmodels-style OLS (or ridge) results of one solve: (O, D) coefficients per output."""
+
+    coef: torch.Tensor  # (O, D) float64
+    intercept: torch.Tensor | None  # (O,)
+    std_err: torch.Tensor  # (O, D)
+    intercept_std_err: torch.Tensor | None  # (O,)
+    t_values: torch.Tensor  # (O, D)
+    intercept_t: torch.Tensor | None  # (O,)
+    residual_std: torch.Tensor  # (O,)
+    r2: torch.Tensor  # (O,): centred with an intercept, uncentred without (as NIST defines it)
+    adj_r2: torch.Tensor  # (O,)
+    df_model: int
+    df_resid: int
+    rank: int  # of the design, the intercept column included (statsmodels' rank)
+    n_rows: int
+    condition_number: float  # of the design (centred with an intercept) with unit-norm columns
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python (lists, floats, ints, None): JSON-able; non-finite floats become None."""
+        def plain(v):
+            if isinstance(v, torch.Tensor):
+                return plain(v.detach().cpu().tolist())
+            if isinstance(v, list):
+                return [plain(x) for x in v]
+            if isinstance(v, float) and not math.isfinite(v):
+                return None
+            return v
+
+        return {name: plain(getattr(self, name)) for name in self.__dataclass_fields__}
+
+
+def summarise(des: Design, sol: Solution, alpha: float) -> RegressionSummary:
+    d, n = des.d, des.n_rows
+    k_const = 1 if des.intercept else 0
+    rank_total = sol.rank + k_const
+    df_resid = n - rank_total
+    rss = residual_sums(des, sol.weight)
+    tss = des.f[:, d:].square().sum(0)  # Σ (t − t̄)² with an intercept, Σ t² without
+    sigma2 = rss / df_resid if df_resid > 0 else torch.full_like(rss, float("nan"))
+    sigma = sigma2.sqrt()
+    # Var(w_o) = σ_o²·L·Lᵀ, L the linear map from the right-hand side (whose noise is σ²·I) to w.
+    eye = torch.eye(d, dtype=des.f.dtype, device=des.f.device)
+    lmap = _coefficient_map(des, sol, alpha, eye)
+    row_norm2 = lmap.square().sum(1)  # (D,): diag(L·Lᵀ)
+    std_err = sigma[:, None] * row_norm2.sqrt()[None, :]
+    coef = sol.weight
+    intercept = sol.bias
+    intercept_std_err = intercept_t = None
+    if des.intercept:  # b = t̄ − w·x̄, with t̄ and w uncorrelated: Var(b) = σ²/n + x̄ᵀ·Var(w)·x̄
+        intercept_std_err = sigma * torch.sqrt(1.0 / n + (lmap.t() @ des.mean_x).square().sum())
+        intercept_t = intercept / intercept_std_err
+    r2 = 1.0 - rss / tss
+    adj_r2 = 1.0 - (1.0 - r2) * (n - k_const) / df_resid if df_resid > 0 else torch.full_like(r2, float("nan"))
+    sv = sol.singular_values
+    cond = float(sv[0] / sv[-1]) if float(sv[-1]) > 0 else float("inf")
+    return RegressionSummary(coef, intercept, std_err, intercept_std_err, coef / std_err, intercept_t, sigma, r2,
+                             adj_r2, sol.rank, df_resid, rank_total, n, cond)
+
+
+def _coefficient_map(des: Design, sol: Solution, alpha: float, eye: torch.Tensor) -> torch.Tensor:
+    """L (D × D) with w = L·(Q_xᵀ·t): the least-squares right-hand side Fxt maps to w through
+    operator (OLS), or through operator ∘ (F_aug⁻ᵀ·Fxxᵀ) for ridge, whose own right-hand side is
+    F_aug⁻ᵀ·Fxxᵀ·Fxt."""
+    if alpha == 0:
+        return sol.operator(eye)
+    d = des.d
+    fxx = des.f[:d, :d]
+    aug = qr_r(torch.cat([fxx, math.sqrt(alpha) * eye]))
+    return sol.operator(torch.linalg.solve_triangular(aug.t(), fxx.t(), upper=False))
