@@ -98,7 +98,12 @@ def solve(des: Design, alpha: float, eps: float, rcond: float | None = None) -> 
         def operator(rhs):
             return torch.linalg.solve_triangular(fxx, rhs, upper=True)
     else:
-        null = vh[rank:].t() / scale[:, None]  # S⁻¹·V_null: the dropped directions in w's coordinates
+        # The dropped directions in w's coordinates, S⁻¹·V_null. Entries of V_null below the resolution of
+        # the rank decision (cut·κ: a singular subspace moves by the error over the gap) are rounding
+        # noise; divided by a tiny column norm they would tilt the direction onto huge coefficients.
+        resolution = cut * float(sv[0] / sv[rank - 1]) if rank else cut
+        v_null = vh[rank:].t()
+        null = torch.where(v_null.abs() > resolution, v_null, 0.0) / scale[:, None]
         basis = torch.linalg.qr(null).Q
 
         def operator(rhs):
