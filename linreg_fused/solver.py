@@ -77,6 +77,7 @@ class Solution:
     singular_values: torch.Tensor  # of the equilibrated (augmented, for ridge) Fxx, descending
     rcond: float
     operator: Any  # rhs (D, k) -> the solution for that right-hand side: W = operator(Fxt)ᵀ
+    fxx: torch.Tensor  # the D × D factor solved with (ridge: of the augmented system)
 
 
 def solve(des: Design, alpha: float, eps: float, rcond: float | None = None) -> Solution:
@@ -112,7 +113,7 @@ def solve(des: Design, alpha: float, eps: float, rcond: float | None = None) -> 
 
     weight = operator(fxt).t().contiguous()
     bias = des.mean_t - weight @ des.mean_x if des.intercept else None
-    return Solution(weight, bias, rank, sv, cut, operator)
+    return Solution(weight, bias, rank, sv, cut, operator, fxx)
 
 
 def residual_sums(des: Design, weight: torch.Tensor) -> torch.Tensor:
@@ -123,12 +124,15 @@ def residual_sums(des: Design, weight: torch.Tensor) -> torch.Tensor:
 
 
 def check_accuracy(des: Design, sol: Solution, eps_factor: float, eps_data: float, data_name: str) -> None:
-    """The warnings of a solve: a rank below D, and fewer than DIGITS_WARNING estimated correct digits.
+    """The warnings of a solve: a rank below D, and a coefficient with fewer than DIGITS_WARNING
+    estimated correct significant digits.
 
-    Estimated relative error of the coefficients: κ·(ε_accumulation + ε_data·g), κ the condition
-    number of the equilibrated design on the kept directions and g how much larger the stored
-    values are than what the fit uses (uncentred over centred column norms, targets over fitted
-    values): the storage rounding of a value is relative to the value itself."""
+    The estimate, first order in the perturbations: with A the equilibrated design (norm σ₀) and
+    A⁺ its pseudo-inverse on the kept directions, the scaled coefficient w_s[j] = (S·w)[j] moves by
+    about η·‖A⁺[j]‖, η = ε_accumulation·‖w_s‖ + ε_data·‖g∘w_s‖ + (ε_accumulation + ε_data)·‖t‖ with
+    g_j the uncentred over the centred norm of column j (storage rounds a value relative to itself,
+    the factor relative to the shifted column). The intercept t̄ − w·x̄ moves by η·‖A⁺ᵀ·S⁻¹·x̄‖ and by
+    the rounding of the means (the storage's rounding of n values averages out in their mean)."""
     d, kind = des.d, "centred features" if des.intercept else "features"
     sv = sol.singular_values
     if sol.rank < d:
@@ -138,22 +142,38 @@ def check_accuracy(des: Design, sol: Solution, eps_factor: float, eps_data: floa
                       RuntimeWarning, stacklevel=4)
     if sol.rank == 0:
         return
-    norms = des.f[:d, :d].norm(dim=0)
-    n = des.n_rows
+    fxx, n, r = sol.fxx, des.n_rows, sol.rank
+    norms = fxx.norm(dim=0)
     one = torch.ones((), dtype=norms.dtype, device=norms.device)
-    uncentred = torch.sqrt(norms.square() + n * des.mean_x.square())
-    g_x = torch.where(norms > 0, uncentred / torch.where(norms > 0, norms, one), one)
-    fitted = (des.f[:d, :d] @ sol.weight.t()).norm(dim=0)
+    tiny = torch.finfo(norms.dtype).tiny
+    scale = torch.where(norms > 0, norms, one)
+    g_x = torch.where(norms > 0, torch.sqrt(norms.square() + n * des.mean_x.square()) / scale, one)  # (D,)
+    eps_t = eps_factor + eps_data
     t_norm = torch.sqrt(des.f[:, d:].square().sum(0) + (n * des.mean_t.square() if des.intercept else 0.0))
-    g_t = torch.where(fitted > 0, t_norm / torch.where(fitted > 0, fitted, one), one)
-    kappa, g = torch.stack([sv[0] / sv[sol.rank - 1], torch.maximum(g_x.max(), g_t.max())]).tolist()
-    err = kappa * (eps_factor + eps_data * g)
-    digits = -math.log10(err) if err > 0 else 16.0
+    _, sv_, vh = torch.linalg.svd(fxx / scale)
+    pinv = vh[:r].t() / sv_[:r]  # A⁺ = V·Σ⁻¹·Uᵀ on the kept directions, less the orthogonal Uᵀ
+    w_s = sol.weight * scale  # (O, D)
+    # (O,) the size of δA·w_s + δt: column j of A moves by ε_accumulation + ε_data·g_j (A's columns have unit norm)
+    eta = eps_factor * w_s.norm(dim=1) + eps_data * (w_s * g_x).norm(dim=1) + eps_t * t_norm
+    # Coefficients within the rank decision's resolution of 0 are zeros: they have no relative digits to lose.
+    live = w_s.abs() > sol.rcond * w_s.norm(dim=1, keepdim=True)
+    err = torch.where(live, (eta[:, None] * pinv.norm(dim=1)) / w_s.abs().clamp_min(tiny), 0.0)
+    if des.intercept:  # x̄ᵀ·w = (S⁻¹·x̄)ᵀ·w_s: the errors of w_s along A⁺'s rows partly cancel in it
+        terms = des.mean_t.abs() + sol.weight.abs() @ des.mean_x.abs()
+        through_w = (eta * (pinv.t() @ (des.mean_x / scale)).norm()
+                     + (eps_factor + eps_data / math.sqrt(n)) * terms)
+        err_b = torch.where(sol.bias.abs() > sol.rcond * terms, through_w / sol.bias.abs().clamp_min(tiny), 0.0)
+        err = torch.cat([err, err_b[:, None]], 1)  # column D: the intercept
+    kappa = sv[0] / sv[r - 1]
+    worst = int(err.argmax())
+    worst_err, kappa = torch.stack([err.reshape(-1)[worst], kappa]).tolist()  # the one sync
+    digits = -math.log10(worst_err) if worst_err > 0 else 16.0
     if digits < DIGITS_WARNING:
-        warnings.warn(f"solve: condition number {kappa:.1e} of the {kind} (columns scaled to unit norm): about "
-                      f"{max(digits, 0):.0f} significant digits of the coefficients are reliable with {data_name} "
-                      f"(an error of {err:.0e} relative to the data's own rounding is possible)",
-                      RuntimeWarning, stacklevel=4)
+        o, j = divmod(worst, err.shape[1])
+        which = "the intercept" if j == d else f"the coefficient of feature {j}"
+        warnings.warn(f"solve: condition number {kappa:.1e} of the {kind} (columns scaled to unit norm): {which} "
+                      f"(output {o}) may have only ~{max(digits, 0):.0f} correct significant digits with {data_name} "
+                      f"(~{min(16, 16 - digits):.0f} of its digits at risk)", RuntimeWarning, stacklevel=4)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,106 @@
+"""LinearStats against the certified values of NIST's StRD linear least-squares datasets
+(tests/data/nist), on both backends, with float64 data, float32 data and fp32 accumulation.
+
+Accuracy is McCullough's LRE: the correct significant digits of the worst estimate. Goals:
+
+- float64 data: within 1 digit of a centred Householder QR (the issue's measured column, and
+  the same method measured here on the same rows), for the estimates, their standard
+  deviations, the residual standard deviation and R².
+- float32 data: at least min(7, d − 1) digits, d those of a float64 QR of the float32-rounded
+  data (rounding the data costs what it costs; the solver adds nothing beyond one digit).
+- Any result with fewer than 4 correct digits comes with a warning that gives the condition
+  number and the digits at risk (float32 data, and precision="fp32", lose digits that way).
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import DEVICE
+from nist_strd import NAMES, load, lre
+
+from linreg_fused import LinearStats
+
+# LREs of a centred Householder QR in float64 (the issue's measurements, this CPU), of the data
+# as given and of the data rounded to float32. Norris was not measured there: the tests below
+# take the same method measured on the same rows wherever it is lower.
+ISSUE_QR = {"Filip": 7.2, "Pontius": 13.2, "NoInt1": 14.8, "NoInt2": 15.0, "Wampler1": 9.3, "Wampler2": 13.4,
+            "Wampler3": 9.2, "Wampler4": 8.5, "Wampler5": 6.5, "Longley": 13.9}
+ISSUE_QR_OF_FP32 = {"Filip": 0.0, "Pontius": 5.9, "NoInt1": 14.8, "NoInt2": 15.0, "Wampler1": 9.3, "Wampler2": 4.8,
+                    "Wampler3": 9.2, "Wampler4": 8.5, "Wampler5": 0.9, "Longley": 4.9}
+
+
+def centred_qr_lre(data, x, y) -> float:
+    """LRE of the textbook method: Householder QR of the centred design, Qᵀ·y, back substitution."""
+    if data.intercept:
+        xc, yc = x - x.mean(0), y - y.mean()
+    else:
+        xc, yc = x, y
+    q, r = np.linalg.qr(xc)
+    w = np.linalg.solve(np.triu(r), q.T @ yc)
+    coef = np.concatenate([[y.mean() - w @ x.mean(0)], w]) if data.intercept else w
+    return lre(coef, data.coef)
+
+
+def estimates(summary, intercept):
+    coef, se = summary.coef[0].cpu().numpy(), summary.std_err[0].cpu().numpy()
+    if intercept:
+        coef = np.concatenate([summary.intercept.cpu().numpy(), coef])
+        se = np.concatenate([summary.intercept_std_err.cpu().numpy(), se])
+    return coef, se
+
+
+def fit(data, dtype, backend, precision=None):
+    x, y = torch.from_numpy(data.x).to(dtype), torch.from_numpy(data.y)[:, None].to(dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats = LinearStats.from_tensors(x.to(DEVICE), y.to(DEVICE), backend=backend, precision=precision)
+        summary = stats.summary(fit_intercept=data.intercept)
+    return summary, [str(w.message) for w in caught]
+
+
+def accuracy(data, summary) -> dict[str, float]:
+    coef, se = estimates(summary, data.intercept)
+    return {"estimates": lre(coef, data.coef), "std errors": lre(se, data.std_err),
+            "residual std": lre(summary.residual_std.cpu().numpy(), data.residual_std),
+            "R²": lre(summary.r2.cpu().numpy(), data.r2)}
+
+
+def warned(messages) -> bool:
+    return any("condition number" in m and "digits" in m for m in messages)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_certified_values(name, dtype, backend):
+    data = load(name)
+    x32, y32 = data.x.astype(np.float32).astype(np.float64), data.y.astype(np.float32).astype(np.float64)
+    if dtype == torch.float64:
+        floor = min(ISSUE_QR.get(name, 15.0), centred_qr_lre(data, data.x, data.y)) - 1.0
+    else:  # what rounding the data to float32 leaves, less one digit, at most 7 (float32 weights hold ~7)
+        floor = min(7.0, min(ISSUE_QR_OF_FP32.get(name, 15.0), centred_qr_lre(data, x32, y32)) - 1.0)
+    summary, messages = fit(data, dtype, backend)
+    got = accuracy(data, summary)
+    for what, digits in got.items():
+        assert digits >= floor, f"{name} {dtype} {backend}: {what} to {digits:.1f} digits < {floor:.1f} ({got})"
+    if got["estimates"] < 4.0:
+        assert warned(messages), f"{name} {dtype}: {got['estimates']:.1f} digits without a warning: {messages}"
+    if dtype == torch.float64:  # the default on float64 data: no warning where the digits are there
+        assert not warned(messages), messages
+    assert summary.n_rows == len(data.y) and summary.df_resid == len(data.y) - summary.rank
+    if dtype == torch.float64:
+        assert summary.rank == len(data.coef)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fp32_accumulation_warns_where_digits_are_lost(name, backend):
+    """precision="fp32" (for GPUs without fast fp64) loses digits with the condition number, and
+    says so: every estimate below 4 digits is warned about; well-conditioned sets keep ≥ 7."""
+    data = load(name)
+    summary, messages = fit(data, torch.float64, backend, precision="fp32")
+    digits = accuracy(data, summary)["estimates"]
+    if digits < 4.0:
+        assert warned(messages), f"{name}: {digits:.1f} digits without a warning: {messages}"
+    if summary.condition_number < 2 and not data.intercept:
+        assert digits >= 7.0, f"{name}: {digits:.1f} digits"
