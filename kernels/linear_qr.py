@@ -56,16 +56,16 @@ def _multiprocessor_count(device_index: int) -> int:
 
 def qr_config(n_rows: int, n_columns: int, device: torch.device) -> QRConfig:
     """Blocks of the pass: a tile of about 2048 elements on a GPU (a 32 × 64 fp64 tile is 16
-    values per thread of 4 warps); larger tiles under the interpreter, where each tl op is a
-    NumPy call and per-op overhead, not registers, sets the cost."""
+    values per thread of 4 warps; compiled for sm_90 without spills, bench/compile_qr.py);
+    up to 1024-row tiles under the interpreter, where per-op overhead, not registers, sets the cost."""
     block_p = max(2, p2(n_columns))
     if device.type == "cuda":
         block_n = max(16, min(256, 2048 // block_p))
         index = device.index if device.index is not None else torch.cuda.current_device()
         target = 4 * _multiprocessor_count(index)  # programs in flight: fp64 latency wants several per SM
-    else:
-        block_n = max(16, min(256, p2(triton.cdiv(n_rows, 6))))
-        target = 3  # a few programs, so that the tests cover the merge levels
+    else:  # the interpreter: each tl op is a NumPy call, so few large tiles; up to 3 programs and a merge
+        block_n = max(16, min(1024, p2(n_rows)))
+        target = 3
     tiles = triton.cdiv(n_rows, block_n)
     n_programs = max(1, min(target, tiles))
     return QRConfig(block_n, block_p, n_programs)

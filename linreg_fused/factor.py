@@ -23,15 +23,14 @@ from .backend import select_ops
 
 SHIFT_ROWS = 1024  # the shift is the mean of this many leading rows (the kernel's too)
 FAN_IN = 8  # R factors stacked per QR of the torch path's tree
-_CHUNK_ELEMENTS = 1 << 21  # rows × P of one temporary block stack of the torch path (16 MiB of fp64)
+_CHUNK_ELEMENTS = 1 << 16  # rows × P built and factored at a time by the torch path: 512 KiB of fp64, in cache
 
 
 def qr_r(a: torch.Tensor) -> torch.Tensor:
     """The R factor (P × P, diagonal ≥ 0) of a (m × P), zero rows added when m < P."""
     p = a.shape[-1]
     r = torch.linalg.qr(a, mode="r").R
-    sign = torch.where(r.diagonal() < 0, -1.0, 1.0).to(r.dtype)
-    r = r * sign[:, None]
+    r.mul_(torch.where(r.diagonal() < 0, -1.0, 1.0).unsqueeze(1))  # rows of R may change sign freely
     if r.shape[0] < p:
         r = torch.cat([r, r.new_zeros(p - r.shape[0], p)])
     return r
@@ -54,8 +53,8 @@ def leading_shift(x: torch.Tensor, t: torch.Tensor, dtype: torch.dtype) -> torch
     """(D + O,) fp64: the mean of the leading rows, rounded to ``dtype`` (the accumulator's) so that
     it is subtracted exactly as stored."""
     lead = slice(0, min(x.shape[0], SHIFT_ROWS))
-    mean = torch.cat([x[lead].to(torch.float64).mean(0), t[lead].to(torch.float64).mean(0)])
-    return mean.to(dtype).to(torch.float64)
+    mean = torch.cat([x[lead], t[lead]], 1).to(torch.float64).mean(0)
+    return mean if dtype == torch.float64 else mean.to(dtype).to(torch.float64)
 
 
 def chunk_factor(x: torch.Tensor, t: torch.Tensor, shift: torch.Tensor, *, fp64: bool,
@@ -73,10 +72,10 @@ def chunk_factor(x: torch.Tensor, t: torch.Tensor, shift: torch.Tensor, *, fp64:
 
 
 def block_rows(p: int) -> int:
-    """Rows per Householder block of the torch path: long enough that LAPACK's blocked QR runs
-    at matrix-matrix speed (measured on this project's 2-core CPU: 0.97-1.9x the moments pass
-    from 256 rows at P = 11 to 4096 at P = 69 and 261), short enough to stay in cache."""
-    return max(256, min(8192, 1 << max(0, (64 * p - 1).bit_length())))
+    """Rows per Householder block of the torch path: long enough that LAPACK's blocked QR runs at
+    matrix-matrix speed, short enough to stay in cache (scanned on this project's 2-core CPU,
+    one thread: 1024 rows best at P = 11, 2048 at P = 69 and 261)."""
+    return 1024 if p < 32 else max(2048, 1 << (2 * p - 1).bit_length())
 
 
 def torch_factor(x: torch.Tensor, t: torch.Tensor, shift: torch.Tensor, *, fp64: bool = True) -> torch.Tensor:
@@ -86,21 +85,22 @@ def torch_factor(x: torch.Tensor, t: torch.Tensor, shift: torch.Tensor, *, fp64:
     dtype = torch.float64 if fp64 else torch.float32
     block = block_rows(p)
     chunk = max(block, _CHUNK_ELEMENTS // p // block * block)
-    s_x, s_t = shift[:d].to(x.device, dtype), shift[d:].to(x.device, dtype)
+    # [1, 0, …] − [0, −s]: the ones column and the shift in one subtraction
+    offset = torch.cat([shift.new_full((1,), -1.0), shift]).to(x.device, dtype)
+    zero = torch.zeros((min(n, chunk), 1), dtype=x.dtype, device=x.device)
     factors = []
     for start in range(0, n, chunk):
         xs, ts = x[start : start + chunk], t[start : start + chunk]
         m = xs.shape[0]
-        z = torch.empty((m, p), dtype=dtype, device=x.device)
-        z[:, 0] = 1.0
-        z[:, 1 : 1 + d].copy_(xs).sub_(s_x)  # exact upcast, one rounding in the subtraction
-        z[:, 1 + d :].copy_(ts).sub_(s_t)
+        # exact upcast, one rounding in the subtraction
+        z = torch.cat([zero[:m], xs, ts], 1).to(dtype).sub_(offset)
         full = m // block * block
         if full:
             factors.append(torch.linalg.qr(z[:full].view(-1, block, p), mode="r").R.reshape(-1, p))
         if full < m:
             factors.append(torch.linalg.qr(z[full:], mode="r").R)
-    return fold(torch.cat(factors).to(torch.float64), p)
+    rows = factors[0] if len(factors) == 1 else torch.cat(factors)
+    return fold(rows.to(torch.float64), p)
 
 
 def fold(rows: torch.Tensor, p: int) -> torch.Tensor:

@@ -92,10 +92,10 @@ class LinearStats:
         acc = torch.float64 if fp64 else torch.float32
         if self._n == 0:
             self._shift = factor.leading_shift(x, t, acc)
-        # The kernel subtracts the shift in the accumulator's dtype: exactly this value.
-        used = self._shift.to(acc).to(torch.float64)
+        # The pass subtracts the shift in the accumulator's dtype: exactly ``used``.
+        used = self._shift if fp64 else self._shift.to(acc).to(torch.float64)
         r = factor.chunk_factor(x, t, used, fp64=fp64, backend=self.backend)
-        if not torch.equal(used, self._shift):
+        if not fp64 and not torch.equal(used, self._shift):  # a shift merged in from fp64 statistics
             r = factor.reshift(r, used, self._shift)
         self._r = r if self._n == 0 else factor.stack(self._r, r)
         self._n += x.shape[0]
