@@ -69,15 +69,20 @@ def design(r: torch.Tensor, shift: torch.Tensor, n_rows: int, d: int, intercept:
     return Design(f, d, n_rows, mean[:d], mean[d:], intercept)
 
 
+SVD_LIMIT = 256  # wider designs first estimate their condition number (triangular solves, no SVD)
+
+
 @dataclass(frozen=True)
 class Solution:
     weight: torch.Tensor  # (O, D)
     bias: torch.Tensor | None  # (O,)
     rank: int  # of the (centred, when intercept) features
-    singular_values: torch.Tensor  # of the equilibrated (augmented, for ridge) Fxx, descending
+    kappa: float  # condition number of the equilibrated (augmented, for ridge) Fxx on the kept directions
+    cond: float  # the same over all directions (inf when singular); estimated where no SVD was needed
     rcond: float
     operator: Any  # rhs (D, k) -> the solution for that right-hand side: W = operator(Fxt)ᵀ
-    fxx: torch.Tensor  # the D × D factor solved with (ridge: of the augmented system)
+    scale: torch.Tensor  # (D,) the column norms of the Fxx solved with
+    pinv: torch.Tensor  # (D, r): A⁺ = pinv·(orthonormal)ᵀ for A = Fxx·S⁻¹ on the kept directions
 
 
 def solve(des: Design, alpha: float, eps: float, rcond: float | None = None) -> Solution:
@@ -91,29 +96,61 @@ def solve(des: Design, alpha: float, eps: float, rcond: float | None = None) -> 
     fxx, fxt = f[:d, :d], f[:d, d:]
     norms = fxx.norm(dim=0)
     scale = torch.where(norms > 0, norms, torch.ones_like(norms))
-    u, sv, vh = torch.linalg.svd(fxx / scale)
+    a = fxx / scale
     cut = rcond if rcond is not None else max(d, 1) * eps
-    rank = int((sv > cut * sv[0]).sum()) if float(sv[0]) > 0 else 0  # the one host sync
 
+    def triangular(rhs):
+        return torch.linalg.solve_triangular(fxx, rhs, upper=True)
+
+    if d > SVD_LIMIT:  # a wide design: an SVD costs O(D³) with a large constant; an estimate may do
+        estimate = condition_estimate(a)
+        if math.isfinite(estimate) and estimate * cut < 1e-3:  # full rank with a margin of 1000
+            pinv = torch.linalg.solve_triangular(a, torch.eye(d, dtype=a.dtype, device=a.device), upper=True)
+            return _finish(des, triangular, fxt, d, estimate, estimate, cut, scale, pinv)
+    u, sv, vh = torch.linalg.svd(a)
+    values = sv.tolist()  # the one host sync: D numbers
+    rank = sum(v > cut * values[0] for v in values) if values[0] > 0 else 0
+    cond = values[0] / values[-1] if values[-1] > 0 else math.inf
+    kappa = values[0] / values[rank - 1] if rank else 1.0
+    pinv = vh[:rank].t() / sv[:rank]
     if rank == d:
-        def operator(rhs):
-            return torch.linalg.solve_triangular(fxx, rhs, upper=True)
-    else:
-        # The dropped directions in w's coordinates, S⁻¹·V_null. Entries of V_null below the resolution of
-        # the rank decision (cut·κ: a singular subspace moves by the error over the gap) are rounding
-        # noise; divided by a tiny column norm they would tilt the direction onto huge coefficients.
-        resolution = cut * float(sv[0] / sv[rank - 1]) if rank else cut
-        v_null = vh[rank:].t()
-        null = torch.where(v_null.abs() > resolution, v_null, 0.0) / scale[:, None]
-        basis = torch.linalg.qr(null).Q
+        return _finish(des, triangular, fxt, rank, kappa, cond, cut, scale, pinv)
+    # The dropped directions in w's coordinates, S⁻¹·V_null. Entries of V_null below the resolution of
+    # the rank decision (cut·κ: a singular subspace moves by the error over the gap) are rounding
+    # noise; divided by a tiny column norm they would tilt the direction onto huge coefficients.
+    v_null = vh[rank:].t()
+    null = torch.where(v_null.abs() > cut * kappa, v_null, 0.0) / scale[:, None]
+    basis = torch.linalg.qr(null).Q
 
-        def operator(rhs):
-            w = (vh[:rank].t() @ ((u[:, :rank].t() @ rhs) / sv[:rank, None])) / scale[:, None]
-            return w - basis @ (basis.t() @ w)  # the smallest ‖w‖ with the same fit on the kept directions
+    def minimum_norm(rhs):
+        w = (pinv @ (u[:, :rank].t() @ rhs)) / scale[:, None]
+        return w - basis @ (basis.t() @ w)  # the smallest ‖w‖ with the same fit on the kept directions
 
+    return _finish(des, minimum_norm, fxt, rank, kappa, cond, cut, scale, pinv)
+
+
+def _finish(des, operator, fxt, rank, kappa, cond, cut, scale, pinv) -> Solution:
     weight = operator(fxt).t().contiguous()
     bias = des.mean_t - weight @ des.mean_x if des.intercept else None
-    return Solution(weight, bias, rank, sv, cut, operator, fxx)
+    return Solution(weight, bias, rank, kappa, cond, cut, operator, scale, pinv)
+
+
+def condition_estimate(a: torch.Tensor, iterations: int = 8) -> float:
+    """‖a‖₂·‖a⁻¹‖₂ of an upper-triangular a, each norm from power iterations (products, and
+    triangular solves for the inverse) from a fixed start: a lower bound, close after a few steps
+    (LAPACK's condition estimators do the same kind of thing). inf when a is singular."""
+    d = a.shape[0]
+    start = torch.linspace(1.0, 2.0, d, dtype=a.dtype, device=a.device)
+    v, w = start / start.norm(), start / start.norm()
+    for _ in range(iterations):
+        v = a.t() @ (a @ v)
+        v = v / v.norm()
+        w = torch.linalg.solve_triangular(a.t(), torch.linalg.solve_triangular(a, w[:, None], upper=True),
+                                          upper=False)[:, 0]
+        w = w / w.norm()
+    inverse = torch.linalg.solve_triangular(a, w[:, None], upper=True).norm()
+    estimate = float((a @ v).norm() * inverse)  # one host sync
+    return estimate if math.isfinite(estimate) else math.inf
 
 
 def residual_sums(des: Design, weight: torch.Tensor) -> torch.Tensor:
@@ -134,7 +171,6 @@ def check_accuracy(des: Design, sol: Solution, eps_factor: float, eps_data: floa
     the factor relative to the shifted column). The intercept t̄ − w·x̄ moves by η·‖A⁺ᵀ·S⁻¹·x̄‖ and by
     the rounding of the means (the storage's rounding of n values averages out in their mean)."""
     d, kind = des.d, "centred features" if des.intercept else "features"
-    sv = sol.singular_values
     if sol.rank < d:
         warnings.warn(f"solve: the {kind} have numerical rank {sol.rank} of {d} (columns scaled to unit norm; "
                       f"singular values below {sol.rcond:.1e} of the largest dropped); returning the minimum-norm "
@@ -142,16 +178,13 @@ def check_accuracy(des: Design, sol: Solution, eps_factor: float, eps_data: floa
                       RuntimeWarning, stacklevel=4)
     if sol.rank == 0:
         return
-    fxx, n, r = sol.fxx, des.n_rows, sol.rank
-    norms = fxx.norm(dim=0)
+    n, scale, pinv = des.n_rows, sol.scale, sol.pinv
+    norms = des.f[:d, :d].norm(dim=0)
     one = torch.ones((), dtype=norms.dtype, device=norms.device)
     tiny = torch.finfo(norms.dtype).tiny
-    scale = torch.where(norms > 0, norms, one)
     g_x = torch.where(norms > 0, torch.sqrt(norms.square() + n * des.mean_x.square()) / scale, one)  # (D,)
     eps_t = eps_factor + eps_data
     t_norm = torch.sqrt(des.f[:, d:].square().sum(0) + (n * des.mean_t.square() if des.intercept else 0.0))
-    _, sv_, vh = torch.linalg.svd(fxx / scale)
-    pinv = vh[:r].t() / sv_[:r]  # A⁺ = V·Σ⁻¹·Uᵀ on the kept directions, less the orthogonal Uᵀ
     w_s = sol.weight * scale  # (O, D)
     # (O,) the size of δA·w_s + δt: column j of A moves by ε_accumulation + ε_data·g_j (A's columns have unit norm)
     eta = eps_factor * w_s.norm(dim=1) + eps_data * (w_s * g_x).norm(dim=1) + eps_t * t_norm
@@ -164,9 +197,10 @@ def check_accuracy(des: Design, sol: Solution, eps_factor: float, eps_data: floa
                      + (eps_factor + eps_data / math.sqrt(n)) * terms)
         err_b = torch.where(sol.bias.abs() > sol.rcond * terms, through_w / sol.bias.abs().clamp_min(tiny), 0.0)
         err = torch.cat([err, err_b[:, None]], 1)  # column D: the intercept
-    kappa = sv[0] / sv[r - 1]
-    worst = int(err.argmax())
-    worst_err, kappa = torch.stack([err.reshape(-1)[worst], kappa]).tolist()  # the one sync
+    flat = err.reshape(-1)
+    worst = flat.argmax()
+    worst, worst_err = torch.stack([worst.to(flat.dtype), flat[worst]]).tolist()  # the one sync
+    worst, kappa = int(worst), sol.kappa
     digits = -math.log10(worst_err) if worst_err > 0 else 16.0
     if digits < DIGITS_WARNING:
         o, j = divmod(worst, err.shape[1])
@@ -231,10 +265,8 @@ def summarise(des: Design, sol: Solution, alpha: float) -> RegressionSummary:
         intercept_t = intercept / intercept_std_err
     r2 = 1.0 - rss / tss
     adj_r2 = 1.0 - (1.0 - r2) * (n - k_const) / df_resid if df_resid > 0 else torch.full_like(r2, float("nan"))
-    sv = sol.singular_values
-    cond = float(sv[0] / sv[-1]) if float(sv[-1]) > 0 else float("inf")
     return RegressionSummary(coef, intercept, std_err, intercept_std_err, coef / std_err, intercept_t, sigma, r2,
-                             adj_r2, sol.rank, df_resid, rank_total, n, cond)
+                             adj_r2, sol.rank, df_resid, rank_total, n, sol.cond)
 
 
 def _coefficient_map(des: Design, sol: Solution, alpha: float, eye: torch.Tensor) -> torch.Tensor:

@@ -263,3 +263,31 @@ def test_ridge_summary_and_rank_deficient_summary():
     assert_close(s.std_err[0], torch.from_numpy(se[1:]), 1e-8, "pinv std err")
     assert_close(s.intercept_std_err, torch.from_numpy(se[:1]), 1e-8, "pinv intercept std err")
     assert json.dumps(s.to_dict(), allow_nan=False)
+
+
+def test_wide_designs_estimate_their_condition_instead_of_an_svd():
+    """D > 256: a condition estimate from triangular solves decides full rank (an SVD of a
+    1024-wide factor would dominate the solve on a GPU); near-singular designs still get the SVD."""
+    from linreg_fused.solver import condition_estimate
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(420, 300, generator=g, dtype=torch.float64) * torch.logspace(-2, 2, 300, dtype=torch.float64)
+    t = x @ torch.randn(300, 2, generator=g, dtype=torch.float64) + torch.randn(420, 2, generator=g,
+                                                                                 dtype=torch.float64)
+    stats = LinearStats.from_tensors(x, t, backend="torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = stats.summary()
+    xc, tc = x - x.mean(0), t - t.mean(0)
+    ref = torch.linalg.lstsq(xc, tc).solution.t()
+    assert_close(s.coef, ref, 1e-9, "wide least squares")
+    svals = torch.linalg.svdvals(xc / xc.norm(dim=0))
+    true_cond = float(svals[0] / svals[-1])
+    assert true_cond / 3 <= s.condition_number <= true_cond * 1.0001, (s.condition_number, true_cond)
+    a = torch.linalg.qr(torch.randn(50, 50, generator=g, dtype=torch.float64) @ torch.diag(
+        torch.logspace(0, -6, 50, dtype=torch.float64)), mode="r").R
+    sv = torch.linalg.svdvals(a)
+    assert float(sv[0] / sv[-1]) / 3 <= condition_estimate(a) <= float(sv[0] / sv[-1]) * 1.0001
+    dup = torch.cat([x, x[:, :1]], 1)
+    with pytest.warns(RuntimeWarning, match="numerical rank 300 of 301"):
+        LinearStats.from_tensors(dup, t, backend="torch").solve()
