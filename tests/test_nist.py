@@ -18,29 +18,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import DEVICE
-from nist_strd import NAMES, load, lre
+from nist_strd import NAMES, floor, load, lre
 
 from linreg_fused import LinearStats
-
-# LREs of a centred Householder QR in float64 (the issue's measurements, this CPU), of the data
-# as given and of the data rounded to float32. Norris was not measured there: the tests below
-# take the same method measured on the same rows wherever it is lower.
-ISSUE_QR = {"Filip": 7.2, "Pontius": 13.2, "NoInt1": 14.8, "NoInt2": 15.0, "Wampler1": 9.3, "Wampler2": 13.4,
-            "Wampler3": 9.2, "Wampler4": 8.5, "Wampler5": 6.5, "Longley": 13.9}
-ISSUE_QR_OF_FP32 = {"Filip": 0.0, "Pontius": 5.9, "NoInt1": 14.8, "NoInt2": 15.0, "Wampler1": 9.3, "Wampler2": 4.8,
-                    "Wampler3": 9.2, "Wampler4": 8.5, "Wampler5": 0.9, "Longley": 4.9}
-
-
-def centred_qr_lre(data, x, y) -> float:
-    """LRE of the textbook method: Householder QR of the centred design, Qᵀ·y, back substitution."""
-    if data.intercept:
-        xc, yc = x - x.mean(0), y - y.mean()
-    else:
-        xc, yc = x, y
-    q, r = np.linalg.qr(xc)
-    w = np.linalg.solve(np.triu(r), q.T @ yc)
-    coef = np.concatenate([[y.mean() - w @ x.mean(0)], w]) if data.intercept else w
-    return lre(coef, data.coef)
 
 
 def estimates(summary, intercept):
@@ -75,15 +55,11 @@ def warned(messages) -> bool:
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_certified_values(name, dtype, backend):
     data = load(name)
-    x32, y32 = data.x.astype(np.float32).astype(np.float64), data.y.astype(np.float32).astype(np.float64)
-    if dtype == torch.float64:
-        floor = min(ISSUE_QR.get(name, 15.0), centred_qr_lre(data, data.x, data.y)) - 1.0
-    else:  # what rounding the data to float32 leaves, less one digit, at most 7 (float32 weights hold ~7)
-        floor = min(7.0, min(ISSUE_QR_OF_FP32.get(name, 15.0), centred_qr_lre(data, x32, y32)) - 1.0)
+    floor_digits = floor(data, dtype == torch.float32)
     summary, messages = fit(data, dtype, backend)
     got = accuracy(data, summary)
     for what, digits in got.items():
-        assert digits >= floor, f"{name} {dtype} {backend}: {what} to {digits:.1f} digits < {floor:.1f} ({got})"
+        assert digits >= floor_digits, f"{name} {dtype} {backend}: {what} {digits:.1f} digits < {floor_digits:.1f} ({got})"
     if got["estimates"] < 4.0:
         assert warned(messages), f"{name} {dtype}: {got['estimates']:.1f} digits without a warning: {messages}"
     if dtype == torch.float64:  # the default on float64 data: no warning where the digits are there
