@@ -24,6 +24,7 @@ from .backend import select_ops
 SHIFT_ROWS = 1024  # the shift is the mean of this many leading rows (the kernel's too)
 FAN_IN = 8  # R factors stacked per QR of the torch path's tree
 _CHUNK_ELEMENTS = 1 << 16  # rows × P built and factored at a time by the torch path: 512 KiB of fp64, in cache
+_CHUNK_ELEMENTS_CUDA = 1 << 24  # on a GPU: fewer, larger batched QR calls (128 MiB of fp64)
 
 
 def qr_r(a: torch.Tensor) -> torch.Tensor:
@@ -84,7 +85,8 @@ def torch_factor(x: torch.Tensor, t: torch.Tensor, shift: torch.Tensor, *, fp64:
     p = 1 + d + t.shape[1]
     dtype = torch.float64 if fp64 else torch.float32
     block = block_rows(p)
-    chunk = max(block, _CHUNK_ELEMENTS // p // block * block)
+    elements = _CHUNK_ELEMENTS_CUDA if x.device.type == "cuda" else _CHUNK_ELEMENTS
+    chunk = max(block, elements // p // block * block)
     # [1, 0, …] − [0, −s]: the ones column and the shift in one subtraction
     offset = torch.cat([shift.new_full((1,), -1.0), shift]).to(x.device, dtype)
     zero = torch.zeros((min(n, chunk), 1), dtype=x.dtype, device=x.device)
