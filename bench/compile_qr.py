@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sm_{args.arch} {r['label']:44s} grid {r['grid']:4d}  warps {r['warps']}  regs {r['regs']:3d}  "
               f"spill {r['spill']:4d} B  shared {r['shared']:6d} B  {'ok' if r['ok'] else 'SPILLS/SMEM'}")
     bad = [r["label"] for r in rows if not r["ok"]]
-    print(f"{len(bad)} launch(es) spill or exceed shared memory" if bad else "no spills; shared memory within the limit")
+    print(f"{len(bad)} launch(es) spill or exceed shared memory" if bad
+          else "no spills; shared memory within the limit")
     return 1 if bad and args.check else 0
 
 

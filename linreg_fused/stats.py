@@ -336,7 +336,8 @@ class LinearStats:
         eps_factor = solver.EPS[self.precision]
         eps_rank = max(eps_factor, min(self._data_eps, solver.EPS["fp32"]))
         sol = solver.solve(des, alpha, eps_rank, rcond)
-        data = _DTYPE_NAMES.get(self._data_eps, "the") + " data" + ("" if self.precision == "fp64" else ", fp32 accumulation")
+        data = _DTYPE_NAMES.get(self._data_eps, "the") + " data"
+        data += "" if self.precision == "fp64" else ", fp32 accumulation"
         solver.check_accuracy(des, sol, eps_factor, self._data_eps, data)
         return des, sol
 

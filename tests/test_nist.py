@@ -59,7 +59,7 @@ def test_certified_values(name, dtype, backend):
     summary, messages = fit(data, dtype, backend)
     got = accuracy(data, summary)
     for what, digits in got.items():
-        assert digits >= floor_digits, f"{name} {dtype} {backend}: {what} {digits:.1f} digits < {floor_digits:.1f} ({got})"
+        assert digits >= floor_digits, f"{name} {dtype} {backend}: {what} {digits:.1f} < {floor_digits:.1f} ({got})"
     if got["estimates"] < 4.0:
         assert warned(messages), f"{name} {dtype}: {got['estimates']:.1f} digits without a warning: {messages}"
     if dtype == torch.float64:  # the default on float64 data: no warning where the digits are there

@@ -249,7 +249,7 @@ def test_state_dict_round_trip(backend):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the input's float32 resolution survives the round trip: no warning here
         (lw, lb), (sw, sb) = loaded.solve(), stats.solve()
-    assert_close(torch.cat([lw, lb[:, None]], 1), torch.cat([sw, sb[:, None]], 1), 1e-12, "solution after the round trip")
+    assert_close(torch.cat([lw, lb[:, None]], 1), torch.cat([sw, sb[:, None]], 1), 1e-12, "solution, round trip")
     with pytest.raises(ValueError, match=r"mean_x'\] has shape \(6,\), expected \(5,\)"):
         LinearStats(5, 3).load_state_dict(stats.state_dict())
     with pytest.raises(KeyError, match="factor"):

@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import DEVICE
 
 from linreg_fused.backend import select_ops
