@@ -15,6 +15,10 @@ Groups, per statistics regime of bench/regimes.py (STATS_REGIMES):
         lstsq                torch.linalg.lstsq on [X 1] on the device (the baseline)
         solve                FusedLinearRegressor.solve (one statistics pass + Cholesky)
         scikit-learn         LinearRegression().fit on the CPU (the data copied there untimed)
+    "<regime> :: pass-<backend>"  one statistics pass over the same data:
+        moments              the co-moments pass fit's statistics path runs (the baseline; what
+                             LinearStats held before it kept the R factor)
+        factor               LinearStats.from_tensors: the one-pass R factor (TSQR), fp64
     "<regime> :: stream"   statistics of host (NumPy) data, GPU only:
         h2d-copy             one pinned host-to-device copy of the same bytes (the baseline: the link)
         from_arrays          LinearStats.from_arrays(x, t, device="cuda"): pinned double buffers
@@ -51,7 +55,7 @@ STREAM_CHUNK_ROWS = 1 << 20
 @dataclass(frozen=True)
 class Case:
     regime: Regime
-    task: str  # "epochs" | "solve" | "stream"
+    task: str  # "epochs" | "solve" | "pass-<backend>" | "stream"
     peer: str
     backend: str | None = None  # linreg_fused backend of the fused peers
     baseline: bool = False
@@ -81,6 +85,8 @@ def _cases() -> list[Case]:
             cases += [Case(r, "solve", "lstsq", baseline=True), *(Case(r, "solve", "solve", b) for b in backends),
                       Case(r, "solve", "scikit-learn")]
             cases += [Case(r, "stream", "h2d-copy", baseline=True), Case(r, "stream", "from_arrays", "triton")]
+        for b in backends:
+            cases += [Case(r, f"pass-{b}", "moments", b, baseline=True), Case(r, f"pass-{b}", "factor", b)]
     return cases
 
 
@@ -246,6 +252,31 @@ class Solve(Peer):
         return {"check_solution_rel_err": err, "check_tol": tol}
 
 
+class Pass(Peer):
+    """One pass over (x, t): the co-moments (fit's statistics path) or the R factor (LinearStats)."""
+
+    def call(self) -> None:
+        if self.case.peer == "moments":
+            self.result = select_ops(self.case.backend, DEVICE).linear_moments(
+                self.x, self.t, fp64=self.x.dtype == torch.float64)
+        else:
+            self.result = LinearStats.from_tensors(self.x, self.t, backend=self.case.backend)
+        _sync()
+
+    def check(self) -> dict:
+        """Both against the float64 Gram of the centred data."""
+        self.call()
+        x, t = self.x.double(), self.t.double()
+        z = torch.cat([x - x.mean(0), t - t.mean(0)], 1)
+        gram = z.t() @ z
+        d = x.shape[1]
+        m = self.result[3] if self.case.peer == "moments" else self.result.m_xx
+        err = float((m - gram[:d, :d]).norm() / gram[:d, :d].norm())
+        tol = 1e-12 if self.case.peer == "factor" or self.x.dtype == torch.float64 else 1e-5
+        assert err <= tol, f"{self.case.name}: M_xx differs from float64 by {err:.3g}"
+        return {"check_gram_rel_err": err, "check_tol": tol}
+
+
 class Stream(Peer):
     def __init__(self, case: Case) -> None:
         super().__init__(case)
@@ -276,6 +307,8 @@ class Stream(Peer):
 def make_peer(case: Case) -> Peer:
     if case.task == "epochs":
         return EagerEpochs(case) if case.peer == "eager" else FitEpochs(case)
+    if case.task.startswith("pass"):
+        return Pass(case)
     return Solve(case) if case.task == "solve" else Stream(case)
 
 

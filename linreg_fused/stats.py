@@ -1,74 +1,50 @@
-"""Sufficient statistics of a linear least-squares problem: one pass over the
-data, then the MSE loss and its gradients for any weights, any number of
-full-batch SGD epochs, and the exact least-squares or ridge solution, all
-without reading X again.
+"""One-pass statistics of a linear least-squares problem: the MSE loss and its
+gradients for any weights, the exact least-squares or ridge solution and its
+regression summary, all without reading X again.
 
-With x̄, t̄ the means and the centred co-moments
+The statistic is the R factor of the shifted, augmented rows z = [1, x − s, t − s_t]
+(linreg_fused/factor.py): RᵀR = ZᵀZ, so it holds what the normal equations hold, but
+solving from R loses digits in proportion to the data's condition number, not its
+square (linreg_fused/solver.py; docs/solver.md). The residual r = W·x + b − t of every
+row is Z·c for c = [b + W·s − s_t, W, −I]ᵀ, so
 
-    M_xx = Σ (x − x̄)(x − x̄)ᵀ  (D × D)     M_tx = Σ (t − t̄)(x − x̄)ᵀ  (O × D)
-    M_tt = Σ (t − t̄)(t − t̄)ᵀ  (O × O)
-
-the residual r = W·x + b − t of every row is known in aggregate: with
-e = W·x̄ + b − t̄,
-
-    Σ_rows r_o² = n·e_o² + w_o·M_xx·w_oᵀ − 2·w_o·M_tx[o]ᵀ + M_tt[o, o]
-    Σ_rows r·xᵀ = n·e·x̄ᵀ + W·M_xx − M_tx,     Σ_rows r = n·e.
-
-(These are G = ZᵀZ, C = TᵀZ and ‖T‖² for Z = [X 1], kept centred: the
-uncentred sums of data with a large mean cancel catastrophically when a
-loss near zero is formed from them.)
+    Σ_rows r_o² = ‖R·c_o‖²  (never negative)     Σ_rows r·zᵀ = Rᵀ·R·c.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import warnings
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
-import numpy as np
 import torch
 
-from . import distributed
-from .backend import BACKENDS, select_ops
+from . import distributed, factor, solver
+from .backend import BACKENDS
+from .chunks import check_rows, row_chunks, staged  # noqa: F401  (row_chunks: the public name lives here too)
 from .functional import REDUCTIONS, loss_scale
-from .optim import FusedSGD, group_hyper
-from .reference import Moments, merge_moments
 
-PRECISIONS = ("fp32", "fp64")
-
-# Relative accuracy of the statistics' entries, for the solver's rank threshold: fp64
-# products and sums; or split-TF32 products with fp32 sums over at most 1024 rows.
-_STATS_EPS = {"fp64": 2.0**-52, "fp32": 2.0**-20}
+PRECISIONS = ("fp64", "fp32")
+_UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+_DTYPE_NAMES = {2.0**-53: "float64", 2.0**-24: "float32", 2.0**-11: "float16", 2.0**-8: "bfloat16"}
 
 
 class LinearStats:
-    """Count, means and centred co-moments of (x, t) rows, in fp64 on one device.
+    """The R factor of [1, x − s, t − s_t] over every row seen (fp64, on one device), and the count.
 
-    Build with ``LinearStats.from_tensors(x, t)`` (one pass: kernels/linear_stats.py
-    on the Triton backend), ``LinearStats.from_batches(chunks)`` (out of core), or
-    ``LinearStats(in_features, out_features)`` (empty) and ``update(x, t)``.
+    Build with ``LinearStats.from_tensors(x, t)`` (one pass: kernels/linear_qr.py on the Triton
+    backend where 1 + D + O ≤ 64, blocked Householder QR in PyTorch otherwise),
+    ``LinearStats.from_batches(chunks)`` (out of core), or ``LinearStats(D, O)`` (empty) and
+    ``update(x, t)``. ``merge`` and ``all_reduce_`` add the rows other statistics hold (a QR of the
+    two stacked factors, in a fixed order: the same bits on every rank and every run).
 
-    Accuracy. Chunks (one per ``update``) are centred on their own means and merged
-    with Chan et al.'s pairwise update in fp64, so the result does not depend on how
-    far the data sit from 0. Within a chunk:
+    precision: how each chunk is factored.
 
-    - precision="fp64" (the default for fp64 data, and the reference backend always):
-      fp64 products and sums; each co-moment entry is within about 1e-15 of
-      Σ |x_i − s|·|y_i − s| (s: the shift, near the mean).
-    - precision="fp32" (the default for fp32/bf16/fp16 data on the Triton backend):
-      the shifted values are fp32 (one rounding, 2⁻²⁴ relative), products are split
-      TF32 (hi + lo, three tensor-core products, ≤ 1.2e-6 relative on a GPU, exact
-      fp32 in the interpreter), summed in fp32 over at most 1024 rows and in fp64
-      beyond: each entry is within ~1e-6 (typical) and 6e-5 (worst case) of that
-      same magnitude Σ |x_i − s|·|y_i − s|.
+    - "fp64" (the default, for every input dtype): fp64 arithmetic. The factor is backward stable:
+      it is the exact R of data within about 1e-15 (relative, per column) of the given values.
+    - "fp32": the chunk's Householder steps in fp32 (then merged in fp64), for GPUs without fast
+      fp64. The factor is exact for data within ~1e-7 of the given values: solve() then decides the
+      rank at float32's resolution and warns when the digits it can promise fall below 4.
 
-    A loss formed from the statistics carries that error times the variance of the
-    predictions and targets: on data with mean 1e4, spread 1 and a residual of 1e-2,
-    fp64 statistics gave the loss to 2.5e-12 relative and fp32 ones to 2.5e-3 (Triton's
-    interpreter; expect a few times more on a GPU), where the uncentred fp32 sums are
-    wrong in every digit (tests/test_stats.py). Use precision="fp64" when the fit is
-    tight relative to the data's spread.
+    The shift s is the mean of the first chunk's leading rows, so data far from 0 cost nothing.
     """
 
     def __init__(self, in_features: int, out_features: int, *, device: torch.device | str | None = None,
@@ -78,12 +54,15 @@ class LinearStats:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(v, int) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         device = torch.device(device) if device is not None else torch.device("cpu")
-        zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
-        self._moments: Moments = (0, zeros(in_features), zeros(out_features), zeros(in_features, in_features),
-                                  zeros(out_features, in_features), zeros(out_features, out_features))
+        p = 1 + in_features + out_features
+        self._d, self._o = in_features, out_features
+        self._n = 0
+        self._shift = torch.zeros(p - 1, dtype=torch.float64, device=device)
+        self._r = torch.zeros((p, p), dtype=torch.float64, device=device)
+        self._data_eps = _UNIT_ROUNDOFF[torch.float64]  # the coarsest input seen: for solve's warnings
         self.precision, self.backend = precision, backend
 
     # ------------------------------------------------------------ building
@@ -93,52 +72,84 @@ class LinearStats:
                      n_groups: int | None = None) -> "LinearStats":
         """The statistics of rows x (..., D), t (..., O): one pass, no host sync.
 
-        precision: "fp32" | "fp64" | None (fp64 for fp64 data, else fp32); see the class.
+        precision: "fp64" (default, also None) | "fp32"; see the class.
         groups, n_groups: int64 group ids (...,) in [0, n_groups): one set of statistics per
         group, a linreg_fused.grouped_stats.GroupedLinearStats.
         """
         if groups is not None or n_groups is not None:
             from .grouped_stats import GroupedLinearStats
             return GroupedLinearStats.from_tensors(x, t, groups, n_groups, precision=precision, backend=backend)
-        x2, t2 = _check_rows(x, t)
-        stats = cls(x2.shape[1], t2.shape[1], device=x2.device, precision=precision or _default_precision(x2),
-                    backend=backend)
+        x2, t2 = check_rows(x, t)
+        stats = cls(x2.shape[1], t2.shape[1], device=x2.device, precision=precision or "fp64", backend=backend)
         return stats._add(x2, t2)
 
     def update(self, x: torch.Tensor, t: torch.Tensor) -> "LinearStats":
         """Add the rows x (..., D), t (..., O) (moved to this device); returns self."""
-        x2, t2 = _check_rows(x, t)
+        x2, t2 = check_rows(x, t)
         if (x2.shape[1], t2.shape[1]) != (self.in_features, self.out_features):
             raise ValueError(f"the chunk has {x2.shape[1]} features and {t2.shape[1]} targets; these statistics "
                              f"have {self.in_features} and {self.out_features}")
         return self._add(x2.to(self.device), t2.to(self.device))
 
     def _add(self, x: torch.Tensor, t: torch.Tensor) -> "LinearStats":
-        ops = select_ops(self.backend, x.device)
-        chunk = ops.linear_moments(x, t, fp64=self.precision == "fp64")
-        self._moments = merge_moments(self._moments, chunk)
+        fp64 = self.precision == "fp64"
+        acc = torch.float64 if fp64 else torch.float32
+        if self._n == 0:
+            self._shift = factor.leading_shift(x, t, acc)
+        # The pass subtracts the shift in the accumulator's dtype: exactly ``used``.
+        used = self._shift if fp64 else self._shift.to(acc).to(torch.float64)
+        r = factor.chunk_factor(x, t, used, fp64=fp64, backend=self.backend)
+        if not fp64 and not torch.equal(used, self._shift):  # a shift merged in from fp64 statistics
+            r = factor.reshift(r, used, self._shift)
+        self._r = r if self._n == 0 else factor.stack(self._r, r)
+        self._n += x.shape[0]
+        self._data_eps = max(self._data_eps, _UNIT_ROUNDOFF[x.dtype])
         return self
 
     def merge(self, other: "LinearStats") -> "LinearStats":
-        """Add the rows that ``other`` summarises (Chan et al.'s pairwise update); returns self."""
+        """Add the rows that ``other`` summarises (a QR of the two stacked factors); returns self."""
         if not isinstance(other, LinearStats):
             raise TypeError(f"merge takes LinearStats, got {type(other).__name__}")
         if (other.in_features, other.out_features) != (self.in_features, self.out_features):
             raise ValueError(f"cannot merge statistics of {other.in_features}→{other.out_features} into "
                              f"{self.in_features}→{self.out_features}")
-        self._moments = merge_moments(self._moments, tuple(_to(v, self.device) for v in other._moments))
-        if other.precision == "fp32":
-            self.precision = "fp32"
+        self._merge_state(other._n, other._shift.to(self.device), other._r.to(self.device), other._data_eps,
+                          other.precision)
         return self
+
+    def _merge_state(self, n: int, shift: torch.Tensor, r: torch.Tensor, data_eps: float, precision: str) -> None:
+        if n == 0:
+            return
+        if self._n == 0:
+            self._shift, self._r = shift.clone(), r.clone()
+        else:
+            self._r = factor.stack(self._r, factor.reshift(r, shift, self._shift))
+        self._n += n
+        self._data_eps = max(self._data_eps, data_eps)
+        if precision == "fp32":  # the merged factor is no more accurate than its coarsest part
+            self.precision = "fp32"
 
     def all_reduce_(self, process_group: Any = None) -> "LinearStats":
         """Make these the statistics of every rank's rows, on every rank: one all-gather of the
-        (D+1)²-sized statistics over ``process_group`` (default: the world group when
+        (D+O+1)²-sized factors over ``process_group`` (default: the world group when
         torch.distributed is initialised; False: nothing), merged in rank order, so every rank
-        holds the same bits. Returns self."""
-        merged = distributed.merge_moments_over_ranks(self._moments, process_group)
-        if merged is not self._moments:
-            self._moments = merged
+        holds the same bits. Reads the counts back: one sync. Returns self."""
+        group = distributed.resolve_group(process_group)
+        if group is None:
+            return self
+        import torch.distributed as dist
+
+        head = torch.tensor([float(self._n), self._data_eps, float(self.precision == "fp32")], dtype=torch.float64,
+                            device=self.device)
+        flat = torch.cat([head, self._shift, self._r.reshape(-1)])
+        gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, flat, group=group)
+        p = self._r.shape[0]
+        self._n, self._data_eps, self.precision = 0, _UNIT_ROUNDOFF[torch.float64], "fp64"
+        for row in gathered:
+            n, data_eps, fp32 = row[:3].tolist()
+            shift, r = row[3 : 3 + p - 1], row[3 + p - 1 :].view(p, p)
+            self._merge_state(int(n), shift, r, data_eps, "fp32" if fp32 else self.precision)
         return self
 
     @classmethod
@@ -154,11 +165,10 @@ class LinearStats:
         """
         stats = None
         dev = torch.device(device) if device is not None else None
-        for x, t in _staged(batches, dev):
+        for x, t in staged(batches, dev):
             if stats is None:
-                x2, _ = _check_rows(x, t)
-                stats = cls(x2.shape[1], t.shape[-1], device=x2.device, backend=backend,
-                            precision=precision or _default_precision(x2))
+                x2, _ = check_rows(x, t)
+                stats = cls(x2.shape[1], t.shape[-1], device=x2.device, backend=backend, precision=precision or "fp64")
             stats.update(x, t)
         if stats is None:
             raise ValueError("from_batches: the iterable yielded no chunks")
@@ -173,45 +183,71 @@ class LinearStats:
     # ------------------------------------------------------------ what they hold
     @property
     def n_rows(self) -> int:
-        return self._moments[0]
+        return self._n
 
     @property
     def in_features(self) -> int:
-        return self._moments[1].shape[0]
+        return self._d
 
     @property
     def out_features(self) -> int:
-        return self._moments[2].shape[0]
+        return self._o
 
     @property
     def device(self) -> torch.device:
-        return self._moments[1].device
+        return self._r.device
+
+    @property
+    def factor(self) -> torch.Tensor:
+        """R ((1+D+O) × (1+D+O), upper-triangular, diagonal ≥ 0) of [1, x − shift, t − shift_t]."""
+        return self._r
+
+    @property
+    def shift(self) -> torch.Tensor:
+        """(D + O,) the shift of the factor's columns (the mean of the first chunk's leading rows)."""
+        return self._shift
+
+    def _means(self) -> torch.Tensor:
+        if self._n == 0:
+            return torch.zeros_like(self._shift)
+        return self._shift + self._r[0, 1:] / self._r[0, 0]
+
+    def _centred_gram(self) -> torch.Tensor:
+        rc = self._r[1:, 1:]
+        return rc.t() @ rc
 
     @property
     def mean_x(self) -> torch.Tensor:
-        return self._moments[1]
+        return self._means()[: self.in_features]
 
     @property
     def mean_t(self) -> torch.Tensor:
-        return self._moments[2]
+        return self._means()[self.in_features :]
 
     @property
     def m_xx(self) -> torch.Tensor:
-        return self._moments[3]
+        """Σ (x − x̄)(x − x̄)ᵀ (D × D), from the factor (the Gram, for code that needs one)."""
+        d = self.in_features
+        return self._centred_gram()[:d, :d]
 
     @property
     def m_tx(self) -> torch.Tensor:
-        return self._moments[4]
+        """Σ (t − t̄)(x − x̄)ᵀ (O × D)."""
+        d = self.in_features
+        return self._centred_gram()[d:, :d].contiguous()
 
     @property
     def m_tt(self) -> torch.Tensor:
-        return self._moments[5]
+        """Σ (t − t̄)(t − t̄)ᵀ (O × O)."""
+        d = self.in_features
+        return self._centred_gram()[d:, d:].contiguous()
 
     def to(self, device: torch.device | str) -> "LinearStats":
         """A copy on ``device``."""
         out = LinearStats(self.in_features, self.out_features, device=device, precision=self.precision,
                           backend=self.backend)
-        out._moments = tuple(_to(v, out.device) for v in self._moments)
+        out._n, out._data_eps = self._n, self._data_eps
+        out._shift, out._r = self._shift.to(out.device, copy=True), self._r.to(out.device, copy=True)
         return out
 
     def __repr__(self) -> str:
@@ -220,9 +256,9 @@ class LinearStats:
 
     # ------------------------------------------------------------ loss and gradients
     def loss(self, weight: torch.Tensor, bias: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
-        """F.mse_loss(x·Wᵀ + b, t, reduction) over every row, from the statistics: 0-d fp64.
+        """F.mse_loss(x·Wᵀ + b, t, reduction) over every row, from the factor: 0-d fp64, ≥ 0.
 
-        weight (O, D), bias (O,) or None. O·D² work, no read of the data, no sync.
+        weight (O, D), bias (O,) or None. O·P² work, no read of the data, no sync.
         """
         sse, _ = self._residual_sums(weight, bias, reduction, need_grads=False)
         return sse
@@ -238,16 +274,21 @@ class LinearStats:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self._require_rows()
         w, b = self._parameters(weight, bias)
-        n, mean_x, mean_t, m_xx, m_tx, m_tt = self._moments
-        e = w @ mean_x + b - mean_t
-        wm = w @ m_xx
-        sse = (n * e * e + (w * (wm - 2.0 * m_tx)).sum(1) + m_tt.diagonal()).sum()
-        scale = loss_scale(reduction, n, self.out_features)
+        d, o = self.in_features, self.out_features
+        # c (P × O): the residual of output j over all rows is Z·c[:, j].
+        s_x, s_t = self._shift[:d], self._shift[d:]
+        c = torch.cat([(b + w @ s_x - s_t)[None, :], w.t(),
+                       -torch.eye(o, dtype=torch.float64, device=self.device)])
+        rc = self._r @ c
+        scale = loss_scale(reduction, self._n, o)
+        sse = rc.square().sum() * scale
         grads = None
         if need_grads:
-            grad_w = 2.0 * scale * (n * torch.outer(e, mean_x) + wm - m_tx)
-            grads = (grad_w, 2.0 * scale * n * e if bias is not None else None)
-        return sse * scale, grads
+            zr = self._r.t() @ rc  # Σ_rows z·r_jᵀ (P × O)
+            sum_r = zr[0]
+            grad_w = 2.0 * scale * (zr[1 : 1 + d].t() + torch.outer(sum_r, s_x))  # Σ r·xᵀ = Σ r·(x − s)ᵀ + Σ r·sᵀ
+            grads = (grad_w, 2.0 * scale * sum_r if bias is not None else None)
+        return sse, grads
 
     def _parameters(self, weight, bias):
         if not isinstance(weight, torch.Tensor) or weight.shape != (self.out_features, self.in_features):
@@ -256,7 +297,7 @@ class LinearStats:
         if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (self.out_features,)):
             raise ValueError(f"bias must have shape ({self.out_features},) or be None")
         w = weight.detach().to(self.device, torch.float64)
-        b = bias.detach().to(self.device, torch.float64) if bias is not None else torch.zeros_like(self.mean_t)
+        b = bias.detach().to(self.device, torch.float64) if bias is not None else w.new_zeros(self.out_features)
         return w, b
 
     def _require_rows(self) -> None:
@@ -264,212 +305,87 @@ class LinearStats:
             raise ValueError("these statistics hold no rows yet: update() them with data first")
 
     # ------------------------------------------------------------ exact solutions
-    def solve(self, alpha: float = 0.0, fit_intercept: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def solve(self, alpha: float = 0.0, fit_intercept: bool = True, *,
+              rcond: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The least-squares (alpha = 0) or ridge solution: (weight (O, D), bias (O,) or None), fp64.
 
         Minimises Σ_rows ‖W·x + b − t‖² + alpha·‖W‖² (scikit-learn's Ridge convention: the
         intercept is not penalised; fit_intercept=False fixes b = 0 and returns None for it).
-        Cholesky of the normal equations in fp64 on the statistics' device, after scaling them
-        to a unit diagonal. When they are rank-deficient or too ill-conditioned for the
-        statistics' accuracy, a warning names the numerical rank and the minimum-norm solution
-        (eigendecomposition, eigenvalues below the threshold dropped, like numpy.linalg.lstsq)
-        is returned instead. One host sync (the decision); the normal equations square the
-        condition number of the centred data, so for cond ≳ 1e6 (fp64 statistics) prefer a QR
-        solver on the data itself.
+        alpha: any real number ≥ 0 (Python, NumPy or 0-d tensor). From the factor, not the
+        normal equations: columns scaled to unit norm, the rank revealed by an SVD of the small
+        D × D factor (rcond, default max(D, 1)·ε of the coarser of the data and the
+        accumulation), then back substitution, or the minimum-norm least-squares solution on the
+        well-determined directions when the rank is below D (a warning states the rank). A
+        warning also says when the estimated correct digits fall below 4. One host sync.
         """
-        if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
-            raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
-        self._require_rows()
-        n, mean_x, mean_t, m_xx, m_tx, _ = self._moments
-        if fit_intercept:
-            a, rhs = m_xx, m_tx
-        else:  # uncentred: Σ x·xᵀ and Σ t·xᵀ
-            a, rhs = m_xx + n * torch.outer(mean_x, mean_x), m_tx + n * torch.outer(mean_t, mean_x)
-        a = a + alpha * torch.eye(self.in_features, dtype=a.dtype, device=a.device)
-        if not bool(torch.isfinite(a).all() & torch.isfinite(rhs).all()):
-            raise ValueError("the statistics are not finite: the data contain NaN or inf")
-        weight = self._solve_spd(a, rhs)
-        bias = mean_t - weight @ mean_x if fit_intercept else None
-        return weight, bias
+        des, sol = self._solution(alpha, fit_intercept, rcond)
+        return sol.weight, sol.bias
 
-    def _solve_spd(self, a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-        """W with W·a = rhs for symmetric positive semi-definite a (D × D), rhs (O × D)."""
-        d = a.shape[0]
-        threshold = max(d, 1) * _STATS_EPS[self.precision]
-        diag = a.diagonal()
-        scale = torch.where(diag > 0, diag.clamp_min(torch.finfo(a.dtype).tiny).rsqrt(), torch.ones_like(diag))
-        scaled = a * scale[:, None] * scale[None, :]
-        factor, info = torch.linalg.cholesky_ex(scaled)
-        # The smallest eigenvalue of the unit-diagonal matrix, from above: the smallest pivot and
-        # a few steps of inverse iteration (‖a⁻¹v‖ ≤ 1/λ_min for a unit v).
-        lam_min = torch.full((), float("inf"), dtype=a.dtype, device=a.device)
-        if d:
-            lam_min = factor.diagonal().square().min()
-            v = torch.ones((d, 1), dtype=a.dtype, device=a.device) / math.sqrt(d)
-            v = v + torch.linspace(-0.5, 0.5, d, dtype=a.dtype, device=a.device)[:, None] / d  # break symmetry
-            for _ in range(6):
-                v = torch.cholesky_solve(v, factor)
-                norm = v.norm()
-                lam_min = torch.minimum(lam_min, 1.0 / norm)
-                v = v / norm
-        ok = bool((info == 0) & torch.isfinite(lam_min) & (lam_min > threshold))  # the one sync
-        if ok:
-            return (torch.cholesky_solve((rhs * scale).t(), factor) * scale[:, None]).t()
-        eigenvalues, vectors = torch.linalg.eigh(a)
-        keep = eigenvalues > threshold * eigenvalues.max().clamp_min(0)
-        rank = int(keep.sum())
-        inverse = torch.where(keep, 1.0 / torch.where(keep, eigenvalues, torch.ones_like(eigenvalues)), 0.0)
-        warnings.warn(f"solve: the normal equations are rank-deficient or ill-conditioned for {self.precision} "
-                      f"statistics (numerical rank {rank} of {d}); returning the minimum-norm solution "
-                      f"(eigenvalues below {threshold:.1e} of the largest dropped)", RuntimeWarning, stacklevel=3)
-        return ((rhs @ vectors) * inverse) @ vectors.t()
+    def summary(self, alpha: float = 0.0, fit_intercept: bool = True, *,
+                rcond: float | None = None) -> solver.RegressionSummary:
+        """``solve``'s coefficients with statsmodels-style OLS results: standard errors, t values,
+        residual standard deviation, R² (uncentred without an intercept), adjusted R², degrees of
+        freedom, rank and condition number (linreg_fused.solver.RegressionSummary)."""
+        des, sol = self._solution(alpha, fit_intercept, rcond)
+        return solver.summarise(des, sol, solver.check_alpha(alpha))
+
+    def _solution(self, alpha, fit_intercept, rcond):
+        alpha = solver.check_alpha(alpha)
+        if rcond is not None and not (isinstance(rcond, (int, float)) and 0 <= rcond < 1):
+            raise ValueError(f"rcond must be a number in [0, 1) or None, got {rcond!r}")
+        self._require_rows()
+        if not bool(torch.isfinite(self._r).all()):
+            raise ValueError("the statistics are not finite: the data contain NaN or inf")
+        des = solver.design(self._r, self._shift, self._n, self.in_features, fit_intercept)
+        eps_factor = solver.EPS[self.precision]
+        eps_rank = max(eps_factor, min(self._data_eps, solver.EPS["fp32"]))
+        sol = solver.solve(des, alpha, eps_rank, rcond)
+        data = _DTYPE_NAMES.get(self._data_eps, "the") + " data"
+        data += "" if self.precision == "fp64" else ", fp32 accumulation"
+        solver.check_accuracy(des, sol, eps_factor, self._data_eps, data)
+        return des, sol
 
     # ------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
-        """Plain data: ``torch.save`` it; ``load_state_dict`` restores it."""
-        n, mean_x, mean_t, m_xx, m_tx, m_tt = self._moments
-        return {"n_rows": n, "mean_x": mean_x, "mean_t": mean_t, "m_xx": m_xx, "m_tx": m_tx, "m_tt": m_tt,
-                "precision": self.precision}
+        """Plain data (``torch.save`` it; ``load_state_dict`` restores it), independent of the shift:
+        n_rows, the means, the R factor of the centred [X, T] ((D+O) × (D+O)), the coarsest input's
+        unit roundoff (0-d) and the precision."""
+        means = self._means()
+        d = self.in_features
+        return {"n_rows": self._n, "mean_x": means[:d], "mean_t": means[d:], "factor": self._r[1:, 1:].clone(),
+                "input_eps": torch.tensor(self._data_eps, dtype=torch.float64), "precision": self.precision}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Replace these statistics with ``state`` (from ``state_dict``), on this device; the
-        shapes must match this object's."""
-        keys = ("n_rows", "mean_x", "mean_t", "m_xx", "m_tx", "m_tt", "precision")
+        """Replace these statistics with ``state``, on this device; the shapes must match this
+        object's. Also reads the moments format of earlier releases (n_rows, mean_x, mean_t, m_xx,
+        m_tx, m_tt, precision), converted to a factor with the same Gram."""
+        old = "m_xx" in state
+        keys = ("n_rows", "mean_x", "mean_t", *(("m_xx", "m_tx", "m_tt") if old else ("factor",)), "precision")
         missing = [k for k in keys if k not in state]
         if missing:
             raise KeyError(f"state_dict is missing {missing}")
         d, o = self.in_features, self.out_features
-        shapes = {"mean_x": (d,), "mean_t": (o,), "m_xx": (d, d), "m_tx": (o, d), "m_tt": (o, o)}
+        shapes = {"mean_x": (d,), "mean_t": (o,)}
+        shapes.update({"m_xx": (d, d), "m_tx": (o, d), "m_tt": (o, o)} if old else {"factor": (d + o, d + o)})
         for key, shape in shapes.items():
-            if tuple(state[key].shape) != shape:
-                raise ValueError(f"state_dict[{key!r}] has shape {tuple(state[key].shape)}, expected {shape}")
-        if not isinstance(state["n_rows"], int) or state["n_rows"] < 0:
-            raise ValueError(f"state_dict['n_rows'] must be an int >= 0, got {state['n_rows']!r}")
+            if not isinstance(state[key], torch.Tensor) or tuple(state[key].shape) != shape:
+                got = tuple(state[key].shape) if isinstance(state[key], torch.Tensor) else type(state[key]).__name__
+                raise ValueError(f"state_dict[{key!r}] has shape {got}, expected {shape}")
+        n = state["n_rows"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"state_dict['n_rows'] must be an int >= 0, got {n!r}")
         if state["precision"] not in PRECISIONS:
             raise ValueError(f"state_dict['precision'] must be one of {PRECISIONS}")
-        self._moments = (state["n_rows"], *(state[k].detach().to(self.device, torch.float64).clone() for k in shapes))
+        get = {k: state[k].detach().to(self.device, torch.float64) for k in shapes}
+        mean = torch.cat([get["mean_x"], get["mean_t"]])
+        if old:
+            gram = torch.cat([torch.cat([get["m_xx"], get["m_tx"].t()], 1), torch.cat([get["m_tx"], get["m_tt"]], 1)])
+            r = factor.from_moments(n, mean, gram)
+        else:
+            r = torch.zeros_like(self._r)
+            r[0, 0] = float(n) ** 0.5
+            r[1:, 1:] = get["factor"]
+        eps = state.get("input_eps")
+        self._n, self._shift, self._r = n, mean.clone(), r
+        self._data_eps = float(eps) if eps is not None else _UNIT_ROUNDOFF[torch.float64]
         self.precision = state["precision"]
-
-
-# ---------------------------------------------------------------- input handling
-def _default_precision(x: torch.Tensor) -> str:
-    return "fp64" if x.dtype == torch.float64 else "fp32"
-
-
-def _to(v, device):
-    return v.to(device) if isinstance(v, torch.Tensor) else v
-
-
-def _check_rows(x: Any, t: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, t) as 2-D (N, D), (N, O) views, checked; names the problem otherwise."""
-    for name, v in (("x", x), ("t", t)):
-        if not isinstance(v, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor (or a NumPy array in from_batches), got {type(v).__name__}")
-        if not v.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {v.dtype}")
-        if v.dim() < 1:
-            raise ValueError(f"{name} must have at least one dimension, got a scalar")
-    if x.dtype != t.dtype:
-        raise TypeError(f"x is {x.dtype} but t is {t.dtype}; they must match")
-    if x.device != t.device:
-        raise ValueError(f"x is on {x.device} but t is on {t.device}; move them to one device")
-    if x.shape[:-1] != t.shape[:-1]:
-        raise ValueError(f"x has shape {tuple(x.shape)} and t {tuple(t.shape)}: their leading dimensions differ")
-    x2, t2 = x.reshape(-1, x.shape[-1]), t.reshape(-1, t.shape[-1])
-    if x2.shape[0] == 0 or x2.shape[1] == 0 or t2.shape[1] == 0:
-        raise ValueError(f"empty data: x has shape {tuple(x.shape)}, t {tuple(t.shape)}")
-    return x2, t2
-
-
-def _as_tensor(v: Any) -> torch.Tensor:
-    if isinstance(v, torch.Tensor):
-        return v
-    if isinstance(v, np.ndarray):
-        if not v.flags.c_contiguous:
-            v = np.ascontiguousarray(v)
-        with warnings.catch_warnings():  # read-only (memory-mapped) arrays are only ever read here
-            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-            return torch.from_numpy(v)  # no copy: a memory-mapped chunk is read when it is used
-    raise TypeError(f"a chunk must be a (x, t) pair of tensors or NumPy arrays, got {type(v).__name__}")
-
-
-def row_chunks(x: Any, t: Any, chunk_rows: int) -> Iterator[tuple[Any, Any]]:
-    """(x[i:i+chunk_rows], t[i:i+chunk_rows]) for arrays, memory-mapped arrays or tensors."""
-    if not isinstance(chunk_rows, int) or chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
-    if len(x) != len(t):
-        raise ValueError(f"x has {len(x)} rows but t has {len(t)}")
-    for start in range(0, len(x), chunk_rows):
-        yield x[start : start + chunk_rows], t[start : start + chunk_rows]
-
-
-def _staged(batches: Iterable[tuple[Any, Any]], device: torch.device | None) -> Iterator[tuple[torch.Tensor, ...]]:
-    """The chunks as tensors on ``device``; on CUDA through double-buffered pinned memory."""
-    if device is not None and device.type == "cuda":
-        yield from _PinnedUploader(device).stream(batches)
-        return
-    for x, t in _unpack(batches):
-        yield (x, t) if device is None else (x.to(device), t.to(device))
-
-
-def _unpack(batches):
-    for chunk in batches:
-        try:
-            x, t = chunk
-        except (TypeError, ValueError):
-            raise TypeError(f"each chunk must be an (x, t) pair, got {type(chunk).__name__}") from None
-        yield _as_tensor(x), _as_tensor(t)
-
-
-class _PinnedUploader:
-    """Host chunks -> CUDA through two pinned buffers, copied on a side stream.
-
-    Chunk k is copied into pinned slot k % 2 (host memcpy), uploaded on the copy stream
-    and handed to the caller, whose kernels run on the current stream; while they run,
-    chunk k+1 is read into the other slot. Events order the reuse of each slot: the
-    host waits for the upload that last read a pinned slot, the copy stream for the
-    kernels that last read a device slot. Tensors already on the device pass through.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.copy_stream = torch.cuda.Stream(device)
-        self.slots: list[dict[str, Any]] = [{}, {}]
-
-    def _buffers(self, slot: dict[str, Any], x: torch.Tensor, t: torch.Tensor) -> dict[str, Any]:
-        """The slot's buffers, (re)allocated when a chunk is larger or shaped otherwise."""
-        fits = ("host_x" in slot and x.shape[0] <= slot["host_x"].shape[0] and x.dtype == slot["host_x"].dtype
-                and x.shape[1:] == slot["host_x"].shape[1:] and t.shape[1:] == slot["host_t"].shape[1:])
-        if not fits:
-            if "consumed" in slot:  # nothing may still read the buffers being replaced
-                slot["copied"].synchronize()
-                slot["consumed"].synchronize()
-            slot.update(host_x=torch.empty(x.shape, dtype=x.dtype, pin_memory=True),
-                        host_t=torch.empty(t.shape, dtype=t.dtype, pin_memory=True),
-                        dev_x=torch.empty(x.shape, dtype=x.dtype, device=self.device),
-                        dev_t=torch.empty(t.shape, dtype=t.dtype, device=self.device),
-                        copied=torch.cuda.Event(), consumed=torch.cuda.Event())
-        return slot
-
-    def stream(self, batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        compute = torch.cuda.current_stream(self.device)
-        for k, (x, t) in enumerate(_unpack(batches)):
-            if x.device == self.device and t.device == self.device:
-                yield x, t
-                continue
-            x, t = x.cpu(), t.cpu()
-            slot = self._buffers(self.slots[k % 2], x, t)
-            rows = x.shape[0]
-            slot["copied"].synchronize()  # the upload that last read this pinned slot is done
-            host_x, host_t = slot["host_x"][:rows], slot["host_t"][:rows]
-            host_x.copy_(x)
-            host_t.copy_(t)
-            dev_x, dev_t = slot["dev_x"][:rows], slot["dev_t"][:rows]
-            with torch.cuda.stream(self.copy_stream):
-                self.copy_stream.wait_event(slot["consumed"])  # kernels that last read this device slot
-                dev_x.copy_(host_x, non_blocking=True)
-                dev_t.copy_(host_t, non_blocking=True)
-                slot["copied"].record(self.copy_stream)
-            compute.wait_event(slot["copied"])
-            yield dev_x, dev_t
-            slot["consumed"].record(compute)

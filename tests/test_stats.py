@@ -19,7 +19,7 @@ from linreg_fused import FusedLinearRegressor, LinearStats
 from linreg_fused.stats import row_chunks
 
 # Relative error of statistics-derived values against float64 on well-conditioned data:
-# fp32 statistics carry ~1e-7 of the data's spread, fp64 ones ~1e-15.
+# a factor accumulated in fp32 carries ~1e-7 of the data's spread, an fp64 one ~1e-15.
 STAT_TOL = {"fp32": 1e-5, "fp64": 1e-11}
 
 
@@ -61,7 +61,7 @@ def test_loss_and_grads_match_float64_autograd(reduction, with_bias, backend):
 def test_dtypes_and_leading_dims(dtype, backend):
     x, t = problem(n=60, dtype=dtype)
     stats = LinearStats.from_tensors(x.reshape(3, 20, 6), t.reshape(3, 20, 3), backend=backend)
-    assert stats.precision == ("fp64" if dtype == torch.float64 else "fp32")
+    assert stats.precision == "fp64"  # every input dtype accumulates in fp64 unless asked otherwise
     w, b = torch.randn(3, 6, device=DEVICE, dtype=torch.float64), torch.randn(3, device=DEVICE, dtype=torch.float64)
     ref = linear_mse_grads(x, w, b, t)  # of the given (rounded) values, in float64
     assert_close(stats.loss(w, b), ref["loss"], STAT_TOL[stats.precision], "loss")
@@ -241,11 +241,39 @@ def test_state_dict_round_trip(backend):
     loaded = LinearStats(6, 3, device=DEVICE)
     loaded.load_state_dict(torch.load(buffer))
     assert loaded.n_rows == 40 and loaded.precision == stats.precision
-    assert all(torch.equal(a, b) for a, b in zip(moments_of(loaded), moments_of(stats)))
+    for a, b in zip(moments_of(loaded), moments_of(stats)):
+        assert_close(a, b, 1e-14, "round trip")
+    w = torch.randn(3, 6, dtype=torch.float64, device=DEVICE)
+    assert_close(loaded.loss(w), stats.loss(w), 1e-14, "loss after the round trip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the input's float32 resolution survives the round trip: no warning here
+        (lw, lb), (sw, sb) = loaded.solve(), stats.solve()
+    assert_close(torch.cat([lw, lb[:, None]], 1), torch.cat([sw, sb[:, None]], 1), 1e-12, "solution, round trip")
     with pytest.raises(ValueError, match=r"mean_x'\] has shape \(6,\), expected \(5,\)"):
         LinearStats(5, 3).load_state_dict(stats.state_dict())
+    with pytest.raises(KeyError, match="factor"):
+        LinearStats(6, 3).load_state_dict({k: v for k, v in stats.state_dict().items() if k != "factor"})
+
+
+def test_loads_the_moments_format_of_earlier_releases(backend):
+    """A state saved as moments (n_rows, means, centred co-moments) loads as a factor with the same Gram:
+    the same loss, gradients and solution as statistics built from the data."""
+    x, t = problem(n=50, dtype=torch.float64)
+    xc, tc = x - x.mean(0), t - t.mean(0)
+    old = {"n_rows": 50, "mean_x": x.mean(0), "mean_t": t.mean(0), "m_xx": xc.t() @ xc, "m_tx": tc.t() @ xc,
+           "m_tt": tc.t() @ tc, "precision": "fp64"}
+    loaded = LinearStats(6, 3, device=DEVICE)
+    loaded.load_state_dict(old)
+    fresh = LinearStats.from_tensors(x, t, backend=backend)
+    assert loaded.n_rows == 50
+    for a, b in zip(moments_of(loaded), moments_of(fresh)):
+        assert_close(a, b, 1e-12, "moments of the converted state")
+    w, b = torch.randn(3, 6, dtype=torch.float64, device=DEVICE), torch.randn(3, dtype=torch.float64, device=DEVICE)
+    assert_close(loaded.loss(w, b), fresh.loss(w, b), 1e-12, "loss")
+    assert_close(loaded.grads(w, b)[0], fresh.grads(w, b)[0], 1e-12, "dW")
+    assert_close(loaded.solve()[0], fresh.solve()[0], 1e-10, "solution")
     with pytest.raises(KeyError, match="m_tt"):
-        LinearStats(6, 3).load_state_dict({k: v for k, v in stats.state_dict().items() if k != "m_tt"})
+        LinearStats(6, 3).load_state_dict({k: v for k, v in old.items() if k != "m_tt"})
 
 
 def test_clear_errors():
@@ -267,8 +295,11 @@ def test_clear_errors():
         stats.loss(torch.zeros(6, 3))
     with pytest.raises(ValueError, match="reduction"):
         stats.loss(torch.zeros(3, 6), reduction="max")
-    with pytest.raises(ValueError, match="alpha"):
-        stats.solve(alpha=-1.0)
+    for alpha in (-1.0, float("nan"), True, "1", torch.ones(2)):
+        with pytest.raises(ValueError, match="alpha"):
+            stats.solve(alpha=alpha)
+    with pytest.raises(ValueError, match="rcond"):
+        stats.solve(rcond=2.0)
     with pytest.raises(ValueError, match="cannot merge"):
         stats.merge(LinearStats(5, 3))
     bad = x.clone()

@@ -275,3 +275,13 @@ def test_compiles_for_sm90_without_spills():
     kernels = {line.split("full")[1].split("regs")[0].strip() for line in lines}
     assert {"pass, diagonal", "pass fp64, diagonal", "epochs"} <= kernels, result.stdout
     assert all(" ok " in line for line in lines) and "no spills" in result.stdout, result.stdout
+
+
+def test_reference_moments_merge_their_chunks(monkeypatch):
+    """The reference pass (fit's statistics path on the torch backend) merges chunks with Chan's
+    pairwise update: chunks of 7 rows give the one-pass moments."""
+    from linreg_fused import reference
+
+    monkeypatch.setattr(reference, "MOMENT_CHUNK_ROWS", 7)
+    x, t = data(50, 4, 2, dtype=torch.float64)
+    check_moments(TORCH_OPS.linear_moments(x, t, fp64=True), oracle_moments(x, t), MOMENT_TOL["fp64"], "7-row chunks")
