@@ -2,7 +2,6 @@
 any work (paths first), warnings print as one line, and --help/--version answer without
 importing torch."""
 
-import os
 import subprocess
 import sys
 
