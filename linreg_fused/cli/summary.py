@@ -41,18 +41,17 @@ def derived_lr(stats: LinearStats, x: torch.Tensor, batch_size: int, momentum: f
 
 def standard_errors(stats: LinearStats | None, alpha: float, scale: np.ndarray | None) -> dict | None:
     """The exact solver's standard errors and t statistics for the coefficient table, from
-    LinearStats.summary; None where this version of LinearStats has no summary (the table then
-    shows the coefficients alone, never placeholder numbers).
+    LinearStats.summary; None without statistics (SGD: the table then shows the coefficients
+    alone, never placeholder numbers).
 
     scale: the features' standardisation (None: raw features). The coefficients are shown for
     raw features, w / scale, so their standard errors are divided by scale too (t is
     unchanged); the intercept's would need the coefficients' covariance, which the summary
     does not give, so it is left out then.
     """
-    summarize = getattr(stats, "summary", None)
-    if summarize is None:
+    if stats is None:
         return None
-    s = summarize(alpha=alpha, fit_intercept=True)
+    s = stats.summary(alpha=alpha, fit_intercept=True)
     std_err = torch.as_tensor(s.std_err, dtype=torch.float64).cpu()
     t_values = torch.as_tensor(s.t_values, dtype=torch.float64).cpu()
     if scale is not None:
