@@ -31,6 +31,7 @@ from .factor import qr_r
 
 EPS = {"fp64": 2.0**-53, "fp32": 2.0**-24}
 DIGITS_WARNING = 4.0  # warn when the estimated correct digits of a coefficient fall below this
+LIVE = 1e-3  # a coefficient below this fraction of the (scaled) fit is not judged by its relative digits
 
 
 def check_alpha(alpha: Any) -> float:
@@ -166,10 +167,11 @@ def check_accuracy(des: Design, sol: Solution, eps_factor: float, eps_data: floa
 
     The estimate, first order in the perturbations: with A the equilibrated design (norm σ₀) and
     A⁺ its pseudo-inverse on the kept directions, the scaled coefficient w_s[j] = (S·w)[j] moves by
-    about η·‖A⁺[j]‖, η = ε_accumulation·‖w_s‖ + ε_data·‖g∘w_s‖ + (ε_accumulation + ε_data)·‖t‖ with
-    g_j the uncentred over the centred norm of column j (storage rounds a value relative to itself,
-    the factor relative to the shifted column). The intercept t̄ − w·x̄ moves by η·‖A⁺ᵀ·S⁻¹·x̄‖ and by
-    the rounding of the means (the storage's rounding of n values averages out in their mean)."""
+    about η·‖A⁺[j]‖, η = ε_accumulation·‖w_s‖ + ε·‖g∘w_s‖ + (ε_accumulation + ε)·‖t‖ with
+    ε = ε_data/√n (the storage's roundings are independent: their effect along a fixed direction
+    grows like √n) and g_j the uncentred over the centred norm of column j (storage rounds a value
+    relative to itself, the factor relative to the shifted column). The intercept t̄ − w·x̄ moves by
+    η·‖A⁺ᵀ·S⁻¹·x̄‖ and by the rounding of the means (which averages out the same way)."""
     d, kind = des.d, "centred features" if des.intercept else "features"
     if sol.rank < d:
         warnings.warn(f"solve: the {kind} have numerical rank {sol.rank} of {d} (columns scaled to unit norm; "
@@ -183,19 +185,22 @@ def check_accuracy(des: Design, sol: Solution, eps_factor: float, eps_data: floa
     one = torch.ones((), dtype=norms.dtype, device=norms.device)
     tiny = torch.finfo(norms.dtype).tiny
     g_x = torch.where(norms > 0, torch.sqrt(norms.square() + n * des.mean_x.square()) / scale, one)  # (D,)
+    # The data's storage rounding: independent errors, so their effect on a coefficient (A⁺[j]·δA·w, a
+    # fixed direction of the row space against n roundings) grows like √n, not n as Cauchy-Schwarz
+    # would have it: ε_data/√n. (The worst case warned on ordinary float32 data ~1-3 digits too early.)
+    eps_store, eps_data = eps_data, eps_data / math.sqrt(max(n, 1))
     eps_t = eps_factor + eps_data
     t_norm = torch.sqrt(des.f[:, d:].square().sum(0) + (n * des.mean_t.square() if des.intercept else 0.0))
     w_s = sol.weight * scale  # (O, D)
     # (O,) the size of δA·w_s + δt: column j of A moves by ε_accumulation + ε_data·g_j (A's columns have unit norm)
     eta = eps_factor * w_s.norm(dim=1) + eps_data * (w_s * g_x).norm(dim=1) + eps_t * t_norm
-    # Only coefficients that carry at least 0.1% of the (scaled) fit: a noise-level coefficient beside
+    # Only coefficients that carry at least LIVE of the (scaled) fit: a noise-level coefficient beside
     # the ones that matter has few relative digits by nature, and warning about it helps no one.
-    live = w_s.abs() > 1e-3 * w_s.norm(dim=1, keepdim=True)
+    live = w_s.abs() > LIVE * w_s.norm(dim=1, keepdim=True)
     err = torch.where(live, (eta[:, None] * pinv.norm(dim=1)) / w_s.abs().clamp_min(tiny), 0.0)
     if des.intercept:  # x̄ᵀ·w = (S⁻¹·x̄)ᵀ·w_s: the errors of w_s along A⁺'s rows partly cancel in it
         terms = des.mean_t.abs() + sol.weight.abs() @ des.mean_x.abs()
-        through_w = (eta * (pinv.t() @ (des.mean_x / scale)).norm()
-                     + (eps_factor + eps_data / math.sqrt(n)) * terms)
+        through_w = eta * (pinv.t() @ (des.mean_x / scale)).norm() + (eps_factor + eps_data) * terms
         err_b = torch.where(sol.bias.abs() > sol.rcond * terms, through_w / sol.bias.abs().clamp_min(tiny), 0.0)
         err = torch.cat([err, err_b[:, None]], 1)  # column D: the intercept
     flat = err.reshape(-1)
@@ -203,12 +208,14 @@ def check_accuracy(des: Design, sol: Solution, eps_factor: float, eps_data: floa
     worst, worst_err = torch.stack([worst.to(flat.dtype), flat[worst]]).tolist()  # the one sync
     worst, kappa = int(worst), sol.kappa
     digits = -math.log10(worst_err) if worst_err > 0 else 16.0
+    available = -math.log10(max(eps_store, 2.0**-53))  # what the data's own precision can carry: 7 for float32
     if digits < DIGITS_WARNING:
         o, j = divmod(worst, err.shape[1])
         which = "the intercept" if j == d else f"the coefficient of feature {j}"
         warnings.warn(f"solve: condition number {kappa:.1e} of the {kind} (columns scaled to unit norm): {which} "
                       f"(output {o}) may have only ~{max(digits, 0):.0f} correct significant digits with {data_name} "
-                      f"(~{min(16, 16 - digits):.0f} of its digits at risk)", RuntimeWarning, stacklevel=4)
+                      f"(~{max(available - digits, 0):.0f} of the data's ~{available:.0f} at risk)", RuntimeWarning,
+                      stacklevel=4)
 
 
 @dataclass(frozen=True)

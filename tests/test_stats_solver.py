@@ -291,3 +291,25 @@ def test_wide_designs_estimate_their_condition_instead_of_an_svd():
     dup = torch.cat([x, x[:, :1]], 1)
     with pytest.warns(RuntimeWarning, match="numerical rank 300 of 301"):
         LinearStats.from_tensors(dup, t, backend="torch").solve()
+
+
+@pytest.mark.parametrize("n_rows", [57, 4000])
+def test_well_conditioned_float32_data_solve_quietly_and_keep_their_digits(n_rows, backend):
+    """Features of mean ~45 and spread ~1 (condition ~1 once centred), an intercept of ~30, float32
+    data: the solution keeps >= 5 digits of the float64 solution of the unrounded data, so the
+    digits warning (< 4) must stay quiet. (Its estimate once bounded the storage's n independent
+    roundings by Cauchy-Schwarz, ~√n too large, and warned on such data.)"""
+    rng = np.random.default_rng()
+    for _ in range(3):
+        x = rng.standard_normal((n_rows, 3)) * rng.uniform(0.5, 2, 3) + rng.uniform(40, 50, 3)
+        w, b = rng.uniform(0.5, 3, (2, 3)) * rng.choice([-1, 1], (2, 3)), rng.uniform(20, 40, 2)
+        y = x @ w.T + b + 0.5 * rng.standard_normal((n_rows, 2))
+        z = np.column_stack([x, np.ones(n_rows)])
+        exact = np.linalg.lstsq(z, y, rcond=None)[0]  # float64, unrounded data
+        x32, y32 = (torch.tensor(a, dtype=torch.float32, device=DEVICE) for a in (x, y))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # any warning fails the test
+            weight, bias = LinearStats.from_tensors(x32, y32, backend=backend).solve()
+        got = np.column_stack([weight.cpu().numpy(), bias.cpu().numpy()]).T  # (D + 1, O), as exact
+        digits = -np.log10(np.abs(got - exact) / np.abs(exact))
+        assert digits.min() >= 5.0, digits
