@@ -132,7 +132,10 @@ class FusedLinearRegressor(nn.Module):
         the model in DistributedDataParallel).
         """
         if isinstance(optimizer, FusedSGD):
-            weight, bias = self.weight, self.bias
+            # Straight from the dict nn.Module.__getattr__ would search (which costs 0.4 µs a parameter).
+            parameters = self._parameters
+            weight, bias = (parameters["weight"], parameters["bias"]) \
+                if "weight" in parameters and "bias" in parameters else (self.weight, self.bias)
             if not (isinstance(x, torch.Tensor) and isinstance(target, torch.Tensor) and x.dim() == target.dim() == 2):
                 functional.check_inputs(x, weight, bias, target)  # before reshape: errors name the shapes given
                 x, target = functional.rows(x), functional.rows(target)

@@ -15,7 +15,7 @@ import torch
 from conftest import DEVICE
 from oracle import random_problem
 
-from linreg_fused import FusedLinearRegressor, FusedSGD, backend, fused_sgd_step, step_cache
+from linreg_fused import FusedLinearRegressor, FusedSGD, backend, fused_sgd_step, step_cache, update_cache
 from linreg_fused.kernels import linear_mse_grad, reduce_update, sgd_step
 from linreg_fused.kernels import step as kernel_step
 
@@ -252,7 +252,7 @@ def test_one_launch_rule():
 def test_fused_sgd_step_repeat_path_is_the_full_path(options, monkeypatch):
     """FusedSGD.step() on .grad: the planned updates give the full path's numbers, and a parameter
     whose gradient goes missing (or a new flag) takes the full path again."""
-    real = step_cache.try_updates
+    real = update_cache.try_updates
     off, taken = {"on": False}, []
 
     def spy(opt):
@@ -260,7 +260,7 @@ def test_fused_sgd_step_repeat_path_is_the_full_path(options, monkeypatch):
         taken.append(done)
         return done
 
-    monkeypatch.setattr(step_cache, "try_updates", spy)
+    monkeypatch.setattr(update_cache, "try_updates", spy)
     (a, opt_a), (b, opt_b) = _pair(**options)
     g = torch.Generator().manual_seed(3)
     for i in range(6):
