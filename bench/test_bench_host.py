@@ -78,7 +78,8 @@ def worker():
 def _cases() -> list[str]:
     # The names without importing host_cases here (it installs the stand-in driver on import).
     return ["eager step (nn.Linear+F.mse_loss+backward+SGD, CPU 5x3->2)", "train_step (FusedSGD)",
-            "train_step (FusedSGD, momentum 0.9)", "loss(optimizer=).backward()", "FusedSGD.step()",
+            "train_step (FusedSGD, momentum 0.9)", "loss(optimizer=).backward()",
+            "autograd floor: empty Function.apply + backward()", "FusedSGD.step()",
             "torch.optim.SGD(foreach=True).step() (CPU)", "train_step (FusedSGD, 1024x256->16 plan)",
             "launch: JITFunction.run (kernel[grid](...))", "launch: FastLaunch (kernels/launch.py)"]
 
