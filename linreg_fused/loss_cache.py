@@ -28,7 +28,7 @@ from .ops import RegisteredOps
 from .ops import loss_scale as _loss_scale
 from .optim import FusedSGD, FusedUpdate
 from .repeat_checks import dispatch_modes, hyper_of, plain, plannable_slot, reader, tensor_guards
-from .step_cache import MAX_ENTRIES, _post_hooks, _pre_hooks, capturing, group_given, options
+from .step_cache import MAX_ENTRIES, _post_hooks, _pre_hooks, capturing, elsewhere, group_given, options, stream_of
 
 _increment_version = torch._C._increment_version
 
@@ -76,7 +76,7 @@ class RepeatLoss:
         self.reduction, self.backend, self.input_precision, self.matmul, self.setting = options
         self.guards = tensor_guards(*(t for t in (x, target, weight, bias) if t is not None))
         self.read = reader(slots, head=1 + len(slots))  # (grad_output, *params, *extras)
-        self.cuda = x.is_cuda
+        self.cuda, self.device_index, self.stream = x.is_cuda, x.device.index, stream_of(x)
         n, o = x.shape[0], weight.shape[0]
         scale = _loss_scale(reduction, n, o)
         self.rows_outputs_inputs, self.grad_scale = (n, o, weight.shape[1]), 2.0 * scale
@@ -158,7 +158,7 @@ def try_loss(x, weight, bias, target, optimizer, reduction, backend, input_preci
         if reduction != entry.reduction or backend != entry.backend or input_precision != entry.input_precision \
                 or entry.setting != _backend.STEP_LAUNCHES \
                 or (entry.matmul is not None and torch._C._get_float32_matmul_precision() != entry.matmul) \
-                or (entry.cuda and torch.cuda.is_current_stream_capturing()):
+                or (entry.cuda and elsewhere(entry)):
             return None
         # Which parameters the step updates is decided now, as the full path decides it: the same slots.
         # (The settings, buffers and values are read again by the backward.)

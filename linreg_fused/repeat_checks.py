@@ -14,9 +14,10 @@ full path's checks and plan depended on is unchanged. Per call that is:
   that checks each updated parameter is still in the same param group at
   the same place, that the group's flags (momentum ≠ 0, weight decay ≠ 0,
   nesterov, maximize, differentiable, a tensor learning rate) are the
-  plan's, that each momentum buffer is the planned tensor, and returns the
-  values the kernels take this call (learning rate, momentum, dampening,
-  weight decay, buffers): read at every call, as the full path reads them.
+  plan's, and returns the values the kernels take this call (learning
+  rate, momentum, dampening, weight decay, the momentum buffers and a
+  learning-rate tensor, whichever tensors they are now, guarded to have
+  the plan's layout): read at every call, as the full path reads them.
 
 What is not looked at, and why that is safe: data pointers (the launcher
 checks alignment, kernels/launch.py; a new pointer is just a new address);
@@ -150,10 +151,11 @@ def reader(slots: list[Slot], head: int = 0):
             lines += _flag_lines(slot, g, k)
         n = shared if shared is not None else k
         if slot.momentum:
-            ns[f"B{k}"] = slot.buffer
+            # The buffer of now, whichever tensor it is (replaced, loaded from a state_dict): the launch
+            # takes it as the full path would, once the guards below show it has the planned buffer's
+            # layout (what the full path would otherwise convert); none (a first step) fails them.
             lines += [f"    s{k} = optimizer.state.get(W{k})",
-                      f"    b{k} = None if s{k} is None else s{k}.get('momentum_buffer')",
-                      f"    if b{k} is not B{k}: return None"]
+                      f"    b{k} = None if s{k} is None else s{k}.get('momentum_buffer')"]
             guarded[f"b{k}"] = slot.buffer
             values += [f"b{k}", f"lr{n}", f"m{n}", f"m{n}", f"gw{n}"]
         else:

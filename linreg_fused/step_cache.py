@@ -65,6 +65,22 @@ def group_given(process_group) -> bool:
     return process_group is not False and (process_group is not None or distributed())
 
 
+def _current_stream(device_index: int) -> int:
+    return torch._C._cuda_getCurrentRawStream(device_index)
+
+
+def stream_of(x: torch.Tensor) -> int | None:
+    """The CUDA stream a plan's reused buffers are ordered on (None off CUDA)."""
+    return _current_stream(x.device.index) if x.is_cuda else None
+
+
+def elsewhere(entry) -> bool:
+    """Whether a CUDA plan's launch would not be ordered after its last one: during graph capture, or
+    on another stream than the plan's (its partial buffer and ticket are reused)."""
+    return entry.cuda and (torch.cuda.is_current_stream_capturing()
+                           or _current_stream(entry.device_index) != entry.stream)
+
+
 def capturing(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
@@ -73,13 +89,13 @@ class RepeatStep:
     """A planned step and the conditions under which it is still the step the full path would take."""
 
     def __init__(self, launches, x, weight, bias, target, row_index, options: tuple, slots: list[Slot]) -> None:
-        self.run = launches.run
+        self.launches, self.run = launches, launches.run
         self.weight, self.bias, self.indexed = weight, bias, row_index is not None
         self.reduction, self.backend, self.input_precision, self.matmul, self.setting = options
         self.guards = tensor_guards(*(t for t in (x, target, weight, bias, row_index) if t is not None))
         self.read = reader(slots)
         self.params = [slot.param for slot in slots]
-        self.cuda = x.is_cuda
+        self.cuda, self.device_index, self.stream = x.is_cuda, x.device.index, stream_of(x)
 
 
 def options(reduction: str, backend: str, input_precision: str, x: torch.Tensor) -> tuple:
@@ -114,7 +130,7 @@ def try_step(x, weight, bias, target, optimizer, reduction, row_index, backend, 
         if reduction != entry.reduction or backend != entry.backend or input_precision != entry.input_precision \
                 or entry.setting != _backend.STEP_LAUNCHES \
                 or (entry.matmul is not None and _matmul_precision() != entry.matmul) \
-                or (entry.cuda and torch.cuda.is_current_stream_capturing()):
+                or (entry.cuda and elsewhere(entry)):
             return None
         extras = entry.read(optimizer)
         if extras is None:

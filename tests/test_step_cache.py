@@ -74,6 +74,24 @@ def test_repeat_path_is_the_full_path_bitwise(options, launches, full_path_only,
     _assert_same(a, b, opt_a, opt_b)
 
 
+@pytest.mark.parametrize("launches", [1, 2])
+def test_several_programs_bitwise(launches, full_path_only, monkeypatch):
+    """64 rows: four programs under the interpreter, so the one-launch step's ticket picks a last
+    program that sums the others' rows (and resets the ticket for the next step), in the fixed order
+    of the two-launch path: the full path's bits, step after step."""
+    monkeypatch.setattr(backend, "STEP_LAUNCHES", launches)
+    (a, opt_a), (b, opt_b) = _pair(momentum=0.9, nesterov=True, weight_decay=0.01)
+    batches = [tuple(v.to(DEVICE) for v in random_problem(64, 4, 3)[::3]) for _ in range(4)]
+    plans = kernel_step.plans_made
+    for la, lb in zip(_run(a, opt_a, batches, full_path_only, off=False),
+                      _run(b, opt_b, batches, full_path_only, off=True)):
+        assert torch.equal(la, lb)
+    _assert_same(a, b, opt_a, opt_b)
+    planned = opt_a._linreg_repeat_steps[0].launches
+    assert kernel_step.plans_made > plans
+    assert planned.partials.shape[0] > 1 and planned.one_launch == (launches == 1)
+
+
 def test_the_repeat_path_plans_nothing(monkeypatch):
     """After the first call, a loop of steps builds no launch plan and no step plan."""
     model = FusedLinearRegressor(4, 3, backend="triton").to(DEVICE)
