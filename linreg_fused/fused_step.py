@@ -61,8 +61,8 @@ def fused_sgd_step(
 def _full_sgd_step(x, weight, bias, target, optimizer, reduction, row_index, backend, input_precision, validate,
                    process_group) -> torch.Tensor:
     """fused_sgd_step through the registered ops; plans the repeat-call path for the next call."""
-    if any(t is not None and _is_wrapped(t) for t in (x, weight, bias, target, row_index)) \
-            and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and any(t is not None and _is_wrapped(t)  # (Dynamo cannot trace it)
+                                                 for t in (x, weight, bias, target, row_index)):
         raise ValueError("fused_sgd_step (train_step with FusedSGD) applies an SGD step in place: it cannot run "
                          "under a torch.func transform (grad, vmap, jvp, ...); differentiate the loss instead")
     group = distributed.resolve_group(process_group)
