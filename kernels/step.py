@@ -83,13 +83,14 @@ class StepLaunches:
         keep = [i for i, n in enumerate(batch) if n in slot_of]
         names = ["loss_ptr", *(slot_of[batch[i]] for i in keep), *extras]
         update = FastLaunch(reduce, names, trusted=names)
-        n_batch = len(batch)
-
-        def two_launches(loss, *values):
-            grad_launch.launch(*values[:n_batch])
-            update.launch(loss, *[values[i] for i in keep], *values[n_batch:])
-
-        self.launch = Composed(two_launches)
+        # (loss, *batch, *extras) -> both launches, as straight-line code (slicing the values costs more)
+        values = [f"v{i}" for i in range(len(batch))]
+        more = [f"e{i}" for i in range(len(extras))]
+        namespace = {"GRAD": grad_launch, "UPDATE": update}
+        exec(f"def two_launches(loss, {', '.join(values + more)}):\n"
+             f"    GRAD.launch({', '.join(values)})\n"
+             f"    UPDATE.launch(loss, {', '.join([values[i] for i in keep] + more)})", namespace)
+        self.launch = Composed(namespace["two_launches"])
         self.run = self._run_function(self.launch)
 
     def _run_function(self, launcher):
