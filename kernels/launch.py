@@ -59,8 +59,12 @@ class FastLaunch:
         unknown = [n for n in self.varying + list(self.alias) + list(trusted) if n not in plan.args]
         if unknown:
             raise ValueError(f"{plan.kernel}: not runtime arguments of the plan: {unknown}")
-        self.values = {**plan.args, **plan.constexprs}  # every parameter's planned value
-        self.checked = [n for n in self.varying if isinstance(self.values[n], torch.Tensor) and n not in trusted]
+        # Every parameter's planned value; of a varying one only its kind (a tensor's dtype): the plan must
+        # not keep the tensors of the call it was made from alive (a batch, a gradient).
+        self.values = {**plan.args, **plan.constexprs}
+        for name in self.varying + list(self.alias):
+            self.values[name] = _Varying(self.values[name])
+        self.checked = [n for n in self.varying if _is_tensor(self.values[n]) and n not in trusted]
         self._prepare = _prepare_function(self.names, self.varying, self.alias, self.values, self.checked)
         self._arguments = _arguments_function(self.names, self.varying, self.alias, self.values)
         self.grid3 = (tuple(plan.grid) + (1, 1))[:3]
@@ -94,6 +98,19 @@ class FastLaunch:
             self._compiled[(device, bits)] = _launcher(compiled, self.grid3)
             if self.launch == self.__call__:  # the first variant compiled: its own launch function
                 self.launch = _direct_function(self, compiled, device, bits)
+
+
+class _Varying:
+    """Stands in for a varying argument's planned value: whether it is a tensor, and its dtype."""
+
+    __slots__ = ("dtype",)
+
+    def __init__(self, value: Any) -> None:
+        self.dtype = value.dtype if isinstance(value, torch.Tensor) else None
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) or (type(value) is _Varying and value.dtype is not None)
 
 
 class Composed:
@@ -134,8 +151,7 @@ def _sources(names: list[str], varying: list[str], alias: dict[str, str], planne
                 value = value.data_ptr()
             items.append(_literal(value, namespace, f"c{j}"))
         else:
-            tensor = isinstance(planned[varying[i]], torch.Tensor)
-            items.append(f"p{i}" if pointers and tensor else f"v{i}")
+            items.append(f"p{i}" if pointers and _is_tensor(planned[varying[i]]) else f"v{i}")
     return f"({', '.join(items)},)" if items else "()"
 
 
@@ -152,7 +168,7 @@ def _pointer_lines(varying: list[str], planned: dict, checked: list[str], namesp
                    mismatch: str) -> tuple[list[str], list[int]]:
     """Lines that return ``mismatch`` when a checked tensor changed dtype and take each varying
     tensor's address ``p<i>``; and the indices i of the varying tensors."""
-    tensors = [i for i, n in enumerate(varying) if isinstance(planned[n], torch.Tensor)]
+    tensors = [i for i, n in enumerate(varying) if _is_tensor(planned[n])]
     lines = []
     dtypes = [i for i in tensors if varying[i] in checked]
     for i in dtypes:
@@ -240,7 +256,8 @@ def _direct_function(fast: FastLaunch, compiled, device: int, bits: int):
 
 def _template(fast: FastLaunch) -> list:
     """Every parameter's planned value in order, fixed tensors as their addresses."""
-    return [v.data_ptr() if isinstance(v, torch.Tensor) else v for v in (fast.values[n] for n in fast.names)]
+    return [v.data_ptr() if isinstance(v, torch.Tensor) else None if type(v) is _Varying else v
+            for v in (fast.values[n] for n in fast.names)]
 
 
 def _current_device(driver):

@@ -42,7 +42,10 @@ class UpdatePlan:
         self.launches, start = [], 0
         for slot, grad in updated:
             target = ColumnTarget(0, slot.param.detach(), hyper_of(slot, slot.group), slot.buffer)
-            plan = plan_reduce_update(grad.view(1, -1), [target], scale=1.0)
+            # The pointers the kernel does not read point at a small tensor of the plan's own: the plan
+            # must not keep this step's gradient alive (zero_grad(set_to_none=True) frees it).
+            unread = torch.empty(1, dtype=grad.dtype, device=grad.device)
+            plan = plan_reduce_update(grad.view(1, -1), [target], scale=1.0, fallback=unread)
             names = ["partials_ptr", "a_out_ptr", *(f"a_{n}" for n in slot_extras(target))]
             stop = start + len(names) - 2
             # Every varying tensor is guarded (gradient, parameter) or read as planned (buffer, lr).

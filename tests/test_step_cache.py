@@ -292,3 +292,27 @@ def test_fused_sgd_step_repeat_path_is_the_full_path(options, monkeypatch):
             opt.step()
         _assert_same(a, b, opt_a, opt_b)
     assert sum(taken) >= 2, "the repeat path was never taken"
+
+
+def test_plans_keep_no_batch_or_gradient_alive():
+    """A plan is made from a call's tensors but must not hold them: after the repeat paths planned
+    (train_step, loss(optimizer=), FusedSGD.step()), the batch and the gradients they were planned
+    from are freed when the caller drops them (a large batch, zero_grad(set_to_none=True))."""
+    import gc
+    import weakref
+
+    model = FusedLinearRegressor(4, 3, backend="triton").to(DEVICE)
+    opt = FusedSGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, _, _, t = random_problem(9, 4, 3, device=DEVICE)
+    for _ in range(2):
+        model.train_step(x, t, opt)
+        model.loss(x, t, optimizer=opt).backward()
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert opt._linreg_repeat_steps and opt._linreg_repeat_losses and opt._linreg_repeat_updates
+    held = [weakref.ref(v) for v in (x, t, *(p.grad for p in model.parameters()))]
+    del x, t
+    opt.zero_grad(set_to_none=True)
+    gc.collect()
+    assert [r() is None for r in held] == [True] * len(held)
