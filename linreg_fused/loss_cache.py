@@ -90,7 +90,8 @@ class RepeatLoss:
         self.partials_like = sums.buffer
         # The caller guarantees the batch's dtypes (the guards); the buffer and loss are new, of the plan's.
         batch = ["partials_ptr", "loss_ptr", "x_ptr", "t_ptr", "w_ptr"] + (["b_ptr"] if bias is not None else [])
-        if sgd_step.one_launch(*sums.buffer.shape, device_profile(x.device)) and _backend.STEP_LAUNCHES != 2:
+        setting = _backend.STEP_LAUNCHES  # "auto": the rule; 1 or 2 force one (as kernels/step.py reads it)
+        if setting == 1 or (setting == "auto" and sgd_step.one_launch(*sums.buffer.shape, device_profile(x.device))):
             self._forward = FastLaunch(plan, batch, trusted=batch)
         else:
             grad, _ = linear_mse_grad.plan_linear_mse_partials(

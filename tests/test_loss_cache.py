@@ -60,6 +60,19 @@ def test_repeat_loss_is_the_full_path_bitwise(sgd, launches, switch, monkeypatch
     assert switch["hits"] >= 2
 
 
+@pytest.mark.parametrize("launches", [1, 2])
+def test_repeat_loss_with_several_programs(launches, switch, monkeypatch):
+    """64 rows, four programs: the one-launch forward's last program sums the others' rows into the loss."""
+    monkeypatch.setattr(backend, "STEP_LAUNCHES", launches)
+    models = _pair(momentum=0.9)
+    for _ in range(4):
+        x, _, _, t = random_problem(64, 4, 3, device=DEVICE)
+        _both(models, switch, x, t)
+    assert switch["hits"] >= 2
+    (model, opt), _ = models
+    assert opt._linreg_repeat_losses[0].partials_like.shape[0] > 1
+
+
 def test_two_losses_then_their_backwards(switch):
     """Each loss keeps its own partial sums until its backward; a backward after another loss's step
     changed the weight raises on both paths (autograd's version check), none steps from stale sums."""
