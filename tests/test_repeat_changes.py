@@ -314,3 +314,34 @@ def test_another_cuda_stream_takes_the_full_path(monkeypatch):
     assert step_cache.try_step(*args) is not None
     monkeypatch.setattr(step_cache, "_current_stream", lambda device: 8)
     assert step_cache.try_step(*args) is None
+
+
+def test_the_python_guards_see_what_tensorguards_sees():
+    """Where torch has no TensorGuards the repeat paths check the same properties in Python: both
+    must pass the planned layout and refuse each change."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from linreg_fused import repeat_checks
+
+    class Sub(torch.Tensor):
+        pass
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    planned = torch.randn(5, 3)
+    guards = [repeat_checks.tensor_guards(planned), repeat_checks._PythonGuards(planned)]
+    assert type(guards[0]).__name__ == "TensorGuards"
+    same = [torch.randn(5, 3), torch.randn(6, 3)[1:]]  # (an offset view: addresses are the launcher's)
+    changed = [torch.randn(5, 3).double(), torch.randn(3, 5).t(), torch.randn(5, 4), torch.randn(5, 3).as_subclass(Sub),
+               nn.Parameter(torch.randn(5, 3)), torch.randn(5, 3, requires_grad=True), torch.empty(5, 3, device="meta"),
+               None, 1.0]
+    with torch.inference_mode():
+        changed.append(torch.randn(5, 3))
+    for g in guards:
+        assert all(g.check(t) for t in same), type(g).__name__
+        assert not any(g.check(t) for t in changed), type(g).__name__
+        with Mode():
+            assert not g.check(planned), type(g).__name__
+        assert torch.func.vmap(lambda row: torch.tensor(g.check(row)))(torch.randn(2, 5, 3)).sum() == 0
