@@ -74,6 +74,26 @@ def loss_backward(shape: str = "tutorial") -> Callable[[], Any]:
     return lambda: model.loss(x, t, optimizer=opt).backward()
 
 
+class _Empty(torch.autograd.Function):
+    """autograd's floor: a custom Function that saves two parameters and makes a 0-d output,
+    and whose backward checks them and returns nothing."""
+
+    @staticmethod
+    def forward(ctx, weight, bias):
+        ctx.save_for_backward(weight, bias)
+        return torch.empty((), dtype=weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.saved_tensors  # noqa: B018
+        return None, None
+
+
+def autograd_floor(shape: str = "tutorial") -> Callable[[], Any]:
+    model, _ = _fused(shape)
+    return lambda: _Empty.apply(model.weight, model.bias).backward()
+
+
 def _with_grads(model: nn.Module) -> None:
     for p in model.parameters():
         p.grad = torch.randn_like(p)
@@ -103,7 +123,8 @@ def _grad_launch(fast: bool) -> Callable[[], Any]:
     if not fast:
         return plan.launch
     launch = FastLaunch(plan, ["x_ptr", "w_ptr", "b_ptr", "t_ptr"])
-    return lambda: launch(x, w, b, t)
+    launch(x, w, b, t)  # compiles; then .launch is the generated launch function the steps call
+    return lambda: launch.launch(x, w, b, t)
 
 
 # name -> (setup, is the group's baseline)
@@ -112,6 +133,7 @@ CASES: dict[str, tuple[Callable[[], Callable[[], Any]], bool]] = {
     "train_step (FusedSGD)": (train_step, False),
     "train_step (FusedSGD, momentum 0.9)": (lambda: train_step(momentum=0.9), False),
     "loss(optimizer=).backward()": (loss_backward, False),
+    "autograd floor: empty Function.apply + backward()": (autograd_floor, False),
     "FusedSGD.step()": (fused_sgd_dot_step, False),
     "torch.optim.SGD(foreach=True).step() (CPU)": (torch_sgd_foreach_step, False),
     "train_step (FusedSGD, 1024x256->16 plan)": (lambda: train_step("minibatch"), False),

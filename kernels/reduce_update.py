@@ -247,18 +247,22 @@ def plan_reduce_update(
     loss_scale: float = 1.0,
     config: ReduceConfig | None = None,
     profile: DeviceProfile | None = None,
+    fallback: torch.Tensor | None = None,
 ) -> LaunchPlan:
-    """The launch of reduce_update_ (see there); profile: the device to plan for (default: partials' device)."""
+    """The launch of reduce_update_ (see there); profile: the device to plan for (default: partials' device).
+    fallback: what the pointers the kernel does not read point at (default: partials; a plan kept for
+    later launches gives a small tensor of its own, so as not to keep the first call's partials alive)."""
     if not 1 <= len(targets) <= 2:
         raise ValueError(f"one launch takes one or two targets, got {len(targets)}")
     n_columns = sum(t.out.numel() for t in targets)
     cfg = config or reduce_config(partials.shape[0], n_columns, profile or device_profile(partials.device))
-    a, a_constants = target_args("a", targets[0], partials)
-    b, b_constants = target_args("b", targets[1] if len(targets) == 2 else None, partials)
+    fallback = partials if fallback is None else fallback
+    a, a_constants = target_args("a", targets[0], fallback)
+    b, b_constants = target_args("b", targets[1] if len(targets) == 2 else None, fallback)
     grid = (triton.cdiv(a["a_n_cols"], cfg.block_cols) + triton.cdiv(b["b_n_cols"], cfg.block_cols),)
     acc = _acc_of(partials, *(t.out for t in targets))
-    args = dict(partials_ptr=partials, grad_output_ptr=grad_output if grad_output is not None else partials,
-                loss_ptr=loss_out if loss_out is not None else partials, scale=float(scale),
+    args = dict(partials_ptr=partials, grad_output_ptr=grad_output if grad_output is not None else fallback,
+                loss_ptr=loss_out if loss_out is not None else fallback, scale=float(scale),
                 loss_scale=float(loss_scale), n_partials=partials.shape[0], stride_partials=partials.stride(0),
                 loss_column=loss_column, **a, **b)
     # BLOCK_P is the summation's lane count (summation_lanes), not the config's: it fixes the order of the sums.

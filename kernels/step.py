@@ -19,7 +19,7 @@ import torch
 
 from . import sgd_step
 from .config import device_profile
-from .launch import FastLaunch
+from .launch import Composed, FastLaunch
 from .linear_mse_grad import plan_linear_mse_partials
 from .reduce_update import plan_reduce_update
 from .specs import ColumnTarget
@@ -65,9 +65,11 @@ class StepLaunches:
         extras = [f"{slot}_{name}" for slot, t in zip("ab", targets) for name in slot_extras(t)]
         batch = ["x_ptr", "t_ptr", "w_ptr"] + (["b_ptr"] if bias is not None else []) + \
             (["row_index_ptr"] if row_index is not None else [])
+        # The caller guarantees the planned dtypes (and layouts) of the batch and the extras; the loss is ours.
+        trusted = ["loss_ptr", *batch, *extras]
         if self.one_launch:
-            self.launch = FastLaunch(plan, ["loss_ptr", *batch, *extras], alias=outputs)
-            self.run = self._run_function()
+            self.launch = FastLaunch(plan, ["loss_ptr", *batch, *extras], alias=outputs, trusted=trusted)
+            self.run = self._run_function(self.launch)
             return
         grad, _ = plan_linear_mse_partials(x, weight, bias, target, row_index=row_index,
                                            input_precision=input_precision)
@@ -75,43 +77,45 @@ class StepLaunches:
                          row_index_ptr=row_index if row_index is not None else self.partials)
         reduce = plan_reduce_update(self.partials, targets, scale=scale, loss_out=self.loss_like,
                                     loss_column=sums.loss_column, loss_scale=loss_scale)
-        grad_launch = FastLaunch(grad, batch)
+        grad_launch = FastLaunch(grad, batch, trusted=batch)
         # The reduce kernel sees the parameters only as its targets' outputs.
         slot_of = {param: slot for slot, param in outputs.items()}
         keep = [i for i, n in enumerate(batch) if n in slot_of]
-        update = FastLaunch(reduce, ["loss_ptr", *(slot_of[batch[i]] for i in keep), *extras])
-        n_batch = len(batch)
+        names = ["loss_ptr", *(slot_of[batch[i]] for i in keep), *extras]
+        update = FastLaunch(reduce, names, trusted=names)
+        # (loss, *batch, *extras) -> both launches, as straight-line code (slicing the values costs more)
+        values = [f"v{i}" for i in range(len(batch))]
+        more = [f"e{i}" for i in range(len(extras))]
+        namespace = {"GRAD": grad_launch, "UPDATE": update}
+        exec(f"def two_launches(loss, {', '.join(values + more)}):\n"
+             f"    GRAD.launch({', '.join(values)})\n"
+             f"    UPDATE.launch(loss, {', '.join([values[i] for i in keep] + more)})", namespace)
+        self.launch = Composed(namespace["two_launches"])
+        self.run = self._run_function(self.launch)
 
-        def two_launches(loss, *values):
-            grad_launch(*values[:n_batch])
-            update(loss, *[values[i] for i in keep], *values[n_batch:])
-
-        self.launch = two_launches
-
-        self.run = self._run_function()
-
-    def _run_function(self):
-        """(x, weight, bias, target, row_index, extras) -> loss, for this plan's inputs."""
-        launch, new_loss = self.launch, self.loss_like.new_empty
+    def _run_function(self, launcher):
+        """(x, weight, bias, target, row_index, extras) -> loss, for this plan's inputs; ``launcher.launch``
+        is the launch function of the moment (FastLaunch swaps in a faster one once it has compiled)."""
+        new_loss, loss_like = torch.empty_like, self.loss_like  # (empty_like: the cheapest new 0-d tensor)
         if self.has_bias and self.has_index:
             def run(x, weight, bias, target, row_index, extras):
-                loss = new_loss(())
-                launch(loss, x, target, weight, bias, row_index, *extras)
+                loss = new_loss(loss_like)
+                launcher.launch(loss, x, target, weight, bias, row_index, *extras)
                 return loss
         elif self.has_bias:
             def run(x, weight, bias, target, row_index, extras):
-                loss = new_loss(())
-                launch(loss, x, target, weight, bias, *extras)
+                loss = new_loss(loss_like)
+                launcher.launch(loss, x, target, weight, bias, *extras)
                 return loss
         elif self.has_index:
             def run(x, weight, bias, target, row_index, extras):
-                loss = new_loss(())
-                launch(loss, x, target, weight, row_index, *extras)
+                loss = new_loss(loss_like)
+                launcher.launch(loss, x, target, weight, row_index, *extras)
                 return loss
         else:
             def run(x, weight, bias, target, row_index, extras):
-                loss = new_loss(())
-                launch(loss, x, target, weight, *extras)
+                loss = new_loss(loss_like)
+                launcher.launch(loss, x, target, weight, *extras)
                 return loss
         return run
 

@@ -4,15 +4,21 @@
 tensors when Triton's interpreter is on (``TRITON_INTERPRET=1``, set before
 the first kernel is used); otherwise the pure-PyTorch reference.
 ``"triton"`` and ``"torch"`` force one; asking for Triton where it cannot run
-is an error that says why. Nothing is probed at import time: the kernels are
-imported on first use.
+is an error that says why: Triton missing, older than ``MIN_TRITON`` (a
+CUDA build of torch may bring an older one), or the interpreter off or set
+too late. Nothing is probed at import time: the kernels are imported on
+first use. What cannot change within a process (whether Triton is installed,
+its version, whether the interpreter runs these kernels) is looked up once;
+TRITON_INTERPRET and how Triton was imported are read at every call.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 import os
+import re
 import sys
 from dataclasses import replace
 
@@ -30,33 +36,92 @@ BACKENDS = ("auto", "triton", "torch")
 STEP_LAUNCHES: str | int = "auto"
 
 
+# The oldest Triton the kernels run on: tl.dot with M or N below 16 (small O) is refused before 3.6.
+# PyPI's CUDA builds of torch bring their own Triton (torch 2.11: 3.6), which may be older.
+MIN_TRITON = (3, 6)
+
+
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
     """Why the Triton kernels cannot run on ``device``, or None if they can."""
-    if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed (pip install triton)"
+    reason = _installation_problem()
+    if reason is not None:
+        return reason
     if device.type == "cuda":
         return None
     if device.type == "cpu":
-        if interpreter_enabled():
-            if not _interpreter_consistent():
-                return ("TRITON_INTERPRET=1 was set after Triton was imported (PyTorch imports it lazily, e.g. "
-                        "in optimizer steps), so Triton's own functions were built for a GPU; set it in the "
-                        "environment before the program starts")
-            from .kernels.probe import interpreter_runs_runtime_loops
+        return _cpu_problem(interpreter_enabled(), _interpreter_consistent())
+    return f"Triton kernels run on CUDA devices (or the CPU through the interpreter), not on {device.type!r}"
 
-            if not interpreter_runs_runtime_loops():
-                import triton
 
-                return (f"Triton {triton.__version__}'s interpreter cannot run a loop over a runtime bound with "
-                        "this NumPy (it reads the bound with int() of a 1-element array; Triton 3.9's does not)")
-            return None
+@functools.cache
+def _cpu_problem(interpreting: bool, consistent: bool) -> str | None:
+    """Why the kernels cannot run on CPU tensors, for the interpreter's setting and its consistency with
+    how Triton was imported (both read at every call: the environment may change); the probe of the
+    interpreter runs once."""
+    if not interpreting:
         return ("the tensors are on the CPU and Triton's interpreter is off; use CUDA tensors, or set "
                 "TRITON_INTERPRET=1 in the environment before the first kernel runs")
-    return f"Triton kernels run on CUDA devices (or the CPU through the interpreter), not on {device.type!r}"
+    if not consistent:
+        return ("TRITON_INTERPRET=1 was set after Triton was imported (PyTorch imports it lazily, e.g. "
+                "in optimizer steps), so Triton's own functions were built for a GPU; set it in the "
+                "environment before the program starts")
+    from .kernels.probe import interpreter_runs_runtime_loops
+
+    if not interpreter_runs_runtime_loops():
+        import triton
+
+        return (f"Triton {triton.__version__}'s interpreter cannot run a loop over a runtime bound with "
+                "this NumPy (it reads the bound with int() of a 1-element array; Triton 3.9's does not)")
+    return None
+
+
+@functools.cache
+def _installation_problem() -> str | None:
+    """Why no Triton can run here at all (none installed, or one older than MIN_TRITON), or None.
+    Cached: what is installed does not change under a running process (import_module caches it
+    too), and a search of sys.path at every op (find_spec) costs more than the op's launch."""
+    version = triton_version()
+    if version is None:
+        return "Triton is not installed (pip install 'linreg-fused[triton]', or triton itself)"
+    release = _release(version)
+    if release is not None and release < MIN_TRITON:
+        wanted = ".".join(map(str, MIN_TRITON))
+        return (f"Triton {version} is installed, but the kernels need Triton >= {wanted} (older releases refuse "
+                f"their small matrix products); upgrade it (pip install 'triton>={wanted}'), or a torch build that "
+                f"brings a newer one")
+    return None
+
+
+def triton_version() -> str | None:
+    """The installed Triton's version, read without importing it (importing Triton decides whether its
+    interpreter is on: see _interpreter_consistent), or None when none is installed; "" if unknown."""
+    module = sys.modules.get("triton")
+    if module is not None:
+        return str(getattr(module, "__version__", ""))
+    spec = importlib.util.find_spec("triton")
+    if spec is None:
+        return None
+    try:  # triton/__init__.py states it: __version__ = '3.9.0'
+        with open(spec.origin, encoding="utf-8") as init:
+            found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", init.read(), re.MULTILINE)
+        if found:
+            return found.group(1)
+    except (OSError, TypeError):
+        pass
+    try:  # or its distribution's metadata
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def _release(version: str) -> tuple[int, int] | None:
+    """(major, minor) of a version string ("3.6.0", "3.7.0+git1234", "3.5.1rc2"), or None if unreadable."""
+    found = re.match(r"\s*(\d+)\.(\d+)", version)
+    return (int(found.group(1)), int(found.group(2))) if found else None
 
 
 def _interpreter_consistent() -> bool:

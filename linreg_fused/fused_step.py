@@ -13,6 +13,8 @@ from .checks import _check_options, check_inputs
 from .kernels.specs import GradPartials, accumulator_dtype
 from .ops import RegisteredOps, loss_scale
 
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
 
 def fused_sgd_step(
     x: torch.Tensor,
@@ -59,6 +61,10 @@ def fused_sgd_step(
 def _full_sgd_step(x, weight, bias, target, optimizer, reduction, row_index, backend, input_precision, validate,
                    process_group) -> torch.Tensor:
     """fused_sgd_step through the registered ops; plans the repeat-call path for the next call."""
+    if not torch.compiler.is_compiling() and any(t is not None and _is_wrapped(t)  # (Dynamo cannot trace it)
+                                                 for t in (x, weight, bias, target, row_index)):
+        raise ValueError("fused_sgd_step (train_step with FusedSGD) applies an SGD step in place: it cannot run "
+                         "under a torch.func transform (grad, vmap, jvp, ...); differentiate the loss instead")
     group = distributed.resolve_group(process_group)
     if validate:
         _check_options(reduction, input_precision, backend)

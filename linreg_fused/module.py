@@ -107,7 +107,8 @@ class FusedLinearRegressor(nn.Module):
         if optimizer is not None and not isinstance(optimizer, FusedSGD):
             raise TypeError(f"loss(optimizer=) takes a FusedSGD, got {type(optimizer).__name__}; with other "
                             f"optimizers call loss.backward() and optimizer.step() yourself")
-        return functional.linear_mse(x, self.weight, self.bias, target, reduction, optimizer=optimizer,
+        weight, bias = _weight_and_bias(self)
+        return functional.linear_mse(x, weight, bias, target, reduction, optimizer=optimizer,
                                      backend=self.backend, input_precision=self.input_precision,
                                      process_group=process_group)
 
@@ -132,7 +133,7 @@ class FusedLinearRegressor(nn.Module):
         the model in DistributedDataParallel).
         """
         if isinstance(optimizer, FusedSGD):
-            weight, bias = self.weight, self.bias
+            weight, bias = _weight_and_bias(self)
             if not (isinstance(x, torch.Tensor) and isinstance(target, torch.Tensor) and x.dim() == target.dim() == 2):
                 functional.check_inputs(x, weight, bias, target)  # before reshape: errors name the shapes given
                 x, target = functional.rows(x), functional.rows(target)
@@ -213,6 +214,15 @@ class FusedLinearRegressor(nn.Module):
     def extra_repr(self) -> str:
         extra = "" if self.backend == "auto" else f", backend={self.backend!r}"
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{extra}"
+
+
+def _weight_and_bias(model: FusedLinearRegressor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """model.weight, model.bias, straight from the dict nn.Module.__getattr__ would search for them
+    (0.4 µs a parameter: a tenth of a repeated train_step)."""
+    parameters = model._parameters
+    if "weight" in parameters and "bias" in parameters:
+        return parameters["weight"], parameters["bias"]
+    return model.weight, model.bias
 
 
 def _size(name: str, value: Any) -> int:

@@ -12,7 +12,7 @@ from torch.optim.sgd import sgd as sgd_functional
 
 from .backend import BACKENDS, triton_unavailable_reason
 from .kernels.specs import ColumnTarget, GradPartials, SGDHyper
-from . import step_cache
+from . import update_cache
 from .ops import RegisteredOps
 
 
@@ -200,8 +200,8 @@ class FusedSGD(torch.optim.SGD):
     # ------------------------------------------------------------ steps
     def step(self, closure=None):
         """Apply the update to every parameter that has a ``.grad``."""
-        # A step like the last one: its planned launches (step_cache.py; no autograd op runs there).
-        if closure is None and step_cache.try_updates(self):
+        # A step like the last one: its planned launches (update_cache.py; no autograd op runs there).
+        if closure is None and update_cache.try_updates(self):
             return None
         return self._step(closure)
 
@@ -211,7 +211,7 @@ class FusedSGD(torch.optim.SGD):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-            if step_cache.try_updates(self):
+            if update_cache.try_updates(self):
                 return loss
         updated = []
         for group in self.param_groups:
@@ -247,7 +247,7 @@ class FusedSGD(torch.optim.SGD):
                     raise
                 if param is p and grad is p.grad:  # not a complex one's real view, not a sparse gradient made dense
                     updated.append((group, p, grad))
-        step_cache.remember_updates(self, updated)
+        update_cache.remember_updates(self, updated)
         return loss
 
     def _sparse_step(self, group: dict, param: torch.Tensor) -> None:
@@ -315,9 +315,16 @@ class FusedUpdate:
         if any(self.left_out) and not any(self.groups):  # fail now, not inside backward
             raise ValueError("the weight and bias that require grad are not in the optimizer, so its step would "
                              "update nothing; build FusedSGD from the model's parameters (model.parameters())")
-        for group in self.groups:
+        for param, group in zip(params, self.groups):
             if group is not None:
                 _check_flags(group, "FusedSGD")
+                if group["momentum"] != 0:
+                    # The parameter's state entry exists before the backward (an empty dict until the step
+                    # puts its buffer there, as SGD's step makes it): a compiled region that runs the fused
+                    # backward has Dynamo compile the backward as a frame of its own, and a key added to
+                    # optimizer.state there was written back keyed by ctx.saved_tensors' parameter, read after
+                    # the step changed it ("modified by an inplace operation").
+                    optimizer.state[param]  # noqa: B018 (defaultdict: the lookup makes the entry)
 
     def apply_(
         self,
@@ -337,9 +344,13 @@ class FusedUpdate:
         schedulers see it."""
         optimizer = self.optimizer
         optimizer._pre_step_hooks()
+        # The groups of now (as optimizer.step() reads them): a state_dict loaded since the loss was
+        # made brings new group dicts. Which parameters are trained was decided with the loss.
+        params = (self.weight, self.bias)
+        groups = tuple(None if g is None else optimizer.group_of(p) for p, g in zip(params, self.groups))
         targets, new_buffers = [], []
         last_group, hyper = None, None
-        for param, group, (col_start, _) in zip((self.weight, self.bias), self.groups,
+        for param, group, (col_start, _) in zip(params, groups,
                                                 (partials.weight_columns, partials.bias_columns)):
             if group is None:
                 continue

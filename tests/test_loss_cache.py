@@ -60,6 +60,19 @@ def test_repeat_loss_is_the_full_path_bitwise(sgd, launches, switch, monkeypatch
     assert switch["hits"] >= 2
 
 
+@pytest.mark.parametrize("launches", [1, 2])
+def test_repeat_loss_with_several_programs(launches, switch, monkeypatch):
+    """64 rows, four programs: the one-launch forward's last program sums the others' rows into the loss."""
+    monkeypatch.setattr(backend, "STEP_LAUNCHES", launches)
+    models = _pair(momentum=0.9)
+    for _ in range(4):
+        x, _, _, t = random_problem(64, 4, 3, device=DEVICE)
+        _both(models, switch, x, t)
+    assert switch["hits"] >= 2
+    (model, opt), _ = models
+    assert opt._linreg_repeat_losses[0].partials_like.shape[0] > 1
+
+
 def test_two_losses_then_their_backwards(switch):
     """Each loss keeps its own partial sums until its backward; a backward after another loss's step
     changed the weight raises on both paths (autograd's version check), none steps from stale sums."""
@@ -105,3 +118,39 @@ def test_create_graph_is_refused_and_inputs_that_need_grad_take_the_full_path(sw
     xg = x.clone().requires_grad_()
     model.loss(xg, t, optimizer=opt).backward()
     assert switch["hits"] == hits and xg.grad is not None
+
+
+def test_a_state_dict_loaded_between_the_loss_and_its_backward_is_the_one_stepped(switch):
+    """loss.backward(); opt.step() steps with the optimizer of that moment: a state_dict loaded in
+    between (new group dicts, a new lr and buffers) is what the fused backward uses, on both paths
+    (the full path used the group dicts of the loss before), as torch.optim.SGD does (float64)."""
+    torch.manual_seed(0)
+    models = [FusedLinearRegressor(4, 3, backend="triton", dtype=torch.float64).to(DEVICE) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    ref = torch.nn.Linear(4, 3, dtype=torch.float64, device=DEVICE)
+    ref.load_state_dict(models[0].state_dict())
+    opts = [FusedSGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(3)
+    for step in range(4):
+        x = torch.randn(11, 4, generator=g, dtype=torch.float64).to(DEVICE)
+        t = torch.randn(11, 3, generator=g, dtype=torch.float64).to(DEVICE)
+        for (model, opt), off in zip(zip(models, opts), (False, True)):
+            switch["off"] = off
+            loss = model.loss(x, t, optimizer=opt)
+            if step == 3:
+                state = copy.deepcopy(opt.state_dict())
+                state["param_groups"][0]["lr"] = 0.2
+                opt.load_state_dict(state)
+            loss.backward()
+        ref_opt.zero_grad()
+        torch.nn.functional.mse_loss(ref(x), t).backward()
+        if step == 3:
+            state = copy.deepcopy(ref_opt.state_dict())
+            state["param_groups"][0]["lr"] = 0.2
+            ref_opt.load_state_dict(state)
+        ref_opt.step()
+    assert switch["hits"] >= 2
+    for p, q, r in zip(models[0].parameters(), models[1].parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+        assert torch.allclose(p, r, rtol=1e-12, atol=1e-12)

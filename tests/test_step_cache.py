@@ -15,7 +15,7 @@ import torch
 from conftest import DEVICE
 from oracle import random_problem
 
-from linreg_fused import FusedLinearRegressor, FusedSGD, backend, fused_sgd_step, step_cache
+from linreg_fused import FusedLinearRegressor, FusedSGD, backend, fused_sgd_step, step_cache, update_cache
 from linreg_fused.kernels import linear_mse_grad, reduce_update, sgd_step
 from linreg_fused.kernels import step as kernel_step
 
@@ -72,6 +72,24 @@ def test_repeat_path_is_the_full_path_bitwise(options, launches, full_path_only,
     for la, lb in zip(losses_a, losses_b):
         assert torch.equal(la, lb)
     _assert_same(a, b, opt_a, opt_b)
+
+
+@pytest.mark.parametrize("launches", [1, 2])
+def test_several_programs_bitwise(launches, full_path_only, monkeypatch):
+    """64 rows: four programs under the interpreter, so the one-launch step's ticket picks a last
+    program that sums the others' rows (and resets the ticket for the next step), in the fixed order
+    of the two-launch path: the full path's bits, step after step."""
+    monkeypatch.setattr(backend, "STEP_LAUNCHES", launches)
+    (a, opt_a), (b, opt_b) = _pair(momentum=0.9, nesterov=True, weight_decay=0.01)
+    batches = [tuple(v.to(DEVICE) for v in random_problem(64, 4, 3)[::3]) for _ in range(4)]
+    plans = kernel_step.plans_made
+    for la, lb in zip(_run(a, opt_a, batches, full_path_only, off=False),
+                      _run(b, opt_b, batches, full_path_only, off=True)):
+        assert torch.equal(la, lb)
+    _assert_same(a, b, opt_a, opt_b)
+    planned = opt_a._linreg_repeat_steps[0].launches
+    assert kernel_step.plans_made > plans
+    assert planned.partials.shape[0] > 1 and planned.one_launch == (launches == 1)
 
 
 def test_the_repeat_path_plans_nothing(monkeypatch):
@@ -252,7 +270,7 @@ def test_one_launch_rule():
 def test_fused_sgd_step_repeat_path_is_the_full_path(options, monkeypatch):
     """FusedSGD.step() on .grad: the planned updates give the full path's numbers, and a parameter
     whose gradient goes missing (or a new flag) takes the full path again."""
-    real = step_cache.try_updates
+    real = update_cache.try_updates
     off, taken = {"on": False}, []
 
     def spy(opt):
@@ -260,7 +278,7 @@ def test_fused_sgd_step_repeat_path_is_the_full_path(options, monkeypatch):
         taken.append(done)
         return done
 
-    monkeypatch.setattr(step_cache, "try_updates", spy)
+    monkeypatch.setattr(update_cache, "try_updates", spy)
     (a, opt_a), (b, opt_b) = _pair(**options)
     g = torch.Generator().manual_seed(3)
     for i in range(6):
@@ -274,3 +292,27 @@ def test_fused_sgd_step_repeat_path_is_the_full_path(options, monkeypatch):
             opt.step()
         _assert_same(a, b, opt_a, opt_b)
     assert sum(taken) >= 2, "the repeat path was never taken"
+
+
+def test_plans_keep_no_batch_or_gradient_alive():
+    """A plan is made from a call's tensors but must not hold them: after the repeat paths planned
+    (train_step, loss(optimizer=), FusedSGD.step()), the batch and the gradients they were planned
+    from are freed when the caller drops them (a large batch, zero_grad(set_to_none=True))."""
+    import gc
+    import weakref
+
+    model = FusedLinearRegressor(4, 3, backend="triton").to(DEVICE)
+    opt = FusedSGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, _, _, t = random_problem(9, 4, 3, device=DEVICE)
+    for _ in range(2):
+        model.train_step(x, t, opt)
+        model.loss(x, t, optimizer=opt).backward()
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert opt._linreg_repeat_steps and opt._linreg_repeat_losses and opt._linreg_repeat_updates
+    held = [weakref.ref(v) for v in (x, t, *(p.grad for p in model.parameters()))]
+    del x, t
+    opt.zero_grad(set_to_none=True)
+    gc.collect()
+    assert [r() is None for r in held] == [True] * len(held)

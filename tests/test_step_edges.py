@@ -1,5 +1,6 @@
 """Steps and losses at the edges: torch.compile with an LR schedule (a tensor lr), a compiled
-loss(optimizer=).backward() without fullgraph, no outputs, no features, no rows."""
+loss(optimizer=).backward() without fullgraph (with momentum, the model as an argument), no outputs,
+no features, no rows."""
 
 import pytest
 import torch
@@ -58,18 +59,30 @@ def test_compiled_train_step_follows_a_schedule_of_a_tensor_lr(backend, momentum
         assert torch.allclose(p.double(), r, rtol=1e-5, atol=1e-6)
 
 
-def test_compiled_fused_backward_without_fullgraph(backend):
+@pytest.mark.parametrize("sgd, as_argument", [
+    (dict(weight_decay=0.01), False), (dict(momentum=0.9), False),
+    (dict(momentum=0.9, nesterov=True, weight_decay=0.01), True), (dict(), True)],
+    ids=["decay", "momentum", "nesterov-argument", "plain-argument"])
+def test_compiled_fused_backward_without_fullgraph(backend, sgd, as_argument):
     """Dynamo runs the fused backward eagerly (a graph break) and must not trace into the launch
-    helpers (under TRITON_INTERPRET that was Triton's interpreter: InterpreterError). (With
-    momentum, compiling this without fullgraph fails on both backends, an older problem: the
-    buffers made inside the compiled backward trip autograd's version check.)"""
+    helpers (under TRITON_INTERPRET that was Triton's interpreter: InterpreterError). The backward,
+    run by autograd inside the compiled region, is compiled as a frame of its own: a momentum buffer
+    it makes must not put a new key into optimizer.state there (Dynamo wrote the state back keyed by
+    the parameter taken from ctx.saved_tensors after the step changed it: "modified by an inplace
+    operation"). The model, optimizer and data as globals of the function or as its arguments."""
     compiled, eager = _pair(backend)
-    opts = [FusedSGD(m.parameters(), lr=0.1, weight_decay=0.01, backend=backend) for m in (compiled, eager)]
+    opts = [FusedSGD(m.parameters(), lr=0.1, backend=backend, **sgd) for m in (compiled, eager)]
 
-    def fused_step(x, t):
-        loss = compiled.loss(x, t, optimizer=opts[0])
-        loss.backward()
-        return loss.detach()
+    if as_argument:
+        def fused_step(model, optimizer, x, t):
+            loss = model.loss(x, t, optimizer=optimizer)
+            loss.backward()
+            return loss.detach()
+    else:
+        def fused_step(x, t):
+            loss = compiled.loss(x, t, optimizer=opts[0])
+            loss.backward()
+            return loss.detach()
 
     step = torch.compile(fused_step, backend="aot_eager")
     g = torch.Generator().manual_seed(6)
@@ -77,9 +90,11 @@ def test_compiled_fused_backward_without_fullgraph(backend):
         x, t = torch.randn(9, 4, generator=g).to(DEVICE), torch.randn(9, 3, generator=g).to(DEVICE)
         expected = eager.loss(x, t, optimizer=opts[1])
         expected.backward()
-        assert torch.equal(step(x, t), expected.detach())
-    for p, q in zip(compiled.parameters(), eager.parameters()):
-        assert torch.equal(p, q)
+        got = step(compiled, opts[0], x, t) if as_argument else step(x, t)
+        assert torch.equal(got, expected.detach())
+        for p, q in zip(compiled.parameters(), eager.parameters()):
+            assert torch.equal(p, q)
+            assert torch.equal(opts[0].state[p].get("momentum_buffer", p), opts[1].state[q].get("momentum_buffer", q))
 
 
 @pytest.mark.parametrize("grad", [True, False])

@@ -92,3 +92,21 @@ def test_a_fused_step_under_a_transform_is_refused(backend):
     x, t = torch.randn(5, 4, dtype=torch.float64, device=DEVICE), torch.randn(5, 3, dtype=torch.float64, device=DEVICE)
     with pytest.raises(ValueError, match="torch.func transform"):
         vmap(lambda xi, ti: ours.loss(xi[None], ti[None], optimizer=opt))(x, t)
+
+
+@pytest.mark.parametrize("transform", ["vmap", "grad"])
+def test_a_train_step_under_a_transform_is_refused(backend, transform):
+    """train_step updates the parameters in place: under vmap it failed inside the op ("Batching rule
+    not implemented for linreg_fused::reduce_update_"), under grad it stepped and returned a gradient."""
+    ours, _, _ = _models(backend)
+    opt = FusedSGD(ours.parameters(), lr=0.1)
+    x, t = torch.randn(5, 4, dtype=torch.float64, device=DEVICE), torch.randn(5, 3, dtype=torch.float64, device=DEVICE)
+    for _ in range(2):  # the repeat path planned too: it must not take a transform's tensors either
+        ours.train_step(x, t, opt)
+    before = [p.detach().clone() for p in ours.parameters()]
+    with pytest.raises(ValueError, match="torch.func transform"):
+        if transform == "vmap":
+            vmap(lambda xi: ours.train_step(xi, t, opt))(x[None].expand(2, 5, 4))
+        else:
+            grad(lambda xx: ours.train_step(xx, t, opt))(x)
+    assert all(torch.equal(p, q) for p, q in zip(ours.parameters(), before))
