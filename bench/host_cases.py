@@ -68,6 +68,23 @@ def train_step(shape: str = "tutorial", **sgd) -> Callable[[], Any]:
     return lambda: model.train_step(x, t, opt)
 
 
+def train_step_one_launch(shape: str = "tutorial") -> Callable[[], Any]:
+    """train_step with backend.STEP_LAUNCHES = "auto" during its calls: the one-launch kernel where the
+    rule allows it (not yet the default: it has not run on a GPU). The switch costs two attribute sets."""
+    from linreg_fused import backend
+
+    step = train_step(shape)
+
+    def one_launch():
+        backend.STEP_LAUNCHES = "auto"
+        try:
+            return step()
+        finally:
+            backend.STEP_LAUNCHES = 2
+
+    return one_launch
+
+
 def loss_backward(shape: str = "tutorial") -> Callable[[], Any]:
     model, opt = _fused(shape)
     x, t = _data(shape)
@@ -132,6 +149,7 @@ CASES: dict[str, tuple[Callable[[], Callable[[], Any]], bool]] = {
     "eager step (nn.Linear+F.mse_loss+backward+SGD, CPU 5x3->2)": (eager_step, True),
     "train_step (FusedSGD)": (train_step, False),
     "train_step (FusedSGD, momentum 0.9)": (lambda: train_step(momentum=0.9), False),
+    "train_step (FusedSGD, one-launch kernel, opt-in)": (train_step_one_launch, False),
     "loss(optimizer=).backward()": (loss_backward, False),
     "autograd floor: empty Function.apply + backward()": (autograd_floor, False),
     "FusedSGD.step()": (fused_sgd_dot_step, False),

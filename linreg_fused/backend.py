@@ -29,11 +29,14 @@ from .reference import TORCH_OPS, TorchOps
 
 BACKENDS = ("auto", "triton", "torch")
 
-# How a repeated fused SGD step launches on the Triton backend (linreg_fused/step_cache.py): "auto"
-# follows kernels/sgd_step.one_launch (one launch where the last program's reduction is short, two
-# otherwise); 1 or 2 force one. The one-launch kernel has not yet run on a GPU: set 2 to keep the
-# two-launch path (the ops' kernels) everywhere. Read when a step is planned.
-STEP_LAUNCHES: str | int = "auto"
+# How a repeated fused SGD step launches on the Triton backend (linreg_fused/step_cache.py): 2 runs
+# the gradient kernel, then the reduce-and-update kernel (both checked on an H200); "auto" follows
+# kernels/sgd_step.one_launch (one launch where the last program's reduction is short: the last
+# program to take an atomic ticket reduces the partials and updates, bitwise equal to two launches
+# under the interpreter); 1 forces the one-launch kernel. That kernel's cross-program ordering
+# (barrier, acq_rel ticket) is exactly what the interpreter cannot show and it has not yet run on a
+# GPU, so the default stays 2 until bench/gpu_step.py's parity passes on a card. Read per step.
+STEP_LAUNCHES: str | int = 2
 
 
 # The oldest Triton the kernels run on: tl.dot with M or N below 16 (small O) is refused before 3.6.
