@@ -1,0 +1,58 @@
+"""Grouped regressions at their edges: rank-deficient groups whose columns differ in scale, tight
+fits, a last step that overflows, NumPy hyper-parameters, and model files that are not what they
+claim. Each test is the regression test of a defect found by an adversarial run; the float64
+references are LinearStats (a QR of the group's rows) and torch.linalg.lstsq."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from linreg_fused import LinearStats
+from linreg_fused.grouped_stats import OK, RANK_DEFICIENT, GroupedLinearStats
+
+
+def _mse(x, t, w, b):
+    return float(((x @ w.T + b - t) ** 2).mean())
+
+
+def test_a_rank_deficient_group_keeps_its_small_and_large_columns(backend):
+    """Columns at 1e8, 1e-8, 1 and 1e4 plus a copy of the first: rank 4 of 5. The rank is decided
+    on the scaled equations (as LinearStats decides it), so the 1e-8 column, which carries the
+    target, is kept: the group's MSE is the least-squares optimum, the copies share their weight."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(50, 4, generator=gen, dtype=torch.float64) * torch.tensor([1e8, 1e-8, 1.0, 1e4],
+                                                                              dtype=torch.float64)
+    t = x[:, 1:2] * 1e8 + torch.randn(50, 1, generator=gen, dtype=torch.float64)
+    x = torch.cat([x, x[:, :1]], 1)
+    other = torch.randn(30, 5, generator=gen, dtype=torch.float64)
+    g = torch.cat([torch.zeros(50, dtype=torch.int64), torch.ones(30, dtype=torch.int64)])
+    with pytest.warns(RuntimeWarning, match=r"0 \(rank_deficient, rank 4 of 5\)"):
+        sol = GroupedLinearStats.from_tensors(torch.cat([x, other]), torch.cat([t, other[:, :1]]), g, 2,
+                                              backend=backend).solve()
+    assert sol.status.tolist() == [RANK_DEFICIENT, OK] and sol.rank.tolist() == [4, 5]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        w_ref, b_ref = LinearStats.from_tensors(x, t, backend="torch").solve()
+    best = _mse(x, t, w_ref, b_ref)
+    assert best < 1.5  # the reference keeps the 1e-8 column (dropping it leaves an MSE of ~1e16·var)
+    assert _mse(x, t, sol.weight[0], sol.bias[0]) <= best * (1 + 1e-9)
+    torch.testing.assert_close(sol.weight[0], w_ref, rtol=1e-7, atol=0)
+    assert math.isclose(sol.weight[0, 0, 0], sol.weight[0, 0, 4], rel_tol=1e-9)
+
+
+def test_an_exact_fit_has_a_loss_of_zero_not_below(backend):
+    """Rows at 100 fitted exactly: the moments' residual sum is a rounding-level difference of large
+    terms; the loss (and the r2 fit_frame derives from it) must not go below 0 (above 1)."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(200, 3, generator=gen, dtype=torch.float64) * 1e3 + 100.0
+    t = x @ torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64).T + 5.0
+    g = torch.randint(0, 4, (200,), generator=gen)
+    stats = GroupedLinearStats.from_tensors(x, t, g, 4, backend=backend)
+    sol = stats.solve()
+    for reduction in ("mean", "sum"):
+        loss = stats.loss(sol.weight, sol.bias, reduction)
+        assert bool((loss >= 0).all()), loss
+        assert float(loss.max()) <= 1e-12 * float((t * t).sum())  # the moments' rounding level
