@@ -56,3 +56,44 @@ def test_an_exact_fit_has_a_loss_of_zero_not_below(backend):
         loss = stats.loss(sol.weight, sol.bias, reduction)
         assert bool((loss >= 0).all()), loss
         assert float(loss.max()) <= 1e-12 * float((t * t).sum())  # the moments' rounding level
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_a_step_that_overflows_a_groups_parameters_stops_that_group(epochs):
+    """The loss is taken before each step (in fp64, from the statistics: finite here), so a step that
+    overflows the float32 weights is caught by checking the parameters too. The group keeps the
+    values it had before that step, a warning names it, and a group with small rows trains on."""
+    from linreg_fused.grouped_module import GroupedLinearRegressor
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(20, 3, generator=gen)
+    g = torch.arange(20) % 2
+    x[g == 0] *= 1e20  # group 0's first step overflows float32 at lr 0.1; group 1's rows are small
+    t = torch.randn(20, 2, generator=gen)
+    model = GroupedLinearRegressor(2, 3, 2, backend="torch")
+    start = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning, match=r"1 group\(s\) stopped being finite \(\[0\]"):
+        history = model.fit(x, t, g, epochs=epochs, lr=0.1)
+    assert bool(torch.isfinite(history[:, 1]).all())
+    assert torch.equal(model.weight[0], start[0][0]) and torch.equal(model.bias[0], start[1][0])
+    assert bool(torch.isfinite(model.weight[1]).all()) and not torch.equal(model.weight[1], start[0][1])
+
+
+def test_numpy_scalars_are_taken_and_bools_refused():
+    """As elsewhere in the library (scikit-learn's searches pass NumPy numbers)."""
+    from linreg_fused.grouped_module import GroupedLinearRegressor
+
+    gen = torch.Generator().manual_seed(5)
+    x, t, g = torch.randn(30, 2, generator=gen), torch.randn(30, 1, generator=gen), torch.arange(30) % 3
+    stats = GroupedLinearStats.from_tensors(x, t, g, np.int64(3), backend="torch")
+    ref = stats.solve(alpha=0.5).weight
+    for alpha in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5)):
+        torch.testing.assert_close(stats.solve(alpha=alpha).weight, ref, rtol=1e-7, atol=0)
+    model = GroupedLinearRegressor(np.int64(3), np.int32(2), np.int64(1), backend="torch")
+    assert (model.n_groups, model.in_features, model.out_features) == (3, 2, 1)
+    history = model.fit(x, t, g, epochs=np.int64(2), lr=np.float32(0.1))
+    assert history.shape == (2, 3)
+    for call in (lambda: stats.solve(alpha=True), lambda: model.fit(x, t, g, epochs=True, lr=0.1),
+                 lambda: model.fit(x, t, g, epochs=1, lr=True), lambda: GroupedLinearStats(True, 2, 1)):
+        with pytest.raises(ValueError):
+            call()
