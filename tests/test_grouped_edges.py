@@ -97,3 +97,50 @@ def test_numpy_scalars_are_taken_and_bools_refused():
                  lambda: model.fit(x, t, g, epochs=1, lr=True), lambda: GroupedLinearStats(True, 2, 1)):
         with pytest.raises(ValueError):
             call()
+
+
+def test_grouped_model_files_are_checked_and_written_like_single_model_files(tmp_path):
+    """A changed byte, malformed metadata or a tensor of the wrong kind is a ModelFileError (one line in
+    the CLI, not a traceback); saving follows a symlink and keeps an existing file's mode, and a new
+    file gets a normal file's mode (not mkstemp's owner-only 0600)."""
+    import os
+    import stat
+
+    from safetensors.torch import save_file
+
+    from linreg_fused.grouped_module import GroupedLinearRegressor
+    from linreg_fused.serialization import ModelFileError
+
+    model = GroupedLinearRegressor(3, 2, 2)
+    path = tmp_path / "g.safetensors"
+    umask = os.umask(0o022)
+    try:
+        model.save(path)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+    os.chmod(path, 0o600)
+    model.save(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(path)
+    model.save(link)
+    assert link.is_symlink() and torch.equal(GroupedLinearRegressor.load(link).weight, model.weight)
+
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 1  # a byte of the bias
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ModelFileError, match="checksum"):
+        GroupedLinearRegressor.load(path)
+
+    base = {"format": "linreg-fused-grouped", "format_version": "1"}
+    good = {"weight": model.weight.detach().clone(), "bias": model.bias.detach().clone()}
+    for meta, tensors, match in (({**base, "format_version": "1.0"}, good, "whole number"),
+                                 ({**base, "n_groups": "7"}, good, "n_groups=7"),
+                                 ({**base, "bias": "False"}, good, "bias"),
+                                 (base, {"weight": torch.ones(3, 1, 2, dtype=torch.int64)}, "floating point"),
+                                 (base, {"weight": torch.ones(0, 1, 2)}, "empty")):
+        bad = tmp_path / "bad.safetensors"
+        save_file(tensors, bad, metadata=meta)
+        with pytest.raises(ModelFileError, match=match):
+            GroupedLinearRegressor.load(bad)
