@@ -127,6 +127,10 @@ def test_grouped_model_files_are_checked_and_written_like_single_model_files(tmp
     model.save(link)
     assert link.is_symlink() and torch.equal(GroupedLinearRegressor.load(link).weight, model.weight)
 
+    from linreg_fused import FusedLinearRegressor
+
+    with pytest.raises(ModelFileError, match="GroupedLinearRegressor.load"):
+        FusedLinearRegressor.load(path)
     raw = bytearray(path.read_bytes())
     raw[-3] ^= 1  # a byte of the bias
     path.write_bytes(bytes(raw))
