@@ -298,7 +298,7 @@ def _check_groups(groups: Any, x: torch.Tensor, n_groups: Any) -> torch.Tensor:
     if groups.device != x.device:
         raise ValueError(f"groups is on {groups.device} but x is on {x.device}; move them to one device")
     g = groups.reshape(-1)
-    low, high = (int(v) for v in torch.aminmax(g))
+    low, high = torch.stack(torch.aminmax(g)).tolist()  # one read of the device
     if low < 0 or high >= n_groups:
         raise ValueError(f"group ids must lie in [0, {n_groups}); got ids from {low} to {high}")
     return g

@@ -291,3 +291,15 @@ def test_wide_designs_estimate_their_condition_instead_of_an_svd():
     dup = torch.cat([x, x[:, :1]], 1)
     with pytest.warns(RuntimeWarning, match="numerical rank 300 of 301"):
         LinearStats.from_tensors(dup, t, backend="torch").solve()
+
+
+def test_rcond_takes_numpy_reals_and_refuses_bools():
+    """As alpha does (scikit-learn's searches and NumPy arithmetic give np.float32/np.float64)."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    stats = LinearStats.from_tensors(x, x @ torch.ones(3, 1, dtype=torch.float64), backend="torch")
+    ref = stats.solve(rcond=1e-6)[0]
+    for rcond in (np.float32(1e-6), np.float64(1e-6)):
+        torch.testing.assert_close(stats.solve(rcond=rcond)[0], ref, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="rcond"):
+        stats.solve(rcond=False)
