@@ -212,3 +212,19 @@ def test_train_scores_the_files_values_as_predict_does(tmp_path, capsys):
     scored, _ = cli_json(capsys, "predict", model_path, path, "-o", tmp_path / "p.csv", "--backend", "torch")
     for key in ("mse", "rmse", "r2"):
         np.testing.assert_allclose(payload["metrics"]["train"][key], scored["metrics"][key], rtol=1e-12)
+
+
+def test_predict_writes_unscored_predictions_when_the_targets_are_empty(tmp_path, capsys):
+    """New rows to score often come with the target column present and empty: predict writes their
+    predictions and says, on one line, why nothing was scored (it failed on the first empty cell)."""
+    x, y, _, _ = linear_data(9, 2, 1, noise=0.1, rng=np.random.default_rng())
+    path, model_path = tmp_path / "d.csv", tmp_path / "m.safetensors"
+    write_csv(path, ["a", "b", "y"], np.column_stack([x, y]))
+    code, _, err = cli(capsys, "train", path, "--target", "y", "--backend", "torch", "--save", model_path, "--quiet")
+    assert code == 0, err
+    lines = path.read_text().splitlines()
+    (tmp_path / "new.csv").write_text("\n".join([lines[0]] + [line.rsplit(",", 1)[0] + "," for line in lines[1:]]))
+    code, out, err = cli(capsys, "predict", model_path, tmp_path / "new.csv", "--backend", "torch")
+    assert code == 0 and err.count("\n") == 1 and "not scored" in err and "'y'" in err, err
+    assert cli(capsys, "predict", model_path, path, "-o", tmp_path / "p.csv", "--backend", "torch")[0] == 0
+    assert out == (tmp_path / "p.csv").read_text()
