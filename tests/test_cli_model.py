@@ -228,3 +228,40 @@ def test_predict_writes_unscored_predictions_when_the_targets_are_empty(tmp_path
     assert code == 0 and err.count("\n") == 1 and "not scored" in err and "'y'" in err, err
     assert cli(capsys, "predict", model_path, path, "-o", tmp_path / "p.csv", "--backend", "torch")[0] == 0
     assert out == (tmp_path / "p.csv").read_text()
+
+
+def test_standardising_changes_neither_the_exact_model_nor_its_standard_errors(data_csv, capsys):
+    """Least squares is invariant under standardisation: with --standardize the raw coefficients'
+    standard errors (w / scale: divided by the scale) and t values are those of the plain run."""
+    path, _, _ = data_csv
+    plain, _ = cli_json(capsys, "train", path, "--target", "y0,y1", "--backend", "torch", "--dtype", "float64")
+    scaled, _ = cli_json(capsys, "train", path, "--target", "y0,y1", "--backend", "torch", "--dtype", "float64",
+                         "--standardize")
+    for key in ("coef", "std_err", "t_values"):
+        np.testing.assert_allclose(scaled[key], plain[key], rtol=1e-9, err_msg=key)
+
+
+def test_derived_lr_takes_momentum_and_json_writes_nan_as_null(tmp_path, capsys):
+    """The derived step is scaled by (1 − momentum) on mini-batches (the effective step η/(1 − μ)
+    would multiply the gradient noise); a constant target's R² (NaN) is null in strict JSON; a
+    constant feature, standardised, is centred and left unscaled (not divided by its zero std)."""
+    x, y, _, _ = linear_data(40, 2, 1, noise=0.1, rng=np.random.default_rng())
+    values = np.column_stack([x, np.full(40, 3.0), y, np.full(40, 7.0)])
+    path = tmp_path / "d.csv"
+    write_csv(path, ["a", "b", "const", "y", "flat"], values)
+    common = ("--backend", "torch", "--epochs", "30", "--batch-size", "8")
+    plain, _ = cli_json(capsys, "train", path, "--target", "y,flat", *common)
+    heavy, _ = cli_json(capsys, "train", path, "--target", "y,flat", *common, "--momentum", "0.9")
+    assert plain["sgd"]["lr_derived"] and heavy["sgd"]["lr_derived"]
+    assert heavy["sgd"]["lr"] == pytest.approx(0.1 * plain["sgd"]["lr"], rel=1e-12)
+    assert plain["metrics"]["train"]["r2"][1] is None  # the constant target
+    assert plain["metrics"]["train"]["r2"][0] > 0.9 and np.isfinite(plain["coef"]).all()
+
+
+def test_validation_rows_are_held_out_of_training(tmp_path, capsys):
+    """--val-fraction 0.25 of 40 rows: 30 train and 10 validate, none of them in both."""
+    x, y, _, _ = linear_data(40, 2, 1, noise=0.1, rng=np.random.default_rng())
+    path = tmp_path / "d.csv"
+    write_csv(path, ["a", "b", "y"], np.column_stack([x, y]))
+    payload, _ = cli_json(capsys, "train", path, "--target", "y", "--backend", "torch", "--val-fraction", "0.25")
+    assert payload["rows"] == {"train": 30, "val": 10}
