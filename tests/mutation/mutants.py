@@ -550,7 +550,7 @@ FRESH = [
     Mutant("stats-merge-keeps-fine-precision", "statistics", "linreg_fused/stats.py",
            '        if precision == "fp32":  # the merged factor is no more accurate than its coarsest part',
            "        if False:",
-           ("tests/test_stats_solver.py::test_merging_fp32_statistics_in_judges_the_union_at_fp32",),
+           ("tests/test_stats_edges.py::test_merging_fp32_statistics_in_judges_the_union_at_fp32",),
            "fp64 statistics that merge fp32 ones still claim fp64 accuracy"),
     Mutant("solver-no-intercept-shift-unscaled", "statistics", "linreg_fused/solver.py",
            "        top = r[0, 1:] + root_n * shift",
