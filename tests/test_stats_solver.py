@@ -291,4 +291,3 @@ def test_wide_designs_estimate_their_condition_instead_of_an_svd():
     dup = torch.cat([x, x[:, :1]], 1)
     with pytest.warns(RuntimeWarning, match="numerical rank 300 of 301"):
         LinearStats.from_tensors(dup, t, backend="torch").solve()
-
