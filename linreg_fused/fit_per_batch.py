@@ -139,8 +139,14 @@ class PerBatchPath(EpochRunner):
         """What a captured epoch replays: the signature, the hyper-parameters and every address it
         reads or writes. Tensors at those addresses with the signature's layouts are what a replay
         works on, whichever Python objects hold them now."""
-        tensors = (self.source.x, self.source.t, *self.params, *self.buffers())
+        tensors = (self.source.x, self.source.t, *self.params, *self.buffers(), *self._lr_tensors())
         return (self.signature(), self._hypers(), tuple(0 if v is None else v.data_ptr() for v in tensors))
+
+    def _lr_tensors(self) -> tuple:
+        """The groups' tensor learning rates: a step reads one on the device, so a replay reads the one
+        of the capture (_hypers holds its value only; another tensor of that value is another address)."""
+        lrs = (self.optimizer.group_of(p)["lr"] if self.optimizer.trains(p) else None for p in self.params)
+        return tuple(lr if isinstance(lr, torch.Tensor) else None for lr in lrs)
 
 
 class GraphedEpochs:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from .backend import BACKENDS
-from .grouped_stats import EMPTY, NONFINITE, GroupedLinearStats, _check_groups
+from .grouped_stats import EMPTY, NONFINITE, GroupedLinearStats, _check_groups, positive_int
 from .optim import group_hyper
 from .reference import _sgd_step
 from .kernels.specs import SGDHyper
@@ -44,9 +45,8 @@ class GroupedLinearRegressor(nn.Module):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        for name, v in (("n_groups", n_groups), ("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        n_groups, in_features, out_features = (positive_int(name, v) for name, v in (
+            ("n_groups", n_groups), ("in_features", in_features), ("out_features", out_features)))
         factory = {"device": device, "dtype": dtype}
         self.n_groups, self.in_features, self.out_features, self.backend = n_groups, in_features, out_features, backend
         self.weight = nn.Parameter(torch.empty((n_groups, out_features, in_features), **factory))
@@ -122,11 +122,10 @@ class GroupedLinearRegressor(nn.Module):
         model's parameters (its momentum, dampening, weight_decay, nesterov and maximize apply,
         and its momentum buffers (G, O, D) are kept in its state). Returns the loss of each
         epoch before its step, (epochs, G) fp64. A group without rows is not trained (NaN
-        losses); a group whose loss stops being finite keeps its last finite epoch's parameters
-        (a RuntimeWarning names it); the other groups train on.
+        losses); a group whose loss, or whose parameters after a step, stop being finite keeps
+        its last finite epoch's parameters (a RuntimeWarning names it); the other groups train on.
         """
-        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
-            raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+        epochs = positive_int("epochs", epochs)
         hypers, buffers = self._training_state(lr, optimizer)
         stats = x if isinstance(x, GroupedLinearStats) else self.statistics(x, t, groups)
         has_rows = (stats.n_rows > 0).to(self.weight.device)
@@ -140,16 +139,24 @@ class GroupedLinearRegressor(nn.Module):
             grads = stats.grads(values[0], values[1] if self.bias is not None else None, reduction)
             history[epoch] = torch.where(has_rows, loss, float("nan"))
             all_finite &= torch.isfinite(loss)
+            steps = {}
             for i, (p, value, grad, hyper) in enumerate(zip(params, values, grads, hypers)):
                 if hyper is None:  # not trained: frozen, or not in the optimizer
                     continue
-                keep = all_finite.view(-1, *([1] * (p.dim() - 1)))
                 buf = buffers[i].double() if buffers[i] is not None else None
                 new_p, new_buf = _sgd_step(value, grad, buf, hyper, first=buf is None)
-                state[i] = torch.where(keep, new_p.to(p.dtype), state[i])
+                steps[i] = new_p.to(p.dtype), None if new_buf is None else new_buf.to(p.dtype)
+                # The loss is taken before the step: a step that overflows the parameters (or buffers)
+                # ends the group's training too, with the values it had before that step.
+                for v in steps[i]:
+                    if v is not None:
+                        all_finite &= torch.isfinite(v).flatten(1).all(1)
+            for i, (new_p, new_buf) in steps.items():
+                keep = all_finite.view(-1, *([1] * (params[i].dim() - 1)))
+                state[i] = torch.where(keep, new_p, state[i])
                 if new_buf is not None:
-                    old = buffers[i] if buffers[i] is not None else torch.zeros_like(p)
-                    buffers[i] = torch.where(keep, new_buf.to(p.dtype), old)
+                    old = buffers[i] if buffers[i] is not None else torch.zeros_like(params[i])
+                    buffers[i] = torch.where(keep, new_buf, old)
         for p, new in zip(params, state):
             p.copy_(new)
         if optimizer is not None:
@@ -158,7 +165,7 @@ class GroupedLinearRegressor(nn.Module):
                     optimizer.state[p]["momentum_buffer"] = buf
         diverged = torch.nonzero(has_rows & ~all_finite).flatten()
         if diverged.numel():
-            warnings.warn(f"fit: the loss of {diverged.numel()} group(s) stopped being finite ({diverged[:8].tolist()}"
+            warnings.warn(f"fit: the loss or parameters of {diverged.numel()} group(s) stopped being finite ({diverged[:8].tolist()}"
                           f"{' …' if diverged.numel() > 8 else ''}); they keep the parameters of their last finite "
                           f"epoch", RuntimeWarning, stacklevel=2)
         return history
@@ -168,7 +175,7 @@ class GroupedLinearRegressor(nn.Module):
         if (lr is None) == (optimizer is None):
             raise ValueError("give fit either lr= (plain SGD) or optimizer= (an SGD over this model's parameters)")
         if lr is not None:
-            if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
                 raise ValueError(f"lr must be a positive number, got {lr!r}")
             return [SGDHyper(lr=float(lr)) if p.requires_grad else None for p in params], [None] * len(params)
         if not isinstance(optimizer, torch.optim.SGD):

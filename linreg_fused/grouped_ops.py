@@ -129,5 +129,8 @@ def residual_sums(moments: GroupedMoments, w: torch.Tensor, b: torch.Tensor
     e = torch.einsum("god,gd->go", w, mean_x) + b - mean_t
     wm = w @ m_xx
     sse = nf * e * e + (w * (wm - 2.0 * m_tx)).sum(-1) + m_tt.diagonal(dim1=1, dim2=2)
+    # A tight fit leaves a rounding-level difference of large terms, which may come out below 0: a sum
+    # of squares is not (clamped, as a loss and a 1 − SSE/SST above 1 would mislead).
+    sse = sse.clamp_min(0.0)
     rx = nf[:, :, None] * e[:, :, None] * mean_x[:, None, :] + wm - m_tx
     return sse, rx, nf * e

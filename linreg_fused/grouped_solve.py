@@ -17,8 +17,9 @@ def solve_groups(moments: GroupedMoments, alpha: float, fit_intercept: bool, *, 
     Σ_rows ‖W_g·x + b_g − t‖² + alpha·‖W_g‖² for every group g (intercept unpenalised).
 
     Groups whose unit-diagonal normal equations have a smallest eigenvalue above ``threshold``
-    are solved by Cholesky; the others by an eigendecomposition of the unscaled equations,
-    dropping eigenvalues below ``threshold`` times the largest (the minimum-norm solution)."""
+    are solved by Cholesky; the others by an eigendecomposition of the same unit-diagonal
+    equations (columns of any scale count alike), dropping eigenvalues below ``threshold`` times
+    the largest (the minimum-norm solution, see ``_minimum_norm``)."""
     n, mean_x, mean_t, m_xx, m_tx, _ = moments
     g, d = mean_x.shape
     nf = n.to(torch.float64)
@@ -56,11 +57,7 @@ def solve_groups(moments: GroupedMoments, alpha: float, fit_intercept: bool, *, 
 
     fallback = torch.nonzero(usable & ~full).flatten()  # the one sync of the solve
     if fallback.numel():
-        values, vectors = torch.linalg.eigh(a[fallback])
-        keep = values > threshold * values.amax(1, keepdim=True).clamp_min(0)
-        inverse = torch.where(keep, 1.0 / torch.where(keep, values, torch.ones_like(values)), 0.0)
-        weight[fallback] = ((rhs[fallback] @ vectors) * inverse[:, None, :]) @ vectors.mT
-        rank[fallback] = keep.sum(1)
+        weight[fallback], rank[fallback] = _minimum_norm(scaled[fallback], rhs[fallback], scale[fallback], threshold)
 
     status = torch.full((g,), OK, dtype=torch.int8, device=a.device)
     status[rank < d] = RANK_DEFICIENT
@@ -72,3 +69,31 @@ def solve_groups(moments: GroupedMoments, alpha: float, fit_intercept: bool, *, 
     if fit_intercept:
         bias = torch.where(usable[:, None], mean_t - torch.einsum("god,gd->go", weight, mean_x), nan)
     return weight.contiguous(), bias, status, rank
+
+
+def _minimum_norm(scaled: torch.Tensor, rhs: torch.Tensor, scale: torch.Tensor,
+                  threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight (F, O, D), rank (F,)) of rank-deficient groups: the least-squares solution on the
+    well-determined directions of the unit-diagonal equations ``scaled`` = S·A·S (S = diag(scale)),
+    with the smallest ‖w‖ in the original coordinates, as LinearStats.solve decides it.
+
+    The rank is decided on the scaled equations: on A itself a column of 1e-8 beside one of 1e8
+    would look null (its eigenvalue is 1e-32 of the largest) although it is well determined."""
+    values, vectors = torch.linalg.eigh(scaled)  # ascending: the dropped directions come first
+    top = values[:, -1:].clamp_min(torch.finfo(values.dtype).tiny)
+    keep = values > threshold * top
+    inverse = torch.where(keep, 1.0 / torch.where(keep, values, torch.ones_like(values)), 0.0)
+    # u = S⁻¹·w solves the scaled equations on the kept directions; then w = S·u.
+    u = ((rhs * scale[:, None, :]) @ vectors * inverse[:, None, :]) @ vectors.mT
+    weight = u * scale[:, None, :]
+    # The dropped directions in w's coordinates are S·V_null. Entries below the resolution of the
+    # eigenvectors (threshold·λ_max/λ_kept: an eigenvector moves by the error over the gap) are
+    # rounding noise, which a large scale would turn into a tilt of the direction.
+    smallest_kept = torch.where(keep, values, top).amin(1, keepdim=True)
+    noise = (threshold * top / smallest_kept)[:, :, None]  # (F, 1, 1)
+    null = torch.where(~keep[:, None, :] & (vectors.abs() > noise), vectors, 0.0) * scale[:, :, None]
+    norms = null.norm(dim=1, keepdim=True)
+    null = null / torch.where(norms > 0, norms, torch.ones_like(norms))
+    # Project w off their span (the smallest ‖w‖ with the same fit): w − N·N⁺·w.
+    weight = weight - (null @ (torch.linalg.pinv(null) @ weight.mT)).mT
+    return weight, keep.sum(1)

@@ -12,10 +12,11 @@ Chan's update per group, and solved per group.
 
 from __future__ import annotations
 
-import math
+import numbers
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import distributed
@@ -23,6 +24,7 @@ from .backend import BACKENDS
 from .functional import REDUCTIONS
 from .grouped_ops import GroupedMoments, empty_moments, grouped_moments, merge_grouped, residual_sums
 from .grouped_solve import EMPTY, NONFINITE, OK, RANK_DEFICIENT, solve_groups
+from .solver import check_alpha
 
 __all__ = ["EMPTY", "NONFINITE", "OK", "RANK_DEFICIENT", "GroupedLinearStats", "GroupedSolution"]
 STATUS_NAMES = ("ok", "rank_deficient", "empty", "nonfinite")
@@ -79,9 +81,8 @@ class GroupedLinearStats:
                  device: torch.device | str | None = None, backend: str = "auto") -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        for name, v in (("n_groups", n_groups), ("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        n_groups, in_features, out_features = (positive_int(name, v) for name, v in (
+            ("n_groups", n_groups), ("in_features", in_features), ("out_features", out_features)))
         device = torch.device(device) if device is not None else torch.device("cpu")
         self._moments: GroupedMoments = empty_moments(n_groups, in_features, out_features, device)
         self.backend = backend
@@ -230,9 +231,8 @@ class GroupedLinearStats:
         relative to the largest dropped, like numpy.linalg.lstsq). Host syncs: two (which groups
         need the eigendecomposition; the warning).
         """
-        if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
-            raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
-        weight, bias, status, rank = solve_groups(self._moments, float(alpha), fit_intercept,
+        alpha = check_alpha(alpha)  # any real number >= 0 (NumPy's, a 0-d tensor), not a bool
+        weight, bias, status, rank = solve_groups(self._moments, alpha, fit_intercept,
                                                   threshold=self.in_features * _EPS)
         _warn_about(status, rank, self.in_features)
         return GroupedSolution(weight, bias, status, rank)
@@ -262,6 +262,14 @@ class GroupedLinearStats:
                          *(state[k].detach().to(self.device, torch.float64).clone() for k in _KEYS[1:]))
 
 
+def positive_int(name: str, v: Any) -> int:
+    """``v`` as a Python int >= 1: any integer (NumPy's too, as len() of an array or a search grid
+    gives them), not a bool."""
+    if not isinstance(v, numbers.Integral) or isinstance(v, (bool, np.bool_)) or v < 1:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    return int(v)
+
+
 def _check_rows(x: Any, t: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, t) as 2-D (N, D), (N, O) views, checked (as linreg_fused.stats checks them; not imported
     from there, which dispatches here)."""
@@ -280,8 +288,7 @@ def _check_rows(x: Any, t: Any) -> tuple[torch.Tensor, torch.Tensor]:
 def _check_groups(groups: Any, x: torch.Tensor, n_groups: Any) -> torch.Tensor:
     """``groups`` as a flat int64 tensor of ids in [0, n_groups), one per row of x; names the problem
     otherwise (one host sync: the range)."""
-    if not isinstance(n_groups, int) or isinstance(n_groups, bool) or n_groups < 1:
-        raise ValueError(f"n_groups must be a positive integer, got {n_groups!r}")
+    n_groups = positive_int("n_groups", n_groups)
     if not isinstance(groups, torch.Tensor):
         raise TypeError(f"groups must be a torch.Tensor of int64 group ids, got {type(groups).__name__}")
     if groups.dtype != torch.int64:
@@ -291,7 +298,7 @@ def _check_groups(groups: Any, x: torch.Tensor, n_groups: Any) -> torch.Tensor:
     if groups.device != x.device:
         raise ValueError(f"groups is on {groups.device} but x is on {x.device}; move them to one device")
     g = groups.reshape(-1)
-    low, high = (int(v) for v in torch.aminmax(g))
+    low, high = torch.stack(torch.aminmax(g)).tolist()  # one read of the device
     if low < 0 or high >= n_groups:
         raise ValueError(f"group ids must lie in [0, {n_groups}); got ids from {low} to {high}")
     return g

@@ -158,7 +158,7 @@ class TorchOps:
             (bias, bias_buffer, bias_hyper, init_bias_buffer, weight.numel()))
             if p is not None and hyper is not None]
         good = [t.clone() for p in params for t in p[:2] if t is not None]
-        all_finite = True
+        all_finite = torch.ones((), dtype=torch.bool, device=weight.device)
         for epoch in range(history.shape[0]):
             losses = []
             for batch, start in enumerate(range(0, n_rows, batch_size)):
@@ -174,13 +174,14 @@ class TorchOps:
                     self.reduce_update_(partials.buffer, targets, scale=2.0 * scale, grad_output=None)
             history[epoch, 0] = torch.stack(losses).mean()
             history[epoch, 1] = losses[-1]
-            # The kernel keeps these flags on the device; the reference reads them once per epoch.
-            params_finite = all(bool(torch.isfinite(p).all()) for p in (weight, bias) if p is not None)
+            # The flags stay on the device, as the kernel keeps them: no host sync per epoch (on a GPU
+            # with backend="torch" this is fit's path, which reads the device at report points only).
+            params_finite = torch.stack([torch.isfinite(p).all() for p in (weight, bias) if p is not None]).all()
             if history.shape[1] > 2:
-                history[epoch, 2] = float(params_finite)
-            all_finite = all_finite and bool(torch.isfinite(history[epoch, 0])) and params_finite
-            if all_finite:
-                good = [t.clone() for p in params for t in p[:2] if t is not None]
+                history[epoch, 2] = params_finite
+            all_finite = all_finite & torch.isfinite(history[epoch, 0]) & params_finite
+            current = [t for p in params for t in p[:2] if t is not None]
+            good = [torch.where(all_finite, t, g) for t, g in zip(current, good)]
         live = [t for p in params for t in p[:2] if t is not None]
         for t, g in zip(live, good):
             t.copy_(g)

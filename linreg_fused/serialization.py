@@ -142,6 +142,10 @@ def read(path: str | os.PathLike) -> tuple[ModelInfo, dict[str, torch.Tensor]]:
     except (SafetensorError, OSError, ValueError) as err:
         raise ModelFileError(f"{path}: not a safetensors model file ({err})") from None
 
+    if meta.get("format", FORMAT) != FORMAT:  # before the tensors: a grouped model's are (G, O, D)
+        grouped = meta["format"] == "linreg-fused-grouped"
+        hint = " (grouped models load with GroupedLinearRegressor.load)" if grouped else ""
+        raise ModelFileError(f"{path}: a {meta['format'][:80]!r} file, not a {FORMAT} model{hint}")
     if set(tensors) not in ({"weight"}, {"weight", "bias"}):
         raise ModelFileError(f"{path}: expected the tensors 'weight' and 'bias' of a linear model, "
                              f"found {sorted(tensors)}")

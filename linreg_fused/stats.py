@@ -13,6 +13,7 @@ row is Z·c for c = [b + W·s − s_t, W, −I]ᵀ, so
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Iterable
 
 import torch
@@ -316,7 +317,8 @@ class LinearStats:
         D × D factor (rcond, default max(D, 1)·ε of the coarser of the data and the
         accumulation), then back substitution, or the minimum-norm least-squares solution on the
         well-determined directions when the rank is below D (a warning states the rank). A
-        warning also says when the estimated correct digits fall below 4. One host sync.
+        warning also says when the estimated correct digits fall below 4. Three host syncs (the
+        factor's finiteness, the D singular values, the digits estimate): a solve is not a step.
         """
         des, sol = self._solution(alpha, fit_intercept, rcond)
         return sol.weight, sol.bias
@@ -331,7 +333,8 @@ class LinearStats:
 
     def _solution(self, alpha, fit_intercept, rcond):
         alpha = solver.check_alpha(alpha)
-        if rcond is not None and not (isinstance(rcond, (int, float)) and 0 <= rcond < 1):
+        if rcond is not None and not (isinstance(rcond, numbers.Real) and not isinstance(rcond, bool)
+                                      and 0 <= rcond < 1):
             raise ValueError(f"rcond must be a number in [0, 1) or None, got {rcond!r}")
         self._require_rows()
         if not bool(torch.isfinite(self._r).all()):

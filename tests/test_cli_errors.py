@@ -111,6 +111,7 @@ def test_warnings_print_as_one_line(tmp_path, capsys):
     warned = [line for line in err.splitlines() if line.startswith("linreg-fused: warning: ")]
     assert warned and "rank" in warned[0] and len(err.splitlines()) == len(warned)
     assert ".py" not in err and "warnings.warn" not in err
+    assert len(warned) == len(set(warned)), err  # said once (the standard errors' summary solved again)
 
 
 def test_errors_in_a_fresh_process_have_no_traceback(tmp_path, bad_csv):

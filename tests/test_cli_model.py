@@ -193,3 +193,75 @@ def test_crop_data_with_defaults_gives_the_least_squares_model(capsys):
     coef, intercept = least_squares(x, y)
     np.testing.assert_allclose(payload["coef"], coef, rtol=1e-4)
     assert all(r2 > 0.99 for r2 in payload["metrics"]["train"]["r2"]) and err == ""
+
+
+def test_train_scores_the_files_values_as_predict_does(tmp_path, capsys):
+    """Targets near 1e6 with noise 0.01: float32 holds them to 0.06. The exact solve takes the file's
+    float64 values (from float32-rounded targets the coefficient of a was 2e-4 off), and train's
+    metrics are those predict prints for the saved model on the same file (train scored the
+    float32-rounded targets: MSE 5.2e-4 where predict said 4.4e-4)."""
+    rng = np.random.default_rng()
+    x = rng.standard_normal((300, 2))
+    y = 1e6 + x @ np.array([3.0, -2.0]) + 0.01 * rng.standard_normal(300)
+    path, model_path = tmp_path / "d.csv", tmp_path / "m.safetensors"
+    write_csv(path, ["a", "b", "y"], np.column_stack([x, y]))
+    payload, err = cli_json(capsys, "train", path, "--target", "y", "--backend", "torch", "--save", model_path)
+    assert err == "", err
+    coef, intercept = least_squares(x, y)
+    np.testing.assert_allclose(payload["coef"], coef.astype(np.float32), rtol=1e-6)
+    scored, _ = cli_json(capsys, "predict", model_path, path, "-o", tmp_path / "p.csv", "--backend", "torch")
+    for key in ("mse", "rmse", "r2"):
+        np.testing.assert_allclose(payload["metrics"]["train"][key], scored["metrics"][key], rtol=1e-12)
+
+
+def test_predict_writes_unscored_predictions_when_the_targets_are_empty(tmp_path, capsys):
+    """New rows to score often come with the target column present and empty: predict writes their
+    predictions and says, on one line, why nothing was scored (it failed on the first empty cell)."""
+    x, y, _, _ = linear_data(9, 2, 1, noise=0.1, rng=np.random.default_rng())
+    path, model_path = tmp_path / "d.csv", tmp_path / "m.safetensors"
+    write_csv(path, ["a", "b", "y"], np.column_stack([x, y]))
+    code, _, err = cli(capsys, "train", path, "--target", "y", "--backend", "torch", "--save", model_path, "--quiet")
+    assert code == 0, err
+    lines = path.read_text().splitlines()
+    (tmp_path / "new.csv").write_text("\n".join([lines[0]] + [line.rsplit(",", 1)[0] + "," for line in lines[1:]]))
+    code, out, err = cli(capsys, "predict", model_path, tmp_path / "new.csv", "--backend", "torch")
+    assert code == 0 and err.count("\n") == 1 and "not scored" in err and "'y'" in err, err
+    assert cli(capsys, "predict", model_path, path, "-o", tmp_path / "p.csv", "--backend", "torch")[0] == 0
+    assert out == (tmp_path / "p.csv").read_text()
+
+
+def test_standardising_changes_neither_the_exact_model_nor_its_standard_errors(data_csv, capsys):
+    """Least squares is invariant under standardisation: with --standardize the raw coefficients'
+    standard errors (w / scale: divided by the scale) and t values are those of the plain run."""
+    path, _, _ = data_csv
+    plain, _ = cli_json(capsys, "train", path, "--target", "y0,y1", "--backend", "torch", "--dtype", "float64")
+    scaled, _ = cli_json(capsys, "train", path, "--target", "y0,y1", "--backend", "torch", "--dtype", "float64",
+                         "--standardize")
+    for key in ("coef", "std_err", "t_values"):
+        np.testing.assert_allclose(scaled[key], plain[key], rtol=1e-9, err_msg=key)
+
+
+def test_derived_lr_takes_momentum_and_json_writes_nan_as_null(tmp_path, capsys):
+    """The derived step is scaled by (1 − momentum) on mini-batches (the effective step η/(1 − μ)
+    would multiply the gradient noise); a constant target's R² (NaN) is null in strict JSON; a
+    constant feature, standardised, is centred and left unscaled (not divided by its zero std)."""
+    x, y, _, _ = linear_data(40, 2, 1, noise=0.1, rng=np.random.default_rng())
+    values = np.column_stack([x, np.full(40, 3.0), y, np.full(40, 7.0)])
+    path = tmp_path / "d.csv"
+    write_csv(path, ["a", "b", "const", "y", "flat"], values)
+    common = ("--backend", "torch", "--epochs", "30", "--batch-size", "8")
+    plain, _ = cli_json(capsys, "train", path, "--target", "y,flat", *common)
+    heavy, _ = cli_json(capsys, "train", path, "--target", "y,flat", *common, "--momentum", "0.9")
+    assert plain["sgd"]["lr_derived"] and heavy["sgd"]["lr_derived"]
+    assert heavy["sgd"]["lr"] == pytest.approx(0.1 * plain["sgd"]["lr"], rel=1e-12)
+    assert plain["metrics"]["train"]["r2"][1] is None  # the constant target
+    assert plain["metrics"]["train"]["r2"][0] > 0.9 and np.isfinite(plain["coef"]).all()
+
+
+def test_validation_rows_are_held_out_of_training(tmp_path, capsys):
+    """--val-fraction 0.25 of 40 rows: 30 train and 10 validate, none of them in both."""
+    x, y, _, _ = linear_data(40, 2, 1, noise=0.1, rng=np.random.default_rng())
+    path = tmp_path / "d.csv"
+    write_csv(path, ["a", "b", "y"], np.column_stack([x, y]))
+    payload, _ = cli_json(capsys, "train", path, "--target", "y", "--backend", "torch", "--val-fraction", "0.25")
+    assert payload["rows"] == {"train": 30, "val": 10}

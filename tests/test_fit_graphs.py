@@ -145,6 +145,25 @@ def test_the_graph_is_kept_across_fits_and_dropped_when_what_it_holds_changes(mo
     both(1, 2)  # a new optimizer: its buffers are new again, so its first epoch is eager
 
 
+def test_a_new_lr_tensor_of_the_same_value_is_a_new_graph(monkeypatch, graphs):
+    """A graph reads a tensor lr at its address. A group given another tensor of the same value (an
+    lr re-made for each fit) must not replay the old one's address: once that tensor is freed, its
+    memory holds other numbers. (The key held the value alone: the graph was replayed.)"""
+    backend = "torch"
+    _per_batch(backend, monkeypatch)
+    x, y = _problem(n=21, seed=7)
+    model = FusedLinearRegressor(4, 3, backend=backend).to(DEVICE)
+    opt = FusedSGD(model.parameters(), lr=torch.tensor(0.01, device=DEVICE), backend=backend)
+    calls = dict(epochs=3, batch_size=8, seed=1, progress=False)
+    model.fit(x, y, optimizer=opt, **calls)
+    made = graphs.made
+    model.fit(x, y, optimizer=opt, **calls)
+    assert graphs.made == made  # the same tensor: kept
+    opt.param_groups[0]["lr"] = torch.tensor(0.01, device=DEVICE)
+    model.fit(x, y, optimizer=opt, **calls)
+    assert graphs.made == made + 1
+
+
 @pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")  # the interpreter's NumPy
 def test_kept_graph_on_a_divergence(monkeypatch, graphs):
     """A replayed fit that diverges restores what the eager run restores, bitwise (the reference

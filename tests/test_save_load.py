@@ -199,6 +199,13 @@ def test_a_non_floating_weight_is_a_model_file_error(tmp_path, dtype):
         FusedLinearRegressor.load(tmp_path / "int.safetensors")
 
 
+def test_a_bias_of_another_dtype_is_a_model_file_error(tmp_path):
+    """A model has one dtype: a float64 bias beside a float32 weight is some other file."""
+    save_file({"weight": torch.ones(2, 3), "bias": torch.zeros(2, dtype=torch.float64)}, tmp_path / "mixed.safetensors")
+    with pytest.raises(ModelFileError, match="weight is torch.float32 but bias is torch.float64"):
+        FusedLinearRegressor.load(tmp_path / "mixed.safetensors")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_a_changed_byte_fails_the_checksum(tmp_path, dtype):
     model = FusedLinearRegressor(4, 3, dtype=dtype, backend="torch")

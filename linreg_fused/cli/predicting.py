@@ -7,11 +7,12 @@ import argparse
 import csv
 import importlib.util
 import sys
+import warnings
 
 import numpy as np
 import torch
 
-from ..io import read_columns
+from ..io import DataError, read_columns
 from ..module import FusedLinearRegressor
 from ..serialization import read_info
 from .common import DTYPES, check_input, check_outputs, device_for, header, metrics, require_columns
@@ -39,8 +40,8 @@ def predict(args: argparse.Namespace) -> int:
     names = info.target_names or [f"y{i}" for i in range(info.out_features)]
     # The targets are scored when the data hold every one of them (by the names the model records).
     scored = info.target_names is not None and all(n in available and n not in features for n in names)
-    table = read_columns(args.data, features + (names if scored else []), engine=args.engine,
-                         delimiter=args.delimiter)
+    table = _read(args, features, names if scored else [])
+    scored = scored and table.shape[1] > len(features)
     dtype = DTYPES[args.dtype] if args.dtype else info.dtype
     model = FusedLinearRegressor.load(args.model, device=device, backend=args.backend).to(dtype)
     with torch.no_grad():
@@ -61,6 +62,21 @@ def predict(args: argparse.Namespace) -> int:
         print(to_json({"command": "predict", "model": args.model, "data": args.data, "rows": table.shape[0],
                        "targets": names, "metrics": None, "output": args.output}))
     return 0
+
+
+def _read(args: argparse.Namespace, features: list[str], targets: list[str]) -> np.ndarray:
+    """The feature columns, then the target columns when every value there is a number. A file of
+    new rows often has the target columns empty: their predictions are written, unscored (one
+    warning line), where reading them would fail on the first empty cell."""
+    try:
+        return read_columns(args.data, features + targets, engine=args.engine, delimiter=args.delimiter)
+    except DataError as err:
+        if not targets:
+            raise
+        table = read_columns(args.data, features, engine=args.engine, delimiter=args.delimiter)
+        detail = " ".join(str(err).split())
+        warnings.warn(f"the target columns are not scored: {detail}", RuntimeWarning, stacklevel=2)
+        return table
 
 
 def _write_csv(path: str | None, names: list[str], values: torch.Tensor) -> None:

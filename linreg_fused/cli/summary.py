@@ -3,6 +3,8 @@ the exact solver's standard errors."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -51,7 +53,9 @@ def standard_errors(stats: LinearStats | None, alpha: float, scale: np.ndarray |
     """
     if stats is None:
         return None
-    s = stats.summary(alpha=alpha, fit_intercept=True)
+    with warnings.catch_warnings():  # the solve's own warnings were shown when the model was solved
+        warnings.simplefilter("ignore", RuntimeWarning)
+        s = stats.summary(alpha=alpha, fit_intercept=True)
     std_err = torch.as_tensor(s.std_err, dtype=torch.float64).cpu()
     t_values = torch.as_tensor(s.t_values, dtype=torch.float64).cpu()
     if scale is not None:

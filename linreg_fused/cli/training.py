@@ -53,12 +53,18 @@ def train(args: argparse.Namespace) -> int:
         scale = train_table[:, :d].std(0)
         scale[scale == 0] = 1.0  # a constant column: centred to zero, left unscaled
 
-    def tensors(part: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        x = part[:, :d] if mean is None else (part[:, :d] - mean) / scale
-        return as_tensor(x, args.dtype, device), as_tensor(part[:, d:], args.dtype, device)
+    def columns(part: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The float64 features (standardised when asked) and targets of a part of the table."""
+        return (part[:, :d] if mean is None else (part[:, :d] - mean) / scale), part[:, d:]
 
-    x, t = tensors(train_table)
-    xv, tv = tensors(val_table) if val_table is not None else (None, None)
+    # The model trains in --dtype; the exact solver's statistics and the metrics use the float64 values
+    # the file holds (rounding them to float32 first would cost the solve digits and skew the metrics).
+    x64, t64 = columns(train_table)
+    x, t = as_tensor(x64, args.dtype, device), as_tensor(t64, args.dtype, device)
+    xv = tv = None
+    if val_table is not None:
+        xv64, tv64 = columns(val_table)
+        xv, tv = as_tensor(xv64, args.dtype, device), as_tensor(tv64, "float64", device)
     del train_table, val_table
 
     torch.manual_seed(args.seed)
@@ -72,7 +78,7 @@ def train(args: argparse.Namespace) -> int:
         alpha = args.alpha or 0.0
         say(f"solving {model} exactly ({'ridge, alpha ' + format(alpha, 'g') if alpha else 'least squares'}) "
             f"on {x.shape[0]} rows{held_out}{scaled}")
-        stats = LinearStats.from_tensors(x, t, backend=args.backend)
+        stats = LinearStats.from_arrays(x64, t64, device=device, backend=args.backend)
         model.solve(stats, alpha=alpha)
     else:
         hp = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in SGD_DEFAULTS.items()}
@@ -99,7 +105,9 @@ def train(args: argparse.Namespace) -> int:
     with torch.no_grad():
         pred = model(x)
         pred_val = model(xv) if xv is not None else None
-    parts = [("train", metrics(pred, t))] + ([("val", metrics(pred_val, tv))] if pred_val is not None else [])
+    t64 = as_tensor(t64, "float64", device)
+    del x64
+    parts = [("train", metrics(pred, t64))] + ([("val", metrics(pred_val, tv))] if pred_val is not None else [])
     if mean is not None:  # show and save weights for raw features; the standardisation goes in the metadata
         weight, bias = fold_standardization(model.weight, model.bias, torch.from_numpy(mean), torch.from_numpy(scale))
         with torch.no_grad():
@@ -124,7 +132,7 @@ def train(args: argparse.Namespace) -> int:
                    input_scale=None if scale is None else scale.tolist())
         say(f"saved the model to {args.save}")
     if args.plot:
-        shown_pred, shown_true = (pred_val, tv) if pred_val is not None else (pred, t)
+        shown_pred, shown_true = (pred_val, tv) if pred_val is not None else (pred, t64)
         training_plot(args.plot, history if history is not None else [], val_history=val_history,
                       predicted=shown_pred, actual=shown_true, target_names=targets,
                       rows_label="validation rows" if pred_val is not None else "training rows")

@@ -1,0 +1,44 @@
+"""LinearStats at its edges: NumPy hyper-parameters, and the accuracy statistics claim after a
+merge of differently accumulated parts. Regression tests of defects found by an adversarial run."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from linreg_fused import LinearStats
+
+
+def test_rcond_takes_numpy_reals_and_refuses_bools():
+    """As alpha does (scikit-learn's searches and NumPy arithmetic give np.float32/np.float64)."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    stats = LinearStats.from_tensors(x, x @ torch.ones(3, 1, dtype=torch.float64), backend="torch")
+    ref = stats.solve(rcond=1e-6)[0]
+    for rcond in (np.float32(1e-6), np.float64(1e-6)):
+        torch.testing.assert_close(stats.solve(rcond=rcond)[0], ref, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="rcond"):
+        stats.solve(rcond=False)
+
+
+def test_merging_fp32_statistics_in_judges_the_union_at_fp32():
+    """Nearly collinear columns (condition ~1e4): fp32 accumulation leaves ~3 correct digits, fp64 all
+    of them. Statistics that merge an fp32 part, in either order, are no more accurate than it: they
+    say fp32 and warn as fp32 statistics of all the rows do."""
+    g = torch.Generator().manual_seed(21)
+    a = torch.randn(400, 1, generator=g, dtype=torch.float64)
+    x = torch.cat([a, a + 1e-4 * torch.randn(400, 1, generator=g, dtype=torch.float64)], 1)
+    t = x @ torch.tensor([[1.0], [2.0]], dtype=torch.float64) + 0.01 * torch.randn(400, 1, generator=g,
+                                                                                 dtype=torch.float64)
+    halves = [(x[:200], t[:200]), (x[200:], t[200:])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fp64 statistics of all the rows: no warning
+        LinearStats.from_tensors(x, t, backend="torch").solve()
+    for precisions in (("fp64", "fp32"), ("fp32", "fp64")):
+        parts = [LinearStats.from_tensors(xs, ts, backend="torch", precision=p) for (xs, ts), p in
+                 zip(halves, precisions)]
+        merged = parts[0].merge(parts[1])
+        assert merged.precision == "fp32", precisions
+        with pytest.warns(RuntimeWarning, match="correct significant digits .* fp32 accumulation"):
+            merged.solve()
