@@ -1,55 +1,22 @@
-"""bench/gpu_step.py (the GPU check's "step" section) in its smoke mode, with a stand-in for the
-GPU check's ctx: it runs, and its parity rows pass (bitwise where it promises bitwise)."""
+"""bench/gpu_step.py (the GPU check's "step" section) through the check's own ctx: smoke mode on the
+CPU (the full section on a GPU), within its time limit, and its parity rows pass (bitwise where it
+promises bitwise)."""
 
-import sys
-from pathlib import Path
-
-import torch
 from conftest import DEVICE
+from section_ctx import of, run_section
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import gpu_step  # noqa: E402
-
-
-class StandInCtx:
-    """The ctx interface of the GPU check's sections (see bench/gpu_check.py), recording rows."""
-
-    def __init__(self):
-        self.device, self.smoke, self.copy_gbps = DEVICE, not torch.cuda.is_available(), None
-        self.rows = []
-
-    def left_s(self):
-        return 600.0
-
-    def parity(self, name, got, ref, tol, **info):
-        got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
-        err = float(((got - ref).abs() / ref.abs().clamp_min(1e-30)).max())
-        self.rows.append(dict(name=name, kind="parity", err=err, tol=tol, ok=err <= tol, **info))
-        return err <= tol
-
-    def time(self, name, fn, *, bytes=None, flops=None, **info):
-        fn()
-        self.rows.append(dict(name=name, kind="time", **info))
-        return 0.0
-
-    def steady(self, name, step, *, n=100, bytes=None, **info):
-        for _ in range(2):
-            step()
-        self.rows.append(dict(name=name, kind="steady", **info))
-        return 0.0
-
-    def record(self, name, **fields):
-        self.rows.append(dict(name=name, kind="record", **fields))
-
-    def skip(self, name, reason):
-        self.rows.append(dict(name=name, kind="skip", reason=reason))
+import gpu_step  # bench/ is on sys.path through section_ctx
 
 
 def test_step_section_smoke():
-    ctx = StandInCtx()
     assert gpu_step.SECTION == "step" and gpu_step.ORDER > 50
-    gpu_step.run(ctx)
-    parity = [r for r in ctx.rows if r["kind"] == "parity"]
-    assert len(parity) >= 8
-    bad = [r for r in parity if not r["ok"]]
-    assert not bad, bad
+    smoke = DEVICE.type != "cuda"
+    rows = run_section(gpu_step, device=DEVICE, smoke=smoke, limit_s=60 if smoke else 300)
+    parity = of(rows, measure="parity")
+    assert len(parity) >= 8 and all(r["status"] == "pass" and r["error"] <= r["tol"] for r in parity), parity
+    bitwise = [r for r in parity if r["name"].endswith("(bitwise)")]
+    assert len(bitwise) >= 6 and all(r["tol"] == 0.0 and r["error"] == 0.0 for r in bitwise), bitwise
+    for shape in (gpu_step.SMOKE_SHAPES if smoke else gpu_step.SHAPES):
+        assert of(rows, name=f"{shape}: one launch vs float64 SGD", status="pass")
+    if smoke:
+        assert of(rows, name="host µs per call and steady-state steps", status="skip")
