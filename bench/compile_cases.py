@@ -224,7 +224,7 @@ def shape_cases(arch: Arch) -> list[Case]:
     """The launches the helpers choose for SHAPES: gradient and forward on every shape, the
     reduce-update where its specialisation differs (1-sized, fp64), the fused fit and the
     statistics kernels at 1-sized dims."""
-    from linreg_fused.kernels import fused_fit, linear_forward, linear_mse_grad, linear_stats, reduce_update
+    from linreg_fused.kernels import fused_fit, linear_forward, linear_mse_grad, linear_stats, reduce_update, stats_sgd
     from linreg_fused.kernels.config import DeviceProfile
     from linreg_fused.kernels.plan import LaunchPlan
     from linreg_fused.kernels.specs import ColumnTarget, SGDHyper
@@ -269,7 +269,7 @@ def shape_cases(arch: Arch) -> list[Case]:
                   b_state_ptr=_meta(2, 1, dtype=torch.float32), w_buf_state_ptr=_meta(2, 1, 1, dtype=torch.float32),
                   b_buf_state_ptr=_meta(2, 1, dtype=torch.float32), n_rows=1, D=1, O=1, n_epochs=1)
     flags = dict(HAS_BIAS=True, UPDATE_W=True, UPDATE_B=True, MEAN=True, W_FLAGS=15, B_FLAGS=15,
-                 INIT_W_BUFFER=True, INIT_B_BUFFER=True, **linear_stats.epoch_blocks(1, 1))
-    cases.append(Case(kernel="stats-epochs", plan=LaunchPlan(linear_stats._stats_sgd_kernel, (1,), epochs, flags,
-                                                             linear_stats.EPOCH_WARPS, 1), **common))
+                 INIT_W_BUFFER=True, INIT_B_BUFFER=True, **stats_sgd.epoch_blocks(1, 1))
+    cases.append(Case(kernel="stats-epochs", plan=LaunchPlan(stats_sgd._stats_sgd_kernel, (1,), epochs, flags,
+                                                             stats_sgd.EPOCH_WARPS, 1), **common))
     return cases

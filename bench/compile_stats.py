@@ -1,4 +1,4 @@
-"""Compile the statistics kernels (kernels/linear_stats.py) for an H100 (sm_90)
+"""Compile the statistics kernels (kernels/linear_stats.py, kernels/stats_sgd.py) for an H100 (sm_90)
 without a GPU, at the block configs the launch helpers pick for the statistics
 regimes (bench/regimes.py), and report registers, spills and shared memory.
 
@@ -28,7 +28,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from linreg_fused.kernels import linear_stats  # noqa: E402
+from linreg_fused.kernels import linear_stats, stats_sgd  # noqa: E402
 from regimes import STATS_REGIMES  # noqa: E402
 
 SHARED_LIMIT = 232_448  # bytes of shared memory per block on sm_90
@@ -72,7 +72,7 @@ def compile_pass(in_features: int, out_features: int, dtype: torch.dtype, diagon
 
 def compile_epochs(in_features: int, out_features: int, dtype: torch.dtype) -> tuple[dict, dict]:
     """The epochs kernel with every SGD branch on (momentum, weight decay, nesterov, maximize)."""
-    blocks = linear_stats.epoch_blocks(in_features, out_features)
+    blocks = stats_sgd.epoch_blocks(in_features, out_features)
     names = ["mean_x_ptr", "mean_t_ptr", "m_xx_ptr", "m_tx_ptr", "m_tt_ptr", "hyper_ptr", "history_ptr",
              "w_ptr", "b_ptr", "w_buf_ptr", "b_buf_ptr", "w_state_ptr", "b_state_ptr", "w_buf_state_ptr",
              "b_buf_state_ptr", "n_rows", "D", "O", "n_epochs"]
@@ -80,8 +80,8 @@ def compile_epochs(in_features: int, out_features: int, dtype: torch.dtype) -> t
     constants = dict(HAS_BIAS=True, UPDATE_W=True, UPDATE_B=True, MEAN=True, W_FLAGS=15, B_FLAGS=15,
                      INIT_W_BUFFER=True, INIT_B_BUFFER=True, **blocks)
     signature = dict(zip(names, types)) | {k: "constexpr" for k in constants}
-    compiled = triton.compile(ASTSource(linear_stats._stats_sgd_kernel, signature, constants), target=TARGET,
-                              options=dict(num_warps=linear_stats.EPOCH_WARPS))
+    compiled = triton.compile(ASTSource(stats_sgd._stats_sgd_kernel, signature, constants), target=TARGET,
+                              options=dict(num_warps=stats_sgd.EPOCH_WARPS))
     return blocks, _resources(compiled)
 
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             block_d64 = linear_stats.stats_config(d, o, _Cuda(), True).block_d
             rows += [(f"pass fp64, {what}", *compile_pass(d, o, regime.dtype, diag, fp64=True))
                      for what, diag in [("diagonal", True)] + ([("off-diagonal", False)] if d > block_d64 else [])]
-        if linear_stats.stats_sgd_supported(d, o):
+        if stats_sgd.stats_sgd_supported(d, o):
             rows.append(("epochs", *compile_epochs(d, o, regime.dtype)))
         for what, cfg, res in rows:
             ok = res["stack"] == 0 and res["local"] == 0 and res["shared"] <= SHARED_LIMIT

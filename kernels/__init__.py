@@ -9,7 +9,13 @@ itself, so ``specs`` can be used without Triton.
 - grad_rows, grad_chunks:        the gradient pass in the "rows" (small O·D) and "chunks" (wide, deep) formulations
 - forward_rows, forward_chunks:  inference in the same two formulations
 - formulations:    whichever formulation config.choose_formulation decides, for either pass
+- sgd_step:        a whole step in one launch (opt-in until checked on a GPU: backend.STEP_LAUNCHES)
+- step, launch:    the repeat-call path: a step's launches planned once, relaunched cheaply
 - fused_fit:       many SGD steps of a small problem in one launch
+- linear_stats:    the one-pass co-moments (XᵀX, TᵀX, TᵀT, column sums) for fit's statistics path
+- stats_sgd:       full-batch SGD epochs on those co-moments, many epochs in one launch
+- linear_qr:       the one-pass R factor (TSQR) behind LinearStats and solve
+- grouped_stats:   the per-group statistics pass
 - probe:           whether Triton's interpreter can run these kernels here (checked at first use)
 - specs:           plain data the kernels share (no Triton)
 - tiles:           jit helpers shared by the kernels (loads, fp64 scalars, the two tile products)

@@ -194,10 +194,11 @@ class TritonOps:
 
     def __init__(self) -> None:
         # Imported here, not at module import: jit decoration reads TRITON_INTERPRET.
-        from .kernels import fused_fit, linear_forward, linear_mse_grad, linear_stats, reduce_update
+        from .kernels import fused_fit, linear_forward, linear_mse_grad, linear_stats, reduce_update, stats_sgd
 
         self._fused_fit = fused_fit
         self._stats = linear_stats
+        self._epochs = stats_sgd
         self._forward = linear_forward
         self._grad = linear_mse_grad
         self._reduce = reduce_update
@@ -266,7 +267,7 @@ class TritonOps:
         return self._stats.linear_moments(x, target, fp64=fp64)
 
     def stats_epochs_in_one_launch(self, in_features: int, out_features: int) -> bool:
-        return self._stats.stats_sgd_supported(in_features, out_features)
+        return self._epochs.stats_sgd_supported(in_features, out_features)
 
     def stats_sgd_epochs(self, n_rows: int, moments: tuple, weight: torch.Tensor, bias: torch.Tensor | None,
                          weight_buffer: torch.Tensor | None, bias_buffer: torch.Tensor | None,
@@ -275,11 +276,11 @@ class TritonOps:
         problem (or non-contiguous parameters) runs the reference's loop of small matrix products
         on the device (no sync either way)."""
         contiguous = all(t is None or t.is_contiguous() for t in (weight, bias, weight_buffer, bias_buffer))
-        if not contiguous or not self._stats.stats_sgd_supported(*reversed(weight.shape)):
+        if not contiguous or not self._epochs.stats_sgd_supported(*reversed(weight.shape)):
             TORCH_OPS.stats_sgd_epochs(n_rows, moments, weight, bias, weight_buffer, bias_buffer, history, **kwargs)
             return
-        self._stats.stats_sgd_epochs(n_rows, moments, weight.detach(), None if bias is None else bias.detach(),
-                                     weight_buffer, bias_buffer, history, **kwargs)
+        self._epochs.stats_sgd_epochs(n_rows, moments, weight.detach(), None if bias is None else bias.detach(),
+                                      weight_buffer, bias_buffer, history, **kwargs)
         for p in (weight, bias):
             if p is not None:
                 torch.autograd.graph.increment_version(p)

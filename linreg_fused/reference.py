@@ -217,7 +217,7 @@ class TorchOps:
         init_weight_buffer: bool,
         init_bias_buffer: bool,
     ) -> None:
-        """The semantics of kernels.linear_stats.stats_sgd_epochs as a loop of small fp64 ops on
+        """The semantics of kernels.stats_sgd.stats_sgd_epochs as a loop of small fp64 ops on
         the statistics' device (no host sync): each epoch's loss before its step into history,
         parameters stored in their dtype after every step, and only steps taken while every
         loss so far was finite are kept."""
