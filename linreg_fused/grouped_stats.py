@@ -126,12 +126,15 @@ class GroupedLinearStats:
     def all_reduce_(self, process_group: Any = None) -> "GroupedLinearStats":
         """Make these the statistics of every rank's rows, on every rank: one all-gather of each
         rank's flat statistics over ``process_group`` (see linreg_fused.distributed.resolve_group),
-        merged in rank order, so every rank holds the same bits. Returns self."""
+        merged in rank order, so every rank holds the same bits. Every rank must hold statistics of
+        the same shape (else every rank raises ValueError, before the gather: one sync). Returns self."""
         import torch.distributed as dist
 
         group = distributed.resolve_group(process_group)
         if group is None:
             return self
+        distributed.check_same_on_every_rank(dict(zip(("n_groups", "in_features", "out_features"), self.shape)),
+                                             group, self.device)
         n, *tensors = self._moments
         flat = torch.cat([n.to(torch.float64), *(v.reshape(-1) for v in tensors)])  # counts < 2⁵³: exact
         gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size(group))]

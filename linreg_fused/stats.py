@@ -134,11 +134,15 @@ class LinearStats:
         """Make these the statistics of every rank's rows, on every rank: one all-gather of the
         (D+O+1)²-sized factors over ``process_group`` (default: the world group when
         torch.distributed is initialised; False: nothing), merged in rank order, so every rank
-        holds the same bits. Reads the counts back: one sync. Returns self."""
+        holds the same bits. Every rank must hold statistics of the same shape (else every rank
+        raises ValueError, before the gather). Reads the counts back: two syncs. Returns self."""
         group = distributed.resolve_group(process_group)
         if group is None:
             return self
         import torch.distributed as dist
+
+        distributed.check_same_on_every_rank(dict(in_features=self.in_features, out_features=self.out_features),
+                                             group, self.device)
 
         head = torch.tensor([float(self._n), self._data_eps, float(self.precision == "fp32")], dtype=torch.float64,
                             device=self.device)

@@ -173,6 +173,13 @@ def checks_only_distributed(s: Shard) -> dict[str, torch.Tensor]:
         out["mismatch_error"] = torch.tensor(0)
     except ValueError as err:
         out["mismatch_error"] = torch.tensor(int("differs across the ranks" in str(err)))
+    try:  # statistics of another width on each rank: every rank raises before the gather
+        d = 2 + s.rank
+        LinearStats.from_tensors(torch.randn(5, d, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64),
+                                 backend="torch").all_reduce_()
+        out["stats_mismatch_error"] = torch.tensor(0)
+    except ValueError as err:
+        out["stats_mismatch_error"] = torch.tensor(int("in_features differs across the ranks" in str(err)))
     return out
 
 

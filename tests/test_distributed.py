@@ -99,6 +99,7 @@ def test_all_reduce_helper_local_training_and_mismatched_data(world):
         checks = result["distributed"]
         assert torch.equal(checks["all_reduce_sum"], total.double()), r
         assert checks["mismatch_error"].item() == 1, f"rank {r} did not refuse data that differs across ranks"
+        assert checks["stats_mismatch_error"].item() == 1, f"rank {r} gathered statistics of another width"
         # process_group=False: each rank trained on its own rows alone.
         m = worker.model()
         x, t = worker.data(6, seed=40 + r)

@@ -39,6 +39,12 @@ def rank_main(rank: int, init_file: str, out_dir: str) -> None:
         share = rank_slice(x.shape[0], rank, WORLD)
         stats = GroupedLinearStats.from_tensors(x[share], t[share], g[share], G, backend="torch")
         torch.save(stats.all_reduce_().state_dict(), Path(out_dir) / f"rank{rank}.pt")
+        try:  # a different number of groups on each rank: every rank raises before the gather
+            GroupedLinearStats.from_tensors(x[:4], t[:4], g[:4] % 2, G + rank, backend="torch").all_reduce_()
+            refused = ""
+        except ValueError as err:
+            refused = str(err)
+        (Path(out_dir) / f"refused{rank}.txt").write_text(refused)
     finally:
         dist.destroy_process_group()
 
@@ -55,3 +61,5 @@ def test_ranks_all_reduce_to_the_statistics_of_every_row(tmp_path):
         assert torch.equal(ranks[1][key], ranks[0][key]), f"rank 1 differs from rank 0 in {key}"
         torch.testing.assert_close(ranks[0][key], value, rtol=1e-12, atol=1e-10, msg=key)
     assert ranks[0]["n_rows"].tolist()[-1] == 0 and ranks[0]["n_rows"].sum() == 41
+    for r in range(WORLD):
+        assert "n_groups differs across the ranks" in (tmp_path / f"refused{r}.txt").read_text(), r
