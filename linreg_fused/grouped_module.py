@@ -20,6 +20,7 @@ from .backend import BACKENDS
 from .grouped_stats import EMPTY, NONFINITE, GroupedLinearStats, _check_groups, positive_int
 from .optim import group_hyper
 from .reference import _sgd_step
+from .solver import check_representable
 from .kernels.specs import SGDHyper
 
 FORMAT = "linreg-fused-grouped"
@@ -103,6 +104,9 @@ class GroupedLinearRegressor(nn.Module):
                              f"{(self.n_groups, self.in_features, self.out_features)}")
         solution = stats.solve(alpha, fit_intercept=self.bias is not None)
         solved = ((solution.status != EMPTY) & (solution.status != NONFINITE)).to(self.weight.device)
+        kept = solved.to(solution.weight.device)
+        check_representable(self.weight.dtype, solution.weight[kept],
+                            None if self.bias is None else solution.bias[kept])
         self.weight.copy_(torch.where(solved[:, None, None], solution.weight.to(self.weight), self.weight))
         if self.bias is not None:
             self.bias.copy_(torch.where(solved[:, None], solution.bias.to(self.bias), self.bias))

@@ -15,6 +15,7 @@ from . import functional, serialization, step_cache, train
 from .backend import BACKENDS
 from .functional import PRECISIONS
 from .optim import FusedSGD
+from .solver import check_representable
 from .stats import LinearStats
 
 
@@ -206,6 +207,7 @@ class FusedLinearRegressor(nn.Module):
             raise ValueError(f"the statistics are of {stats.in_features}→{stats.out_features} but the model is "
                              f"{self.in_features}→{self.out_features}")
         weight, bias = stats.solve(alpha, fit_intercept=self.bias is not None)
+        check_representable(self.weight.dtype, weight, bias)
         self.weight.copy_(weight.to(self.weight))
         if self.bias is not None:
             self.bias.copy_(bias.to(self.bias))

@@ -57,6 +57,22 @@ class Design:
     intercept: bool
 
 
+def check_representable(dtype: torch.dtype, *solution: torch.Tensor | None) -> None:
+    """Raise OverflowError, before the parameters are written, where a solution (fp64) holds a
+    value beyond the largest finite value of the parameters' dtype: stored, it would become
+    inf and the loss NaN. One sync where the dtype is narrower than float64."""
+    if dtype == torch.float64 or not dtype.is_floating_point:
+        return
+    values = [s.abs().amax() for s in solution if s is not None and s.numel()]
+    if not values:
+        return
+    largest, limit = float(torch.stack(values).amax()), torch.finfo(dtype).max
+    if not largest <= limit:
+        raise OverflowError(f"the least-squares solution has a coefficient of magnitude {largest:.3g}, beyond "
+                            f"{dtype}'s largest value {limit:.5g}; the parameters are unchanged. Solve in a wider "
+                            f"dtype (e.g. model.float()), or rescale the features or targets")
+
+
 def design(r: torch.Tensor, shift: torch.Tensor, n_rows: int, d: int, intercept: bool) -> Design:
     """The design factor from the statistic R of [1, z − shift] (factor.py's layout)."""
     root_n = r[0, 0]

@@ -42,3 +42,30 @@ def test_merging_fp32_statistics_in_judges_the_union_at_fp32():
         assert merged.precision == "fp32", precisions
         with pytest.warns(RuntimeWarning, match="correct significant digits .* fp32 accumulation"):
             merged.solve()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_solution_beyond_the_parameters_dtype_raises_and_keeps_them(backend):
+    """A float16 model whose least-squares coefficient (~1e5, fresh random data) exceeds float16's
+    65504 raises OverflowError and keeps its parameters, where storing it gave inf weights and a NaN
+    loss without a word; a solution that fits (the same data with x scaled up) is stored."""
+    from linreg_fused import FusedLinearRegressor, GroupedLinearRegressor
+
+    x = (torch.rand(64, 2, dtype=torch.float64) + 0.5) * 1e-3
+    t = x @ torch.tensor([[1e5], [2.0]], dtype=torch.float64) + 1e-3 * torch.randn(64, 1, dtype=torch.float64)
+    x16, t16 = x.half(), t.half()
+    model = FusedLinearRegressor(2, 1, dtype=torch.float16, backend=backend)
+    before = [p.detach().clone() for p in model.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the digits warning of float16 data
+        with pytest.raises(OverflowError, match="beyond torch.float16's largest value"):
+            model.solve(x16, t16)
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        grouped = GroupedLinearRegressor(3, 2, 1, dtype=torch.float16, backend=backend)  # group 2 stays empty
+        before = [p.detach().clone() for p in grouped.parameters()]
+        with pytest.raises(OverflowError, match="parameters are unchanged"):
+            grouped.solve(x16, t16, torch.arange(64) % 2)
+        assert all(torch.equal(a, b) for a, b in zip(before, grouped.parameters()))
+        loss = model.solve((x * 1e3).half(), t16)  # coefficients ~100: representable
+    assert torch.isfinite(model.weight).all() and torch.isfinite(loss)
+    assert abs(model.weight[0, 0].item() - 100.0) < 2.0  # 1e5 · 1e-3, to float16's rounding of the data
