@@ -33,7 +33,7 @@ import triton.language as tl
 from .blocks import RowsConfig, rows_config
 from .device import DeviceProfile, device_profile
 from .plan import LaunchPlan
-from .specs import GradPartials, accumulator_dtype
+from .specs import GradPartials, accumulator_dtype, gradient_pass
 
 
 @triton.jit
@@ -140,17 +140,7 @@ def plan_rows_partials(
     if cfg.lanes * cfg.columns < in_features or cfg.block_o < out_features:
         raise ValueError(f"{cfg} does not cover D={in_features}, O={out_features}")
     n_programs = max(1, min(triton.cdiv(n_rows, cfg.rows), cfg.max_programs))
-    partials = torch.empty((n_programs, out_features * in_features + out_features + 1), device=x.device, dtype=acc)
-    residual = torch.empty((n_rows, out_features), device=x.device, dtype=acc) if store_residual else None
-    args = dict(
-        x_ptr=x, w_ptr=weight, b_ptr=bias if bias is not None else weight, t_ptr=target,
-        row_index_ptr=row_index if row_index is not None else partials, partials_ptr=partials,
-        residual_ptr=residual if residual is not None else partials,
-        n_rows=n_rows, D=in_features, O=out_features, n_programs=n_programs,
-        stride_xn=x.stride(0), stride_xd=x.stride(1), stride_wo=weight.stride(0), stride_wd=weight.stride(1),
-        stride_tn=target.stride(0), stride_to=target.stride(1),
-        stride_index=row_index.stride(0) if row_index is not None else 1, stride_partials=partials.stride(0),
-    )
+    args, outputs = gradient_pass(x, weight, bias, target, row_index, n_programs, acc, store_residual)
     constexprs = dict(
         HAS_BIAS=bias is not None, HAS_ROW_INDEX=row_index is not None, STORE_RESIDUAL=store_residual,
         MASK_D=cfg.lanes * cfg.columns != in_features,
@@ -158,8 +148,7 @@ def plan_rows_partials(
         NUM_STAGES=cfg.num_stages, BLOCK_O=cfg.block_o,
         J=cfg.columns // cfg.vec, V=cfg.vec, LANES=cfg.lanes, ROWS=cfg.rows,
     )
-    plan = LaunchPlan(_rows_partials_kernel, (n_programs,), args, constexprs, cfg.num_warps, cfg.num_stages)
-    return plan, GradPartials(partials, residual, n_rows, out_features, in_features)
+    return LaunchPlan(_rows_partials_kernel, (n_programs,), args, constexprs, cfg.num_warps, cfg.num_stages), outputs
 
 
 def rows_partials(x, weight, bias, target, *, row_index=None, store_residual=False,

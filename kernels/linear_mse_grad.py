@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .config import DeviceProfile, TileConfig, device_profile, grad_config
 from .plan import LaunchPlan, fitted
-from .specs import GradPartials, accumulator_dtype
+from .specs import GradPartials, accumulator_dtype, gradient_pass
 from .tiles import accumulate, load_rows, rt_times_x, x_times_wt
 
 
@@ -170,18 +170,7 @@ def plan_linear_mse_partials(
         n_programs = triton.cdiv(n_rows, cfg.block_n)
         if cfg.max_programs:
             n_programs = min(n_programs, cfg.max_programs)
-        n_cols = out_features * in_features + out_features + 1
-        partials = torch.empty((n_programs, n_cols), device=x.device, dtype=acc)
-        residual = torch.empty((n_rows, out_features), device=x.device, dtype=acc) if store_residual else None
-        args = dict(
-            x_ptr=x, w_ptr=weight, b_ptr=bias if bias is not None else weight, t_ptr=target,
-            row_index_ptr=row_index if row_index is not None else partials, partials_ptr=partials,
-            residual_ptr=residual if residual is not None else partials,
-            n_rows=n_rows, D=in_features, O=out_features, n_programs=n_programs,
-            stride_xn=x.stride(0), stride_xd=x.stride(1), stride_wo=weight.stride(0), stride_wd=weight.stride(1),
-            stride_tn=target.stride(0), stride_to=target.stride(1),
-            stride_index=row_index.stride(0) if row_index is not None else 1, stride_partials=partials.stride(0),
-        )
+        args, outputs = gradient_pass(x, weight, bias, target, row_index, n_programs, acc, store_residual)
         constexprs = dict(
             HAS_BIAS=bias is not None, HAS_ROW_INDEX=row_index is not None, STORE_RESIDUAL=store_residual,
             INPUT_PRECISION=input_precision, USE_DOT=cfg.use_dot, ONE_D_BLOCK=cfg.block_d >= in_features,
@@ -189,7 +178,7 @@ def plan_linear_mse_partials(
         )
         plan = LaunchPlan(_linear_mse_partials_kernel, (n_programs,), args, constexprs, cfg.num_warps,
                           cfg.num_stages)
-        return plan, GradPartials(partials, residual, n_rows, out_features, in_features)
+        return plan, outputs
 
     if config is not None:  # the caller's config, as given
         return make(cfg)

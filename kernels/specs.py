@@ -36,6 +36,29 @@ class GradPartials:
         return self.out_features * self.in_features + self.out_features
 
 
+def gradient_pass(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                  row_index: torch.Tensor | None, n_programs: int, acc: torch.dtype,
+                  store_residual: bool) -> tuple[dict, GradPartials]:
+    """The runtime arguments every gradient-pass kernel takes (linear_mse_grad, grad_rows,
+    grad_chunks: one signature) and its outputs, allocated, not yet written: a partial row per
+    program and, where kept, the residual. A missing bias, row index or residual passes another
+    pointer in its place (the kernel's constexpr flags keep it unread)."""
+    n_rows = row_index.numel() if row_index is not None else x.shape[0]
+    out_features, in_features = weight.shape
+    partials = torch.empty((n_programs, out_features * in_features + out_features + 1), device=x.device, dtype=acc)
+    residual = torch.empty((n_rows, out_features), device=x.device, dtype=acc) if store_residual else None
+    args = dict(
+        x_ptr=x, w_ptr=weight, b_ptr=bias if bias is not None else weight, t_ptr=target,
+        row_index_ptr=row_index if row_index is not None else partials, partials_ptr=partials,
+        residual_ptr=residual if residual is not None else partials,
+        n_rows=n_rows, D=in_features, O=out_features, n_programs=n_programs,
+        stride_xn=x.stride(0), stride_xd=x.stride(1), stride_wo=weight.stride(0), stride_wd=weight.stride(1),
+        stride_tn=target.stride(0), stride_to=target.stride(1),
+        stride_index=row_index.stride(0) if row_index is not None else 1, stride_partials=partials.stride(0),
+    )
+    return args, GradPartials(partials, residual, n_rows, out_features, in_features)
+
+
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp64 stays fp64; everything else accumulates in fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
