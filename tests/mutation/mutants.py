@@ -44,11 +44,11 @@ CHANGES = "tests/test_repeat_changes.py::test_a_change_between_calls_reaches_the
 
 MUTANTS = [
     # ------------------------------------------------------------ kernels
-    Mutant("grad-x-stride-dropped", "kernels", "kernels/linear_mse_grad.py",
+    Mutant("grad-x-stride-dropped", "kernels", "kernels/specs.py",
            "stride_xn=x.stride(0), stride_xd=x.stride(1), stride_wo=weight.stride(0),",
            "stride_xn=x.stride(0), stride_xd=1, stride_wo=weight.stride(0),",
            ("tests/test_linear_mse.py::test_leading_dims_and_strided_inputs", NON_CONTIGUOUS_FIT),
-           "the gradient kernel assumes x's columns are contiguous"),
+           "the gradient kernels assume x's columns are contiguous"),
     Mutant("grad-output-mask-off-by-one", "kernels", "kernels/linear_mse_grad.py",
            "    mask_o = offs_o < O\n    offs_d = tl.arange(0, BLOCK_D)",
            "    mask_o = offs_o < O - 1\n    offs_d = tl.arange(0, BLOCK_D)",
@@ -661,5 +661,15 @@ FRESH = [
            "    if False:",
            ("tests/test_save_load.py::test_a_bias_of_another_dtype_is_a_model_file_error",),
            "a bias of another dtype than the weight is taken for a model"),
+    Mutant("solve-overflow-stored", "statistics", "linreg_fused/solver.py",
+           "    largest, limit = float(torch.stack(values).amax()), torch.finfo(dtype).max",
+           "    largest, limit = float(torch.stack(values).amax()), torch.finfo(torch.float32).max",
+           ("tests/test_stats_edges.py::test_a_solution_beyond_the_parameters_dtype_raises_and_keeps_them",),
+           "the overflow check takes float32's range for every dtype: float16 stores 1e5 as inf"),
+    Mutant("grouped-all-reduce-shape-unchecked", "distributed", "linreg_fused/grouped_stats.py",
+           '        distributed.check_same_on_every_rank(dict(zip(("n_groups", "in_features", "out_features"), self.shape)),',
+           '        distributed.check_same_on_every_rank(dict(zip(("in_features", "out_features"), self.shape[1:])),',
+           ("tests/test_grouped_distributed.py",),
+           "ranks with different numbers of groups gather statistics of different sizes"),
 ]
 MUTANTS += FRESH
