@@ -102,11 +102,15 @@ def _nist(ctx) -> None:
             goal = floor(data, float32)
             digits = lre(coef, data.coef)
             label = f"nist {name} {'fp32' if float32 else 'fp64'} data"
-            ratio = torch.from_numpy(coef / data.coef)
-            ctx.parity(label, ratio, torch.ones_like(ratio), 10.0 ** -max(goal, 0.0) if goal > 0 else 1e300,
-                       lre=round(digits, 2), goal_lre=round(goal, 2))
-            ctx.record(f"{label} LRE", lre=round(digits, 2), goal_lre=round(goal, 2), ok=digits >= goal,
-                       warned=any("condition number" in str(w.message) for w in caught))
+            warned = any("condition number" in str(w.message) for w in caught)
+            if goal > 0:
+                ratio = torch.from_numpy(coef / data.coef)
+                ctx.parity(label, ratio, torch.ones_like(ratio), 10.0 ** -goal, lre=round(digits, 2),
+                           goal_lre=round(goal, 2))
+            # Fewer than 4 correct digits (always so where the data's rounding leaves none: Filip's
+            # fp32 data) must come with the solver's one-line warning.
+            ctx.record(f"{label} LRE", status="pass" if digits >= 4 or warned else "fail", lre=round(digits, 2),
+                       goal_lre=round(goal, 2), ok=digits >= goal, warned=warned)
 
 
 def _solve_1024(ctx) -> None:
