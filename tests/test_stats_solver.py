@@ -300,12 +300,19 @@ def test_well_conditioned_float32_data_solve_quietly_and_keep_their_digits(n_row
     digits warning (< 4) must stay quiet. (Its estimate once bounded the storage's n independent
     roundings by Cauchy-Schwarz, ~√n too large, and warned on such data.)"""
     rng = np.random.default_rng()
-    for _ in range(3):
+    drawn = 0
+    while drawn < 3:
         x = rng.standard_normal((n_rows, 3)) * rng.uniform(0.5, 2, 3) + rng.uniform(40, 50, 3)
         w, b = rng.uniform(0.5, 3, (2, 3)) * rng.choice([-1, 1], (2, 3)), rng.uniform(20, 40, 2)
         y = x @ w.T + b + 0.5 * rng.standard_normal((n_rows, 2))
         z = np.column_stack([x, np.ones(n_rows)])
         exact = np.linalg.lstsq(z, y, rcond=None)[0]  # float64, unrounded data
+        # The fitted intercept's standard error is ~x̄·se(w) ≈ 5 at 57 rows: a rare draw fits an
+        # intercept near 0 beside terms W·x̄ of ~100, whose relative digits are rightly few (the
+        # warning is then true). This test is about intercepts of the size drawn: redraw those.
+        if np.abs(exact[3]).min() < 10.0:
+            continue
+        drawn += 1
         x32, y32 = (torch.tensor(a, dtype=torch.float32, device=DEVICE) for a in (x, y))
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # any warning fails the test
