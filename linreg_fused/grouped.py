@@ -136,7 +136,8 @@ def _dense_integer_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray] | 
     low, high = int(values.min()), int(values.max())
     if high - low > 4 * values.size + 1024:
         return None
-    offset = (values - low).astype(np.int64, copy=False)
+    # In int64 (or the unsigned type itself): int8 keys -100 and 100 differ by 200, beyond int8.
+    offset = values.astype(np.int64) - low if values.dtype.kind == "i" else (values - values.min()).astype(np.int64)
     present = np.bincount(offset, minlength=high - low + 1) > 0
     code_of = np.cumsum(present) - 1
     return np.flatnonzero(present).astype(values.dtype) + low, code_of[offset]

@@ -105,3 +105,26 @@ def test_integer_keys_are_coded_the_same_by_counting_and_by_factorizing(keys):
     check = pd.DataFrame({"a": [2.0, 4, 9], "y": [2.0, 3, 5]})
     slope = np.polyfit(check.a, check.y, 1)[0]
     np.testing.assert_allclose(out["a"][0], slope, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype, lo, hi, n", [("int8", -100, 100, 40), ("int16", -20000, 20000, 10_000)])
+def test_narrow_integer_keys_whose_range_exceeds_their_type(dtype, lo, hi, n):
+    # Keys coded by counting (a range under 4n + 1024): int8 keys -100 and 100 lie 200 apart, an
+    # offset from the smallest key that int8 cannot hold (int16 likewise at ±20000).
+    rng = np.random.default_rng(5)
+    keys = rng.choice([lo, hi, lo + 1], n)
+    x = rng.standard_normal((n, 2))
+    y = np.where(keys == lo, 1.0, np.where(keys == hi, -2.0, 0.5)) * x[:, 0] + x[:, 1] + 0.1 * rng.standard_normal(n)
+    df = pd.DataFrame({"k": keys.astype(dtype), "a": x[:, 0], "b": x[:, 1], "y": y})
+    frames = [df]
+    pl = pytest.importorskip("polars")
+    frames.append(pl.from_pandas(df))
+    for frame_ in frames:
+        out = fit_frame(frame_, by="k", target="y")
+        out = out.to_pandas() if not isinstance(out, pd.DataFrame) else out
+        assert out["k"].tolist() == [lo, lo + 1, hi] and out["n_rows"].sum() == n
+        for row in out.itertuples(index=False):
+            sub = df[df.k == row.k]
+            a = np.column_stack([sub[["a", "b"]].to_numpy(), np.ones(len(sub))])
+            coef = np.linalg.lstsq(a, sub.y.to_numpy(), rcond=None)[0]
+            np.testing.assert_allclose([row.a, row.b, row.intercept], coef, rtol=1e-9, atol=1e-12)

@@ -671,5 +671,10 @@ FRESH = [
            '        distributed.check_same_on_every_rank(dict(zip(("in_features", "out_features"), self.shape[1:])),',
            ("tests/test_grouped_distributed.py",),
            "ranks with different numbers of groups gather statistics of different sizes"),
+    Mutant("grouped-dense-keys-narrow-offset", "grouped", "linreg_fused/grouped.py",
+           '    offset = values.astype(np.int64) - low if values.dtype.kind == "i" else (values - values.min()).astype(np.int64)',
+           "    offset = (values - low).astype(np.int64, copy=False)",
+           ("tests/test_grouped_frame.py::test_narrow_integer_keys_whose_range_exceeds_their_type",),
+           "integer keys' offsets are taken in the keys' own narrow type: int8 keys -100 and 100 overflow"),
 ]
 MUTANTS += FRESH
