@@ -79,6 +79,11 @@ def _features(df, kind, columns, by, target, features) -> list[str]:
             raise ValueError(f"{name}={value!r} is not a column of the DataFrame (columns: {columns})")
     if by == target:
         raise ValueError("by and target are the same column")
+    # pandas allows a name twice: df[name] would then be several columns (features=None looks at all).
+    used = {by, target, *(columns if features is None else [features] if isinstance(features, str) else features)}
+    twice = [c for c in dict.fromkeys(columns) if c in used and columns.count(c) > 1]
+    if twice:
+        raise ValueError(f"columns {twice} appear more than once in the DataFrame: rename or drop the copies")
     if features is None:
         features = [c for c in columns if c not in (by, target) and _is_numeric(df, kind, c)]
     else:

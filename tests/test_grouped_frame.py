@@ -128,3 +128,18 @@ def test_narrow_integer_keys_whose_range_exceeds_their_type(dtype, lo, hi, n):
             a = np.column_stack([sub[["a", "b"]].to_numpy(), np.ones(len(sub))])
             coef = np.linalg.lstsq(a, sub.y.to_numpy(), rcond=None)[0]
             np.testing.assert_allclose([row.a, row.b, row.intercept], coef, rtol=1e-9, atol=1e-12)
+
+
+def test_a_column_name_used_twice_is_refused_not_half_fitted():
+    # Two columns named "a": df[["a"]] is both, and "a"'s coefficient would be half of each.
+    rng = np.random.default_rng(6)
+    values = np.column_stack([rng.integers(0, 3, 30), rng.standard_normal((30, 3))])
+    for names, kwargs in ((["k", "a", "a", "y"], dict(features=["a"])), (["k", "a", "a", "y"], dict()),
+                          (["k", "k", "a", "y"], dict()), (["k", "a", "y", "y"], dict(features=["a"]))):
+        df = pd.DataFrame(values, columns=names)
+        with pytest.raises(ValueError, match=r"appear more than once"):
+            fit_frame(df, by="k", target="y", **kwargs)
+    # A name twice among columns the fit does not use is no ambiguity.
+    out = fit_frame(pd.DataFrame(values, columns=["k", "a", "b", "y"]).assign(note="x", note2="y").set_axis(
+        ["k", "a", "b", "y", "note", "note"], axis=1), by="k", target="y", features=["a"])
+    assert list(out.columns) == ["k", "a", "intercept", "n_rows", "r2"] and out["n_rows"].sum() == 30

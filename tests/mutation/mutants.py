@@ -676,5 +676,10 @@ FRESH = [
            "    offset = (values - low).astype(np.int64, copy=False)",
            ("tests/test_grouped_frame.py::test_narrow_integer_keys_whose_range_exceeds_their_type",),
            "integer keys' offsets are taken in the keys' own narrow type: int8 keys -100 and 100 overflow"),
+    Mutant("fit-frame-duplicate-columns-taken", "grouped", "linreg_fused/grouped.py",
+           "    if twice:\n        raise ValueError(f\"columns {twice} appear more than once in the DataFrame: rename or drop the copies\")",
+           "    if False:\n        raise ValueError(f\"columns {twice} appear more than once in the DataFrame: rename or drop the copies\")",
+           ("tests/test_grouped_frame.py::test_a_column_name_used_twice_is_refused_not_half_fitted",),
+           "fit_frame takes a feature named twice as two columns and labels half the fit with its name"),
 ]
 MUTANTS += FRESH
