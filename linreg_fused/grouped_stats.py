@@ -301,6 +301,8 @@ def _check_groups(groups: Any, x: torch.Tensor, n_groups: Any) -> torch.Tensor:
     if groups.device != x.device:
         raise ValueError(f"groups is on {groups.device} but x is on {x.device}; move them to one device")
     g = groups.reshape(-1)
+    if g.numel() == 0:  # no rows (a forward of an empty batch): nothing to range-check, and aminmax refuses
+        return g
     low, high = torch.stack(torch.aminmax(g)).tolist()  # one read of the device
     if low < 0 or high >= n_groups:
         raise ValueError(f"group ids must lie in [0, {n_groups}); got ids from {low} to {high}")

@@ -681,5 +681,15 @@ FRESH = [
            "    if False:\n        raise ValueError(f\"columns {twice} appear more than once in the DataFrame: rename or drop the copies\")",
            ("tests/test_grouped_frame.py::test_a_column_name_used_twice_is_refused_not_half_fitted",),
            "fit_frame takes a feature named twice as two columns and labels half the fit with its name"),
+    Mutant("grouped-empty-ids-range-checked", "grouped", "linreg_fused/grouped_stats.py",
+           "    if g.numel() == 0:  # no rows (a forward of an empty batch): nothing to range-check, and aminmax refuses",
+           "    if False:",
+           ("tests/test_grouped_module.py::test_forward_of_an_empty_batch_is_empty_like_nn_linear",),
+           "an empty batch's group ids go to aminmax, which raises: forward of no rows crashes"),
+    Mutant("grouped-statistics-none-rows", "grouped", "linreg_fused/grouped_module.py",
+           "        if t is None or groups is None:\n            raise TypeError(",
+           "        if False:\n            raise TypeError(",
+           ("tests/test_grouped_module.py::test_fit_and_solve_refuse_bad_arguments",),
+           "fit(x) or solve(x, t) without groups fails deep inside with None.to"),
 ]
 MUTANTS += FRESH
