@@ -52,15 +52,9 @@ def linear_stats(ddf: Any, features: Sequence[str], target: str | Sequence[str],
             raise ValueError(f"the by column {by!r} has {n_missing} missing keys: fill or drop those rows first")
         keys = np.sort(column.unique().compute().to_numpy())
     parts = [dask.delayed(_partition_stats)(p, features, targets, by, keys) for p in ddf.to_delayed()]
-    result = tree_reduce(parts, dask.delayed(_merge_all), split_every)
-    if not compute:
-        return result
-    stats = result.compute()
-    if stats is None:
-        raise ValueError("the DataFrame has no rows")
-    if keys is not None:
-        stats.group_keys = keys
-    return stats
+    # The keys travel with the result, so that compute=False's delayed result carries them too.
+    result = dask.delayed(_named)(tree_reduce(parts, dask.delayed(_merge_all), split_every), keys)
+    return result.compute() if compute else result
 
 
 def tree_reduce(items: list[Any], merge: Callable[[list[Any]], Any], split_every: int) -> Any:
@@ -86,6 +80,15 @@ def _partition_stats(df, features, targets, by, keys):
     codes = np.searchsorted(keys, df[by].to_numpy())
     groups = torch.from_numpy(np.require(codes, dtype=np.int64, requirements=["C", "W"]))
     return GroupedLinearStats.from_tensors(x, t, groups, len(keys), backend="torch")
+
+
+def _named(stats: Any, keys: Any) -> Any:
+    """The merged statistics with their group keys (None for ungrouped ones)."""
+    if stats is None:
+        raise ValueError("the DataFrame has no rows")
+    if keys is not None:
+        stats.group_keys = keys
+    return stats
 
 
 def _merge_all(stats: list[Any]) -> Any:

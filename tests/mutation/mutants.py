@@ -691,5 +691,15 @@ FRESH = [
            "        if False:\n            raise TypeError(",
            ("tests/test_grouped_module.py::test_fit_and_solve_refuse_bad_arguments",),
            "fit(x) or solve(x, t) without groups fails deep inside with None.to"),
+    Mutant("grouped-merge-other-keys", "grouped", "linreg_fused/grouped_stats.py",
+           "        if not _same_keys(self.group_keys, other.group_keys):",
+           "        if False:",
+           ("tests/test_grouped_dask.py::test_keys_survive_compute_false_and_copies_and_guard_merges",),
+           "merging statistics keyed by other stores (as many groups) mixes two stores' rows in one group"),
+    Mutant("dask-delayed-result-unnamed", "grouped", "linreg_fused/dask.py",
+           "    if keys is not None:\n        stats.group_keys = keys\n    return stats",
+           "    return stats",
+           ("tests/test_grouped_dask.py::test_keys_survive_compute_false_and_copies_and_guard_merges",),
+           "linear_stats(by=...)'s result comes without the keys that name its groups"),
 ]
 MUTANTS += FRESH
