@@ -89,6 +89,11 @@ def test_errors_are_raised_before_any_partition_work(client):
         linear_stats(ddf, ["a", "nope"], "y")
     with pytest.raises(ValueError, match="split_every"):
         linear_stats(ddf, FEATURES, "y", split_every=1)
+    with pytest.raises(ValueError, match="split_every"):
+        linear_stats(ddf, FEATURES, "y", split_every=True)
+    with pytest.raises(TypeError, match="takes a Dask DataFrame"):
+        linear_stats(frame(n=50), FEATURES, "y")  # not an AttributeError of to_delayed
+    assert linear_stats(ddf, FEATURES, "y", split_every=np.int64(2)).n_rows == 50  # NumPy's integers, as elsewhere
     df = frame(n=50)
     df.loc[2, "region"] = None
     with pytest.raises(ValueError, match="1 missing keys"):

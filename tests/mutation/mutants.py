@@ -701,5 +701,10 @@ FRESH = [
            "    return stats",
            ("tests/test_grouped_dask.py::test_keys_survive_compute_false_and_copies_and_guard_merges",),
            "linear_stats(by=...)'s result comes without the keys that name its groups"),
+    Mutant("dask-takes-any-frame", "grouped", "linreg_fused/dask.py",
+           '    if not hasattr(ddf, "to_delayed"):',
+           "    if False:",
+           ("tests/test_grouped_dask.py::test_errors_are_raised_before_any_partition_work",),
+           "linear_stats on a pandas DataFrame fails with an AttributeError about to_delayed"),
 ]
 MUTANTS += FRESH
