@@ -91,6 +91,13 @@ class GroupedLinearRegressor(nn.Module):
         return GroupedLinearStats.from_tensors(x.to(device), t.to(device), groups.to(device), self.n_groups,
                                                backend=self.backend)
 
+    def _statistics_of(self, x, t, groups) -> GroupedLinearStats:
+        stats = x if isinstance(x, GroupedLinearStats) else self.statistics(x, t, groups)
+        if stats.shape != (self.n_groups, self.in_features, self.out_features):
+            raise ValueError(f"the statistics are of {stats.shape} (groups, in, out) but the model is "
+                             f"{(self.n_groups, self.in_features, self.out_features)}")
+        return stats
+
     @torch.no_grad()
     def solve(self, x: torch.Tensor | GroupedLinearStats, t: torch.Tensor | None = None,
               groups: torch.Tensor | None = None, alpha: float = 0.0) -> torch.Tensor:
@@ -101,10 +108,7 @@ class GroupedLinearRegressor(nn.Module):
         A group without rows, or whose data are not finite, keeps its parameters and gets a NaN
         MSE (a RuntimeWarning names the groups); a rank-deficient one gets the minimum-norm fit.
         """
-        stats = x if isinstance(x, GroupedLinearStats) else self.statistics(x, t, groups)
-        if stats.shape != (self.n_groups, self.in_features, self.out_features):
-            raise ValueError(f"the statistics are of {stats.shape} (groups, in, out) but the model is "
-                             f"{(self.n_groups, self.in_features, self.out_features)}")
+        stats = self._statistics_of(x, t, groups)
         solution = stats.solve(alpha, fit_intercept=self.bias is not None)
         solved = ((solution.status != EMPTY) & (solution.status != NONFINITE)).to(self.weight.device)
         kept = solved.to(solution.weight.device)
@@ -134,7 +138,7 @@ class GroupedLinearRegressor(nn.Module):
         """
         epochs = positive_int("epochs", epochs)
         hypers, buffers = self._training_state(lr, optimizer)
-        stats = x if isinstance(x, GroupedLinearStats) else self.statistics(x, t, groups)
+        stats = self._statistics_of(x, t, groups)
         has_rows = (stats.n_rows > 0).to(self.weight.device)
         params = [p for p in (self.weight, self.bias) if p is not None]
         state = [p.detach().clone() for p in params]

@@ -137,8 +137,9 @@ def test_fit_and_solve_refuse_bad_arguments():
         model.fit(x, t, g, epochs=2, optimizer=torch.optim.Adam(model.parameters()))
     with pytest.raises(ValueError, match="epochs"):
         model.fit(x, t, g, epochs=0, lr=0.1)
-    with pytest.raises(ValueError, match="the model is"):
-        GroupedLinearRegressor(3, 2, 1).solve(model.statistics(x, t, g))
+    for call in (GroupedLinearRegressor(3, 2, 1).solve, lambda s: GroupedLinearRegressor(3, 2, 1).fit(s, lr=0.1)):
+        with pytest.raises(ValueError, match="the model is"):
+            call(model.statistics(x, t, g))  # fit said "weight must have shape" of a weight not passed
     with pytest.raises(ValueError, match="n_groups"):
         GroupedLinearRegressor(0, 2, 1)
     for call in (lambda: model.fit(x, epochs=1, lr=0.1), lambda: model.solve(x, t)):

@@ -706,5 +706,10 @@ FRESH = [
            "    if False:",
            ("tests/test_grouped_dask.py::test_errors_are_raised_before_any_partition_work",),
            "linear_stats on a pandas DataFrame fails with an AttributeError about to_delayed"),
+    Mutant("grouped-fit-stats-shape-unchecked", "grouped", "linreg_fused/grouped_module.py",
+           "        stats = self._statistics_of(x, t, groups)\n        has_rows",
+           "        stats = x if isinstance(x, GroupedLinearStats) else self.statistics(x, t, groups)\n        has_rows",
+           ("tests/test_grouped_module.py::test_fit_and_solve_refuse_bad_arguments",),
+           "fit on statistics of another shape fails later with a message about a weight the user never passed"),
 ]
 MUTANTS += FRESH
