@@ -108,7 +108,8 @@ def _is_numeric(df, kind, column) -> bool:
         import pandas as pd
 
         dtype = df[column].dtype
-        return pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)
+        types = pd.api.types
+        return types.is_numeric_dtype(dtype) and not types.is_bool_dtype(dtype) and not types.is_complex_dtype(dtype)
     return df[column].dtype.is_numeric()
 
 
@@ -149,6 +150,12 @@ def _dense_integer_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray] | 
 
 
 def _matrix(df, kind, names) -> np.ndarray:
+    if kind == "pandas":
+        import pandas as pd
+
+        complex_ = [n for n in names if pd.api.types.is_complex_dtype(df[n].dtype)]
+        if complex_:  # to_numpy(float64) would drop the imaginary parts with a mere warning
+            raise TypeError(f"columns {complex_} are complex: a real least-squares fit needs real columns")
     try:
         if kind == "pandas":
             out = df[names].to_numpy(dtype=np.float64)

@@ -143,3 +143,14 @@ def test_a_column_name_used_twice_is_refused_not_half_fitted():
     out = fit_frame(pd.DataFrame(values, columns=["k", "a", "b", "y"]).assign(note="x", note2="y").set_axis(
         ["k", "a", "b", "y", "note", "note"], axis=1), by="k", target="y", features=["a"])
     assert list(out.columns) == ["k", "a", "intercept", "n_rows", "r2"] and out["n_rows"].sum() == 30
+
+
+def test_complex_columns_are_not_fitted_as_their_real_parts():
+    rng = np.random.default_rng(7)
+    df = pd.DataFrame({"k": rng.integers(0, 2, 20), "z": rng.standard_normal(20) + 1j * rng.standard_normal(20),
+                       "a": rng.standard_normal(20), "y": rng.standard_normal(20)})
+    out = fit_frame(df, by="k", target="y")  # features=None: the real numeric columns only
+    assert list(out.columns) == ["k", "a", "intercept", "n_rows", "r2"]
+    for kwargs in (dict(features=["a", "z"]), dict(target="z", features=["a"])):
+        with pytest.raises(TypeError, match=r"\['z'\] are complex"):
+            fit_frame(df, **{"by": "k", "target": "y", **kwargs})

@@ -711,5 +711,10 @@ FRESH = [
            "        stats = x if isinstance(x, GroupedLinearStats) else self.statistics(x, t, groups)\n        has_rows",
            ("tests/test_grouped_module.py::test_fit_and_solve_refuse_bad_arguments",),
            "fit on statistics of another shape fails later with a message about a weight the user never passed"),
+    Mutant("fit-frame-complex-taken-as-real", "grouped", "linreg_fused/grouped.py",
+           "        if complex_:  # to_numpy(float64) would drop the imaginary parts with a mere warning",
+           "        if False:",
+           ("tests/test_grouped_frame.py::test_complex_columns_are_not_fitted_as_their_real_parts",),
+           "a complex column named as a feature is fitted as its real part (NumPy only warns)"),
 ]
 MUTANTS += FRESH
