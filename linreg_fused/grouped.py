@@ -13,7 +13,7 @@ about what one regression on all the rows costs.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Sequence
+from typing import Any, Hashable, Sequence
 
 import numpy as np
 import torch
@@ -75,7 +75,10 @@ def _kind(df: Any) -> str:
 
 def _features(df, kind, columns, by, target, features) -> list[str]:
     for name, value in (("by", by), ("target", target)):
-        if not isinstance(value, str) or value not in columns:
+        if isinstance(value, (list, tuple)) and value not in columns:
+            raise ValueError(f"{name} takes one column name, got {value!r}" + (
+                " (to group by several columns, combine them into one key column first)" if name == "by" else ""))
+        if not isinstance(value, Hashable) or value not in columns:  # pandas names may be ints, not only str
             raise ValueError(f"{name}={value!r} is not a column of the DataFrame (columns: {columns})")
     if by == target:
         raise ValueError("by and target are the same column")

@@ -154,3 +154,12 @@ def test_complex_columns_are_not_fitted_as_their_real_parts():
     for kwargs in (dict(features=["a", "z"]), dict(target="z", features=["a"])):
         with pytest.raises(TypeError, match=r"\['z'\] are complex"):
             fit_frame(df, **{"by": "k", "target": "y", **kwargs})
+
+
+def test_by_names_one_column_of_any_name_and_a_list_is_told_so():
+    rng = np.random.default_rng(8)
+    df = pd.DataFrame({0: rng.integers(0, 2, 20), 1: rng.standard_normal(20), "y": rng.standard_normal(20)})
+    out = fit_frame(df, by=0, target="y")  # pandas column names need not be strings
+    assert list(out.columns) == [0, 1, "intercept", "n_rows", "r2"] and out["n_rows"].sum() == 20
+    with pytest.raises(ValueError, match="by takes one column name.*combine them"):
+        fit_frame(df, by=[0, 1], target="y")

@@ -716,5 +716,10 @@ FRESH = [
            "        if False:",
            ("tests/test_grouped_frame.py::test_complex_columns_are_not_fitted_as_their_real_parts",),
            "a complex column named as a feature is fitted as its real part (NumPy only warns)"),
+    Mutant("fit-frame-by-str-only", "grouped", "linreg_fused/grouped.py",
+           "        if not isinstance(value, Hashable) or value not in columns:  # pandas names may be ints, not only str",
+           "        if not isinstance(value, str) or value not in columns:",
+           ("tests/test_grouped_frame.py::test_by_names_one_column_of_any_name_and_a_list_is_told_so",),
+           "fit_frame refuses a pandas column named 0 as by or target though it takes it as a feature"),
 ]
 MUTANTS += FRESH
