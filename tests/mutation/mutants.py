@@ -721,5 +721,10 @@ FRESH = [
            "        if not isinstance(value, str) or value not in columns:",
            ("tests/test_grouped_frame.py::test_by_names_one_column_of_any_name_and_a_list_is_told_so",),
            "fit_frame refuses a pandas column named 0 as by or target though it takes it as a feature"),
+    Mutant("grouped-moments-keep-graph", "grouped", "linreg_fused/grouped_ops.py",
+           "    x, t = x.detach(), t.detach()  # (cat's out= refuses autograd; the moments must not hold the graph)",
+           "    pass",
+           ("tests/test_grouped_stats.py::test_rows_that_require_grad_are_read_as_data",),
+           "grouped statistics of rows that require grad crash (torch) or hold the autograd graph (Triton)"),
 ]
 MUTANTS += FRESH
