@@ -36,6 +36,8 @@ def fit_frame(df: Any, by: str, target: str, features: Sequence[str] | None = No
     kind = _kind(df)
     columns = list(df.columns)
     features = _features(df, kind, columns, by, target, features)
+    if len(df) == 0:
+        raise ValueError("fit_frame: the DataFrame has no rows")
     keys, codes = _factorize(df, kind, by)
     x = _matrix(df, kind, features)
     t = _matrix(df, kind, [target])

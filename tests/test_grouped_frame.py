@@ -90,6 +90,8 @@ def test_missing_keys_and_non_frames_are_refused():
         fit_frame(df, by="store", target="revenue")
     with pytest.raises(TypeError, match="pandas or polars DataFrame"):
         fit_frame(df.to_dict(), by="store", target="revenue")
+    with pytest.raises(ValueError, match="the DataFrame has no rows"):
+        fit_frame(frame(n=30).iloc[:0], by="store", target="revenue")  # not "x has shape (0, 3)"
     clash = frame(n=30).rename(columns={"price": "intercept"})
     with pytest.raises(ValueError, match="clash"):
         with warnings.catch_warnings():
