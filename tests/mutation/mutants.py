@@ -726,5 +726,10 @@ FRESH = [
            "    pass",
            ("tests/test_grouped_stats.py::test_rows_that_require_grad_are_read_as_data",),
            "grouped statistics of rows that require grad crash (torch) or hold the autograd graph (Triton)"),
+    Mutant("fit-frame-empty-unnamed", "grouped", "linreg_fused/grouped.py",
+           "    if len(df) == 0:\n        raise ValueError(\"fit_frame: the DataFrame has no rows\")",
+           "    if False:\n        raise ValueError(\"fit_frame: the DataFrame has no rows\")",
+           ("tests/test_grouped_frame.py::test_missing_keys_and_non_frames_are_refused",),
+           "an empty DataFrame is reported as tensors of shape (0, D) the user never made"),
 ]
 MUTANTS += FRESH
