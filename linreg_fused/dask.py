@@ -14,6 +14,7 @@ partition order, so the result does not depend on which worker finished first. R
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -35,6 +36,9 @@ def linear_stats(ddf: Any, features: Sequence[str], target: str | Sequence[str],
     """
     import dask
 
+    if not hasattr(ddf, "to_delayed"):
+        raise TypeError(f"linear_stats takes a Dask DataFrame, got {type(ddf).__module__}.{type(ddf).__name__} "
+                        f"(a pandas or polars one: linreg_fused.grouped.fit_frame, or dask.dataframe.from_pandas)")
     features = [features] if isinstance(features, str) else list(features)
     targets = [target] if isinstance(target, str) else list(target)
     if not features or not targets:
@@ -42,7 +46,7 @@ def linear_stats(ddf: Any, features: Sequence[str], target: str | Sequence[str],
     missing = [c for c in (*features, *targets, *([by] if by is not None else [])) if c not in ddf.columns]
     if missing:
         raise ValueError(f"columns {missing} are not in the DataFrame (columns: {list(ddf.columns)})")
-    if not isinstance(split_every, int) or split_every < 2:
+    if not isinstance(split_every, numbers.Integral) or isinstance(split_every, (bool, np.bool_)) or split_every < 2:
         raise ValueError(f"split_every must be an integer >= 2, got {split_every!r}")
     keys = None
     if by is not None:
@@ -51,16 +55,11 @@ def linear_stats(ddf: Any, features: Sequence[str], target: str | Sequence[str],
         if n_missing:
             raise ValueError(f"the by column {by!r} has {n_missing} missing keys: fill or drop those rows first")
         keys = np.sort(column.unique().compute().to_numpy())
+    split_every = int(split_every)
     parts = [dask.delayed(_partition_stats)(p, features, targets, by, keys) for p in ddf.to_delayed()]
-    result = tree_reduce(parts, dask.delayed(_merge_all), split_every)
-    if not compute:
-        return result
-    stats = result.compute()
-    if stats is None:
-        raise ValueError("the DataFrame has no rows")
-    if keys is not None:
-        stats.group_keys = keys
-    return stats
+    # The keys travel with the result, so that compute=False's delayed result carries them too.
+    result = dask.delayed(_named)(tree_reduce(parts, dask.delayed(_merge_all), split_every), keys)
+    return result.compute() if compute else result
 
 
 def tree_reduce(items: list[Any], merge: Callable[[list[Any]], Any], split_every: int) -> Any:
@@ -86,6 +85,15 @@ def _partition_stats(df, features, targets, by, keys):
     codes = np.searchsorted(keys, df[by].to_numpy())
     groups = torch.from_numpy(np.require(codes, dtype=np.int64, requirements=["C", "W"]))
     return GroupedLinearStats.from_tensors(x, t, groups, len(keys), backend="torch")
+
+
+def _named(stats: Any, keys: Any) -> Any:
+    """The merged statistics with their group keys (None for ungrouped ones)."""
+    if stats is None:
+        raise ValueError("the DataFrame has no rows")
+    if keys is not None:
+        stats.group_keys = keys
+    return stats
 
 
 def _merge_all(stats: list[Any]) -> Any:

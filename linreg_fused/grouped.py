@@ -13,7 +13,7 @@ about what one regression on all the rows costs.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Sequence
+from typing import Any, Hashable, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +36,8 @@ def fit_frame(df: Any, by: str, target: str, features: Sequence[str] | None = No
     kind = _kind(df)
     columns = list(df.columns)
     features = _features(df, kind, columns, by, target, features)
+    if len(df) == 0:
+        raise ValueError("fit_frame: the DataFrame has no rows")
     keys, codes = _factorize(df, kind, by)
     x = _matrix(df, kind, features)
     t = _matrix(df, kind, [target])
@@ -75,10 +77,18 @@ def _kind(df: Any) -> str:
 
 def _features(df, kind, columns, by, target, features) -> list[str]:
     for name, value in (("by", by), ("target", target)):
-        if not isinstance(value, str) or value not in columns:
+        if isinstance(value, (list, tuple)) and value not in columns:
+            raise ValueError(f"{name} takes one column name, got {value!r}" + (
+                " (to group by several columns, combine them into one key column first)" if name == "by" else ""))
+        if not isinstance(value, Hashable) or value not in columns:  # pandas names may be ints, not only str
             raise ValueError(f"{name}={value!r} is not a column of the DataFrame (columns: {columns})")
     if by == target:
         raise ValueError("by and target are the same column")
+    # pandas allows a name twice: df[name] would then be several columns (features=None looks at all).
+    used = {by, target, *(columns if features is None else [features] if isinstance(features, str) else features)}
+    twice = [c for c in dict.fromkeys(columns) if c in used and columns.count(c) > 1]
+    if twice:
+        raise ValueError(f"columns {twice} appear more than once in the DataFrame: rename or drop the copies")
     if features is None:
         features = [c for c in columns if c not in (by, target) and _is_numeric(df, kind, c)]
     else:
@@ -103,7 +113,8 @@ def _is_numeric(df, kind, column) -> bool:
         import pandas as pd
 
         dtype = df[column].dtype
-        return pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)
+        types = pd.api.types
+        return types.is_numeric_dtype(dtype) and not types.is_bool_dtype(dtype) and not types.is_complex_dtype(dtype)
     return df[column].dtype.is_numeric()
 
 
@@ -136,13 +147,20 @@ def _dense_integer_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray] | 
     low, high = int(values.min()), int(values.max())
     if high - low > 4 * values.size + 1024:
         return None
-    offset = (values - low).astype(np.int64, copy=False)
+    # In int64 (or the unsigned type itself): int8 keys -100 and 100 differ by 200, beyond int8.
+    offset = values.astype(np.int64) - low if values.dtype.kind == "i" else (values - values.min()).astype(np.int64)
     present = np.bincount(offset, minlength=high - low + 1) > 0
     code_of = np.cumsum(present) - 1
     return np.flatnonzero(present).astype(values.dtype) + low, code_of[offset]
 
 
 def _matrix(df, kind, names) -> np.ndarray:
+    if kind == "pandas":
+        import pandas as pd
+
+        complex_ = [n for n in names if pd.api.types.is_complex_dtype(df[n].dtype)]
+        if complex_:  # to_numpy(float64) would drop the imaginary parts with a mere warning
+            raise TypeError(f"columns {complex_} are complex: a real least-squares fit needs real columns")
     try:
         if kind == "pandas":
             out = df[names].to_numpy(dtype=np.float64)

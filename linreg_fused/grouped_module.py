@@ -73,20 +73,30 @@ class GroupedLinearRegressor(nn.Module):
         g = _check_groups(groups, x, self.n_groups)
         x2 = x.reshape(-1, self.in_features)
         out = []
-        for start in range(0, x2.shape[0], FORWARD_CHUNK_ROWS):  # bounded (rows, O, D) gathers
+        # Bounded (rows, O, D) gathers; one (empty) chunk for no rows, so that y is x's function as nn.Linear's.
+        for start in range(0, max(x2.shape[0], 1), FORWARD_CHUNK_ROWS):
             gi = g[start : start + FORWARD_CHUNK_ROWS]
             y = torch.einsum("nd,nod->no", x2[start : start + FORWARD_CHUNK_ROWS].to(self.weight.dtype),
                              self.weight[gi])
             out.append(y + self.bias[gi] if self.bias is not None else y)
-        y = torch.cat(out) if out else x2.new_empty((0, self.out_features), dtype=self.weight.dtype)
+        y = torch.cat(out) if len(out) > 1 else out[0]
         return y.reshape(*x.shape[:-1], self.out_features)
 
     # ------------------------------------------------------------ exact solutions
     def statistics(self, x: torch.Tensor, t: torch.Tensor, groups: torch.Tensor) -> GroupedLinearStats:
         """The per-group statistics of (x, t) on this model's device (one pass)."""
+        if t is None or groups is None:
+            raise TypeError("give t and groups with the rows x (or a GroupedLinearStats alone in their place)")
         device = self.weight.device
         return GroupedLinearStats.from_tensors(x.to(device), t.to(device), groups.to(device), self.n_groups,
                                                backend=self.backend)
+
+    def _statistics_of(self, x, t, groups) -> GroupedLinearStats:
+        stats = x if isinstance(x, GroupedLinearStats) else self.statistics(x, t, groups)
+        if stats.shape != (self.n_groups, self.in_features, self.out_features):
+            raise ValueError(f"the statistics are of {stats.shape} (groups, in, out) but the model is "
+                             f"{(self.n_groups, self.in_features, self.out_features)}")
+        return stats
 
     @torch.no_grad()
     def solve(self, x: torch.Tensor | GroupedLinearStats, t: torch.Tensor | None = None,
@@ -98,10 +108,7 @@ class GroupedLinearRegressor(nn.Module):
         A group without rows, or whose data are not finite, keeps its parameters and gets a NaN
         MSE (a RuntimeWarning names the groups); a rank-deficient one gets the minimum-norm fit.
         """
-        stats = x if isinstance(x, GroupedLinearStats) else self.statistics(x, t, groups)
-        if stats.shape != (self.n_groups, self.in_features, self.out_features):
-            raise ValueError(f"the statistics are of {stats.shape} (groups, in, out) but the model is "
-                             f"{(self.n_groups, self.in_features, self.out_features)}")
+        stats = self._statistics_of(x, t, groups)
         solution = stats.solve(alpha, fit_intercept=self.bias is not None)
         solved = ((solution.status != EMPTY) & (solution.status != NONFINITE)).to(self.weight.device)
         kept = solved.to(solution.weight.device)
@@ -131,7 +138,7 @@ class GroupedLinearRegressor(nn.Module):
         """
         epochs = positive_int("epochs", epochs)
         hypers, buffers = self._training_state(lr, optimizer)
-        stats = x if isinstance(x, GroupedLinearStats) else self.statistics(x, t, groups)
+        stats = self._statistics_of(x, t, groups)
         has_rows = (stats.n_rows > 0).to(self.weight.device)
         params = [p for p in (self.weight, self.bias) if p is not None]
         state = [p.detach().clone() for p in params]

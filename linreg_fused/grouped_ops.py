@@ -41,7 +41,8 @@ def empty_moments(n_groups: int, d: int, o: int, device: torch.device) -> Groupe
 def grouped_moments(x: torch.Tensor, t: torch.Tensor, groups: torch.Tensor, n_groups: int,
                     backend: str) -> GroupedMoments:
     """The moments of rows x (N, D), t (N, O) per group id ``groups`` (N,) int64 in [0, n_groups)
-    (checked by the caller). No host sync."""
+    (checked by the caller). No host sync. Not differentiable: rows that require grad are read as data."""
+    x, t = x.detach(), t.detach()  # (cat's out= refuses autograd; the moments must not hold the graph)
     counts = torch.bincount(groups, minlength=n_groups)  # integer: exact in any order
     if _use_triton(backend, x.device, x.shape[1] + t.shape[1]):
         from .kernels.grouped_stats import grouped_shifted_sums

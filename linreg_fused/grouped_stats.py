@@ -120,6 +120,11 @@ class GroupedLinearStats:
             raise TypeError(f"merge takes GroupedLinearStats, got {type(other).__name__}")
         if other.shape != self.shape:
             raise ValueError(f"cannot merge statistics of {other.shape} (groups, in, out) into {self.shape}")
+        if not _same_keys(self.group_keys, other.group_keys):  # group i would add rows of two different keys
+            raise ValueError(f"cannot merge statistics of other groups: group_keys {_shown(other.group_keys)} "
+                             f"into {_shown(self.group_keys)}")
+        if self.group_keys is None:
+            self.group_keys = other.group_keys
         self._moments = merge_grouped(self._moments, tuple(v.to(self.device) for v in other._moments))
         return self
 
@@ -180,6 +185,7 @@ class GroupedLinearStats:
         """A copy on ``device``."""
         out = GroupedLinearStats(*self.shape, device=device, backend=self.backend)
         out._moments = tuple(v.to(out.device) for v in self._moments)
+        out.group_keys = self.group_keys
         return out
 
     def __repr__(self) -> str:
@@ -301,10 +307,21 @@ def _check_groups(groups: Any, x: torch.Tensor, n_groups: Any) -> torch.Tensor:
     if groups.device != x.device:
         raise ValueError(f"groups is on {groups.device} but x is on {x.device}; move them to one device")
     g = groups.reshape(-1)
+    if g.numel() == 0:  # no rows (a forward of an empty batch): nothing to range-check, and aminmax refuses
+        return g
     low, high = torch.stack(torch.aminmax(g)).tolist()  # one read of the device
     if low < 0 or high >= n_groups:
         raise ValueError(f"group ids must lie in [0, {n_groups}); got ids from {low} to {high}")
     return g
+
+
+def _same_keys(a: Any, b: Any) -> bool:
+    """Whether two group_keys name the same groups in the same order (None: unnamed, matches any)."""
+    return a is None or b is None or (len(a) == len(b) and all(bool(u == v) for u, v in zip(a, b)))
+
+
+def _shown(keys: Any) -> str:
+    return "None" if keys is None else f"{list(keys[:5])}{' …' if len(keys) > 5 else ''}"
 
 
 def _warn_about(status: torch.Tensor, rank: torch.Tensor, d: int) -> None:

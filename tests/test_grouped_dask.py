@@ -89,7 +89,35 @@ def test_errors_are_raised_before_any_partition_work(client):
         linear_stats(ddf, ["a", "nope"], "y")
     with pytest.raises(ValueError, match="split_every"):
         linear_stats(ddf, FEATURES, "y", split_every=1)
+    with pytest.raises(ValueError, match="split_every"):
+        linear_stats(ddf, FEATURES, "y", split_every=True)
+    with pytest.raises(TypeError, match="takes a Dask DataFrame"):
+        linear_stats(frame(n=50), FEATURES, "y")  # not an AttributeError of to_delayed
+    assert linear_stats(ddf, FEATURES, "y", split_every=np.int64(2)).n_rows == 50  # NumPy's integers, as elsewhere
     df = frame(n=50)
     df.loc[2, "region"] = None
     with pytest.raises(ValueError, match="1 missing keys"):
         linear_stats(dd.from_pandas(df, npartitions=2), FEATURES, "y", by="region")
+
+
+def test_keys_survive_compute_false_and_copies_and_guard_merges(client):
+    df = frame(n=200, seed=2)
+    df.loc[150, "region"] = "tiny"  # every region on both sides
+    first, second = df.iloc[:100], df.iloc[100:]
+    delayed = linear_stats(dd.from_pandas(first, npartitions=3), FEATURES, "y", by="region", compute=False)
+    a = delayed.compute()
+    b = linear_stats(dd.from_pandas(second, npartitions=2), FEATURES, "y", by="region")
+    other = linear_stats(dd.from_pandas(second.replace({"region": {"west": "zz-new"}}), npartitions=2),
+                         FEATURES, "y", by="region")
+    keys = sorted(df.region.unique())
+    assert list(a.group_keys) == keys and list(a.to("cpu").group_keys) == keys
+    # The same stores on both sides: the merge is the statistics of all the rows.
+    merged = a.to("cpu").merge(b)
+    codes = torch.tensor(np.searchsorted(keys, df.region.to_numpy()))
+    expected = GroupedLinearStats.from_tensors(torch.tensor(df[FEATURES].to_numpy()), torch.tensor(df[["y"]].to_numpy()),
+                                               codes, len(keys), backend="torch")
+    assert_same_statistics(merged, expected)
+    # Another set of stores with as many groups: group i would mix two stores' rows.
+    assert other.n_groups == a.n_groups
+    with pytest.raises(ValueError, match="other groups"):
+        a.merge(other)

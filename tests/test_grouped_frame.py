@@ -90,6 +90,8 @@ def test_missing_keys_and_non_frames_are_refused():
         fit_frame(df, by="store", target="revenue")
     with pytest.raises(TypeError, match="pandas or polars DataFrame"):
         fit_frame(df.to_dict(), by="store", target="revenue")
+    with pytest.raises(ValueError, match="the DataFrame has no rows"):
+        fit_frame(frame(n=30).iloc[:0], by="store", target="revenue")  # not "x has shape (0, 3)"
     clash = frame(n=30).rename(columns={"price": "intercept"})
     with pytest.raises(ValueError, match="clash"):
         with warnings.catch_warnings():
@@ -105,3 +107,61 @@ def test_integer_keys_are_coded_the_same_by_counting_and_by_factorizing(keys):
     check = pd.DataFrame({"a": [2.0, 4, 9], "y": [2.0, 3, 5]})
     slope = np.polyfit(check.a, check.y, 1)[0]
     np.testing.assert_allclose(out["a"][0], slope, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype, lo, hi, n", [("int8", -100, 100, 40), ("int16", -20000, 20000, 10_000)])
+def test_narrow_integer_keys_whose_range_exceeds_their_type(dtype, lo, hi, n):
+    # Keys coded by counting (a range under 4n + 1024): int8 keys -100 and 100 lie 200 apart, an
+    # offset from the smallest key that int8 cannot hold (int16 likewise at ±20000).
+    rng = np.random.default_rng(5)
+    keys = rng.choice([lo, hi, lo + 1], n)
+    x = rng.standard_normal((n, 2))
+    y = np.where(keys == lo, 1.0, np.where(keys == hi, -2.0, 0.5)) * x[:, 0] + x[:, 1] + 0.1 * rng.standard_normal(n)
+    df = pd.DataFrame({"k": keys.astype(dtype), "a": x[:, 0], "b": x[:, 1], "y": y})
+    frames = [df]
+    pl = pytest.importorskip("polars")
+    frames.append(pl.from_pandas(df))
+    for frame_ in frames:
+        out = fit_frame(frame_, by="k", target="y")
+        out = out.to_pandas() if not isinstance(out, pd.DataFrame) else out
+        assert out["k"].tolist() == [lo, lo + 1, hi] and out["n_rows"].sum() == n
+        for row in out.itertuples(index=False):
+            sub = df[df.k == row.k]
+            a = np.column_stack([sub[["a", "b"]].to_numpy(), np.ones(len(sub))])
+            coef = np.linalg.lstsq(a, sub.y.to_numpy(), rcond=None)[0]
+            np.testing.assert_allclose([row.a, row.b, row.intercept], coef, rtol=1e-9, atol=1e-12)
+
+
+def test_a_column_name_used_twice_is_refused_not_half_fitted():
+    # Two columns named "a": df[["a"]] is both, and "a"'s coefficient would be half of each.
+    rng = np.random.default_rng(6)
+    values = np.column_stack([rng.integers(0, 3, 30), rng.standard_normal((30, 3))])
+    for names, kwargs in ((["k", "a", "a", "y"], dict(features=["a"])), (["k", "a", "a", "y"], dict()),
+                          (["k", "k", "a", "y"], dict()), (["k", "a", "y", "y"], dict(features=["a"]))):
+        df = pd.DataFrame(values, columns=names)
+        with pytest.raises(ValueError, match=r"appear more than once"):
+            fit_frame(df, by="k", target="y", **kwargs)
+    # A name twice among columns the fit does not use is no ambiguity.
+    out = fit_frame(pd.DataFrame(values, columns=["k", "a", "b", "y"]).assign(note="x", note2="y").set_axis(
+        ["k", "a", "b", "y", "note", "note"], axis=1), by="k", target="y", features=["a"])
+    assert list(out.columns) == ["k", "a", "intercept", "n_rows", "r2"] and out["n_rows"].sum() == 30
+
+
+def test_complex_columns_are_not_fitted_as_their_real_parts():
+    rng = np.random.default_rng(7)
+    df = pd.DataFrame({"k": rng.integers(0, 2, 20), "z": rng.standard_normal(20) + 1j * rng.standard_normal(20),
+                       "a": rng.standard_normal(20), "y": rng.standard_normal(20)})
+    out = fit_frame(df, by="k", target="y")  # features=None: the real numeric columns only
+    assert list(out.columns) == ["k", "a", "intercept", "n_rows", "r2"]
+    for kwargs in (dict(features=["a", "z"]), dict(target="z", features=["a"])):
+        with pytest.raises(TypeError, match=r"\['z'\] are complex"):
+            fit_frame(df, **{"by": "k", "target": "y", **kwargs})
+
+
+def test_by_names_one_column_of_any_name_and_a_list_is_told_so():
+    rng = np.random.default_rng(8)
+    df = pd.DataFrame({0: rng.integers(0, 2, 20), 1: rng.standard_normal(20), "y": rng.standard_normal(20)})
+    out = fit_frame(df, by=0, target="y")  # pandas column names need not be strings
+    assert list(out.columns) == [0, 1, "intercept", "n_rows", "r2"] and out["n_rows"].sum() == 20
+    with pytest.raises(ValueError, match="by takes one column name.*combine them"):
+        fit_frame(df, by=[0, 1], target="y")

@@ -137,7 +137,21 @@ def test_fit_and_solve_refuse_bad_arguments():
         model.fit(x, t, g, epochs=2, optimizer=torch.optim.Adam(model.parameters()))
     with pytest.raises(ValueError, match="epochs"):
         model.fit(x, t, g, epochs=0, lr=0.1)
-    with pytest.raises(ValueError, match="the model is"):
-        GroupedLinearRegressor(3, 2, 1).solve(model.statistics(x, t, g))
+    for call in (GroupedLinearRegressor(3, 2, 1).solve, lambda s: GroupedLinearRegressor(3, 2, 1).fit(s, lr=0.1)):
+        with pytest.raises(ValueError, match="the model is"):
+            call(model.statistics(x, t, g))  # fit said "weight must have shape" of a weight not passed
     with pytest.raises(ValueError, match="n_groups"):
         GroupedLinearRegressor(0, 2, 1)
+    for call in (lambda: model.fit(x, epochs=1, lr=0.1), lambda: model.solve(x, t)):
+        with pytest.raises(TypeError, match="give t and groups"):
+            call()  # not an AttributeError of None.to from deep inside
+
+
+def test_forward_of_an_empty_batch_is_empty_like_nn_linear():
+    model = GroupedLinearRegressor(3, 4, 2, dtype=torch.float64)
+    for shape in ((0,), (2, 0)):
+        x = torch.randn(*shape, 4, dtype=torch.float64, requires_grad=True)
+        y = model(x, torch.zeros(shape, dtype=torch.int64))
+        assert y.shape == (*shape, 2) and y.dtype == torch.float64
+        y.sum().backward()  # as nn.Linear: zero gradients, not an error
+        assert torch.equal(x.grad, torch.zeros_like(x))

@@ -238,3 +238,14 @@ def test_groups_spread_over_many_triton_items_add_up(monkeypatch):
     assert torch.equal(a.n_rows, b.n_rows)
     for key in ("mean_x", "mean_t", "m_xx", "m_tx", "m_tt"):
         torch.testing.assert_close(getattr(a, key), getattr(b, key), rtol=1e-12, atol=1e-10)
+
+
+def test_rows_that_require_grad_are_read_as_data(backend):
+    # As LinearStats takes them: the torch pass's cat(out=) refused them, the Triton one kept the graph.
+    x, t, g = ragged([4, 0, 7], 2, 1, offset=1.0, dtype=torch.float32, seed=30)
+    x.requires_grad_(True)
+    stats = LinearStats.from_tensors(x, t, groups=g, n_groups=3, backend=backend)
+    plain = LinearStats.from_tensors(x.detach(), t, groups=g, n_groups=3, backend=backend)
+    for got, expected in zip(stats.state_dict().values(), plain.state_dict().values()):
+        if isinstance(got, torch.Tensor):
+            assert not got.requires_grad and torch.equal(got, expected)
