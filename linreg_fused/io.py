@@ -157,8 +157,9 @@ def _csv_numpy(path, names, available, delimiter) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "loadtxt: input contained no data")  # read_columns says so
+            # comments=None: "#" is data in a CSV (loadtxt's default would drop or cut rows at it)
             table = np.loadtxt(path, delimiter=delimiter, skiprows=1, quotechar='"', ndmin=1, dtype=dtype,
-                               encoding="utf-8-sig")
+                               encoding="utf-8-sig", comments=None)
     except ValueError as err:
         _raise_first_bad_cell(path, names, available, delimiter, fallback=str(err))
     return np.column_stack([table[f"f{available.index(n)}"] for n in names]).reshape(len(table), len(names))

@@ -47,6 +47,15 @@ def test_csv_selects_and_orders_columns_and_ignores_unused_text(tmp_path, engine
     np.testing.assert_array_equal(got, [[56, 73], [81, 91]])
 
 
+def test_csv_hash_is_data_not_a_comment(tmp_path, engine):
+    # "#" starts no comment in a CSV: a row whose first cell starts with it, or a text cell
+    # holding it, is data (numpy's parser dropped the first row and refused the second).
+    path = write(tmp_path, 'id,note,a,y\n#1,x,1,3\nx2,item #2,2,4\n"#3",ok,3,7\n')
+    np.testing.assert_array_equal(read_columns(path, ["a", "y"], engine=engine), [[1, 3], [2, 4], [3, 7]])
+    np.testing.assert_array_equal(read_columns(write(tmp_path, "#a,b\n1,2\n", "h.csv"), engine=engine), [[1, 2]])
+    assert column_names(path) == ["id", "note", "a", "y"]
+
+
 @pytest.mark.parametrize("newline", ["\n", "\r\n"])
 def test_csv_line_endings_bom_blank_lines_and_quoted_numbers(tmp_path, engine, newline):
     path = tmp_path / "d.csv"

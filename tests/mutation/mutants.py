@@ -469,6 +469,11 @@ FRESH = [
            "        if math.isinf(mean) or flag != 1.0:",
            ("tests/test_fit_divergence.py", "tests/test_fit.py"),
            "a NaN epoch loss counts as finite (an overflow to inf is still caught)"),
+    Mutant("csv-hash-is-a-comment", "user", "linreg_fused/io.py",
+           'encoding="utf-8-sig", comments=None)',
+           'encoding="utf-8-sig")',
+           ("tests/test_io.py::test_csv_hash_is_data_not_a_comment",),
+           "the numpy CSV reader takes '#' for a comment: a row starting with it is dropped silently"),
 ]
 MUTANTS += FRESH
 
