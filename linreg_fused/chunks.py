@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 
-def check_rows(x: Any, t: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, t) as 2-D (N, D), (N, O) views, checked; names the problem otherwise."""
+def check_rows(x: Any, t: Any, *, allow_no_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, t) as 2-D (N, D), (N, O) views, checked; names the problem otherwise. N = 0 is an
+    error unless ``allow_no_rows`` (a chunk of a stream); D = 0 or O = 0 always is."""
     for name, v in (("x", x), ("t", t)):
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor (or a NumPy array in from_batches), got {type(v).__name__}")
@@ -27,7 +28,7 @@ def check_rows(x: Any, t: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if x.shape[:-1] != t.shape[:-1]:
         raise ValueError(f"x has shape {tuple(x.shape)} and t {tuple(t.shape)}: their leading dimensions differ")
     x2, t2 = x.reshape(-1, x.shape[-1]), t.reshape(-1, t.shape[-1])
-    if x2.shape[0] == 0 or x2.shape[1] == 0 or t2.shape[1] == 0:
+    if (x2.shape[0] == 0 and not allow_no_rows) or x2.shape[1] == 0 or t2.shape[1] == 0:
         raise ValueError(f"empty data: x has shape {tuple(x.shape)}, t {tuple(t.shape)}")
     return x2, t2
 

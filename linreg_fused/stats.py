@@ -85,11 +85,13 @@ class LinearStats:
         return stats._add(x2, t2)
 
     def update(self, x: torch.Tensor, t: torch.Tensor) -> "LinearStats":
-        """Add the rows x (..., D), t (..., O) (moved to this device); returns self."""
-        x2, t2 = check_rows(x, t)
+        """Add the rows x (..., D), t (..., O) (moved to this device; none: nothing); returns self."""
+        x2, t2 = check_rows(x, t, allow_no_rows=True)
         if (x2.shape[1], t2.shape[1]) != (self.in_features, self.out_features):
             raise ValueError(f"the chunk has {x2.shape[1]} features and {t2.shape[1]} targets; these statistics "
                              f"have {self.in_features} and {self.out_features}")
+        if x2.shape[0] == 0:
+            return self
         return self._add(x2.to(self.device), t2.to(self.device))
 
     def _add(self, x: torch.Tensor, t: torch.Tensor) -> "LinearStats":
@@ -162,7 +164,7 @@ class LinearStats:
                      precision: str | None = None, backend: str = "auto") -> "LinearStats":
         """The statistics of a stream of (x, t) chunks: tensors on any device, NumPy arrays, or
         slices of ``np.load(path, mmap_mode="r")`` arrays (see ``row_chunks``). Memory: a few
-        chunks, never the whole data set.
+        chunks, never the whole data set. Chunks of no rows add nothing.
 
         device: where the statistics are computed (default: the first chunk's, CPU for NumPy).
         On CUDA, host chunks are copied into two pinned buffers and uploaded on a side stream,
@@ -172,11 +174,11 @@ class LinearStats:
         dev = torch.device(device) if device is not None else None
         for x, t in staged(batches, dev):
             if stats is None:
-                x2, _ = check_rows(x, t)
-                stats = cls(x2.shape[1], t.shape[-1], device=x2.device, backend=backend, precision=precision or "fp64")
+                x2, t2 = check_rows(x, t, allow_no_rows=True)
+                stats = cls(x2.shape[1], t2.shape[1], device=x2.device, backend=backend, precision=precision or "fp64")
             stats.update(x, t)
-        if stats is None:
-            raise ValueError("from_batches: the iterable yielded no chunks")
+        if stats is None or stats.n_rows == 0:
+            raise ValueError(f"from_batches: the iterable yielded {'no chunks' if stats is None else 'no rows'}")
         return stats
 
     @classmethod

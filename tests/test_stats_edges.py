@@ -69,3 +69,27 @@ def test_a_solution_beyond_the_parameters_dtype_raises_and_keeps_them(backend):
         loss = model.solve((x * 1e3).half(), t16)  # coefficients ~100: representable
     assert torch.isfinite(model.weight).all() and torch.isfinite(loss)
     assert abs(model.weight[0, 0].item() - 100.0) < 2.0  # 1e5 · 1e-3, to float16's rounding of the data
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_chunks_without_rows_add_nothing(backend):
+    """A stream may hold chunks of no rows (an empty partition, a filtered chunk, the tail of a
+    generator): they add nothing, as merging empty statistics does, where update and from_batches
+    raised "empty data". Their shapes are still checked; a stream of no rows at all is an error."""
+    g = torch.Generator().manual_seed(31)
+    x = torch.randn(13, 3, generator=g, dtype=torch.float64) + 50.0
+    t = x @ torch.randn(3, 2, generator=g, dtype=torch.float64) + torch.randn(13, 2, generator=g,
+                                                                              dtype=torch.float64)
+    ref = LinearStats.from_tensors(x, t, backend=backend).solve()
+    empty = (x[:0], t[:0])
+    chunks = [empty, (x[:1], t[:1]), empty, (x[1:9].numpy(), t[1:9].numpy()), (x[9:], t[9:]), empty]
+    stats = LinearStats.from_batches(chunks, backend=backend)
+    assert stats.n_rows == 13
+    for got, want in zip(stats.solve(), ref):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    before = stats.factor.clone()
+    assert stats.update(*empty) is stats and stats.n_rows == 13 and torch.equal(stats.factor, before)
+    with pytest.raises(ValueError, match="chunk has 2 features and 2 targets"):
+        stats.update(x[:0, :2], t[:0])
+    with pytest.raises(ValueError, match="no rows"):
+        LinearStats.from_batches([empty, empty], backend=backend)

@@ -474,6 +474,11 @@ FRESH = [
            'encoding="utf-8-sig")',
            ("tests/test_io.py::test_csv_hash_is_data_not_a_comment",),
            "the numpy CSV reader takes '#' for a comment: a row starting with it is dropped silently"),
+    Mutant("stats-empty-chunk-refused", "statistics", "linreg_fused/stats.py",
+           "        x2, t2 = check_rows(x, t, allow_no_rows=True)\n        if (x2.shape[1], t2.shape[1])",
+           "        x2, t2 = check_rows(x, t)\n        if (x2.shape[1], t2.shape[1])",
+           ("tests/test_stats_edges.py::test_chunks_without_rows_add_nothing",),
+           "update raises on a chunk of no rows, so one empty chunk fails a whole stream"),
 ]
 MUTANTS += FRESH
 
