@@ -93,3 +93,28 @@ def test_chunks_without_rows_add_nothing(backend):
         stats.update(x[:0, :2], t[:0])
     with pytest.raises(ValueError, match="no rows"):
         LinearStats.from_batches([empty, empty], backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_data_beyond_1e154_solve_as_scaled_data_do(backend):
+    """Scaling x (or x and t) by 2**600 (exact in binary) scales the solution exactly. The factor
+    holds such data (the kernel scales its reflectors); the solver squared column norms (above
+    ~1e154, inf) and returned zero weights with a false "numerical rank 0" warning."""
+    g = torch.Generator().manual_seed(41)
+    x = torch.randn(24, 3, generator=g, dtype=torch.float64) + 2.0
+    t = x @ torch.randn(3, 2, generator=g, dtype=torch.float64) + torch.randn(24, 2, generator=g,
+                                                                              dtype=torch.float64)
+    big = 2.0**600
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # full rank and well conditioned: no warning at any scale
+        w, b = LinearStats.from_tensors(x, t, backend=backend).solve()
+        ref = LinearStats.from_tensors(x, t, backend=backend).summary()
+        for sx, st in ((big, 1.0), (big, big), (1.0, big)):
+            stats = LinearStats.from_tensors(x * sx, t * st, backend=backend)
+            got_w, got_b = stats.solve()
+            torch.testing.assert_close(got_w * sx / st, w, rtol=1e-12, atol=0)
+            torch.testing.assert_close(got_b / st, b, rtol=1e-12, atol=0)
+            s = stats.summary()
+            torch.testing.assert_close(s.t_values, ref.t_values, rtol=1e-10, atol=0)
+            torch.testing.assert_close(s.r2, ref.r2, rtol=1e-12, atol=0)
+            torch.testing.assert_close(s.residual_std / st, ref.residual_std, rtol=1e-12, atol=0)

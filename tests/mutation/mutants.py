@@ -479,6 +479,11 @@ FRESH = [
            "        x2, t2 = check_rows(x, t)\n        if (x2.shape[1], t2.shape[1])",
            ("tests/test_stats_edges.py::test_chunks_without_rows_add_nothing",),
            "update raises on a chunk of no rows, so one empty chunk fails a whole stream"),
+    Mutant("solver-norms-squared", "statistics", "linreg_fused/solver.py",
+           "    norms = norms_along(fxx, 0)\n",
+           "    norms = fxx.norm(dim=0)\n",
+           ("tests/test_stats_edges.py::test_data_beyond_1e154_solve_as_scaled_data_do",),
+           "the solver's column norms square the data: columns beyond 1e154 become inf and are dropped as rank 0"),
 ]
 MUTANTS += FRESH
 
