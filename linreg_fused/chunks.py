@@ -4,6 +4,7 @@ side of LinearStats.from_batches)."""
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from typing import Any, Iterable, Iterator
 
@@ -47,8 +48,9 @@ def _as_tensor(v: Any) -> torch.Tensor:
 
 def row_chunks(x: Any, t: Any, chunk_rows: int) -> Iterator[tuple[Any, Any]]:
     """(x[i:i+chunk_rows], t[i:i+chunk_rows]) for arrays, memory-mapped arrays or tensors."""
-    if not isinstance(chunk_rows, int) or chunk_rows < 1:
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, numbers.Integral) or chunk_rows < 1:
         raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+    chunk_rows = int(chunk_rows)  # NumPy's too
     if len(x) != len(t):
         raise ValueError(f"x has {len(x)} rows but t has {len(t)}")
     for start in range(0, len(x), chunk_rows):

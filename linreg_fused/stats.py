@@ -55,8 +55,9 @@ class LinearStats:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:  # NumPy's too
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        in_features, out_features = int(in_features), int(out_features)
         device = torch.device(device) if device is not None else torch.device("cpu")
         p = 1 + in_features + out_features
         self._d, self._o = in_features, out_features

@@ -118,3 +118,20 @@ def test_data_beyond_1e154_solve_as_scaled_data_do(backend):
             torch.testing.assert_close(s.t_values, ref.t_values, rtol=1e-10, atol=0)
             torch.testing.assert_close(s.r2, ref.r2, rtol=1e-12, atol=0)
             torch.testing.assert_close(s.residual_std / st, ref.residual_std, rtol=1e-12, atol=0)
+
+
+def test_sizes_take_numpy_integers_and_refuse_bools():
+    """LinearStats(D, O) and from_arrays' chunk_rows, given NumPy integers (array shapes and
+    arithmetic give them): the same statistics as Python ints, where they raised "must be a
+    positive integer, got 5"; bools are refused (True would silently mean one row per chunk)."""
+    rng = np.random.default_rng(43)
+    x, t = rng.standard_normal((11, 3)), rng.standard_normal((11, 2))
+    ref = LinearStats.from_arrays(x, t, chunk_rows=5, backend="torch")
+    got = LinearStats.from_arrays(x, t, chunk_rows=np.int64(5), backend="torch")
+    assert got.n_rows == 11 and torch.equal(got.factor, ref.factor)
+    empty = LinearStats(np.int64(3), np.int32(2))
+    assert (empty.in_features, empty.out_features) == (3, 2) and type(empty.in_features) is int
+    with pytest.raises(ValueError, match="chunk_rows"):
+        LinearStats.from_arrays(x, t, chunk_rows=True)
+    with pytest.raises(ValueError, match="in_features"):
+        LinearStats(True, 2)

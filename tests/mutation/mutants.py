@@ -484,6 +484,11 @@ FRESH = [
            "    norms = fxx.norm(dim=0)\n",
            ("tests/test_stats_edges.py::test_data_beyond_1e154_solve_as_scaled_data_do",),
            "the solver's column norms square the data: columns beyond 1e154 become inf and are dropped as rank 0"),
+    Mutant("chunk-rows-python-int-only", "statistics", "linreg_fused/chunks.py",
+           "not isinstance(chunk_rows, numbers.Integral)",
+           "not isinstance(chunk_rows, int)",
+           ("tests/test_stats_edges.py::test_sizes_take_numpy_integers_and_refuse_bools",),
+           "from_arrays refuses chunk_rows=np.int64(5) as not a positive integer"),
 ]
 MUTANTS += FRESH
 
