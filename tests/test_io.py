@@ -198,3 +198,17 @@ def test_parquet_numeric_columns_nulls_and_text(tmp_path):
     pq.write_table(pa.table({"a": pa.array([1.0, None, 3.0])}), tmp_path / "null.pq")
     with pytest.raises(DataError, match=r"row 2, column 'a': a missing value"):
         read_columns(tmp_path / "null.pq")
+
+
+def test_csv_not_utf8_is_a_data_error(tmp_path, engine):
+    """A Latin-1 file (a spreadsheet's "CSV" on some systems): one DataError naming the file and
+    the encoding, where a UnicodeDecodeError traceback came out of the header or the parser."""
+    header_bad = tmp_path / "h.csv"
+    header_bad.write_bytes(b"temp\xe9rature,y\n1,2\n")
+    cell_bad = tmp_path / "c.csv"
+    cell_bad.write_bytes(b"a,note,y\n1,ok,2\n" + b"2,caf\xe9,3\n" * 5000)  # past the header's first read
+    for path in (header_bad, cell_bad):
+        with pytest.raises(DataError, match=r"not UTF-8 text \(the byte 0xe9\)"):
+            read_columns(path, ["y"], engine=engine)
+    with pytest.raises(DataError, match="not UTF-8"):
+        column_names(header_bad)

@@ -489,6 +489,11 @@ FRESH = [
            "not isinstance(chunk_rows, int)",
            ("tests/test_stats_edges.py::test_sizes_take_numpy_integers_and_refuse_bools",),
            "from_arrays refuses chunk_rows=np.int64(5) as not a positive integer"),
+    Mutant("csv-decode-error-raw", "user", "linreg_fused/io.py",
+           "    except UnicodeDecodeError as err:\n        byte =",
+           "    except KeyError as err:\n        byte =",
+           ("tests/test_io.py::test_csv_not_utf8_is_a_data_error",),
+           "a Latin-1 CSV ends `linreg-fused train` in a UnicodeDecodeError traceback"),
 ]
 MUTANTS += FRESH
 
