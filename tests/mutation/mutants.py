@@ -494,6 +494,11 @@ FRESH = [
            "    except KeyError as err:\n        byte =",
            ("tests/test_io.py::test_csv_not_utf8_is_a_data_error",),
            "a Latin-1 CSV ends `linreg-fused train` in a UnicodeDecodeError traceback"),
+    Mutant("model-file-names-twice", "user", "linreg_fused/serialization.py",
+           "    return next((n for n in names if n in seen or seen.add(n)), None)",
+           "    return None",
+           ("tests/test_save_load.py::test_a_name_given_twice_is_refused_by_save_and_load",),
+           "a model whose feature names repeat is saved and loaded; predict reads one column for both"),
 ]
 MUTANTS += FRESH
 
