@@ -57,10 +57,9 @@ class LinearStats:
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:  # NumPy's too
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        in_features, out_features = int(in_features), int(out_features)
         device = torch.device(device) if device is not None else torch.device("cpu")
         p = 1 + in_features + out_features
-        self._d, self._o = in_features, out_features
+        self._d, self._o = int(in_features), int(out_features)
         self._n = 0
         self._shift = torch.zeros(p - 1, dtype=torch.float64, device=device)
         self._r = torch.zeros((p, p), dtype=torch.float64, device=device)
@@ -96,6 +95,7 @@ class LinearStats:
         return self._add(x2.to(self.device), t2.to(self.device))
 
     def _add(self, x: torch.Tensor, t: torch.Tensor) -> "LinearStats":
+        x, t = x.detach(), t.detach()  # a summary of data: no autograd graph kept across the stream
         fp64 = self.precision == "fp64"
         acc = torch.float64 if fp64 else torch.float32
         if self._n == 0:

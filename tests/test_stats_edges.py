@@ -135,3 +135,17 @@ def test_sizes_take_numpy_integers_and_refuse_bools():
         LinearStats.from_arrays(x, t, chunk_rows=True)
     with pytest.raises(ValueError, match="in_features"):
         LinearStats(True, 2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_statistics_of_data_that_require_grad_hold_no_graph(backend):
+    """Features from a network (requires_grad) are summarised as data on both backends: the torch
+    path kept the autograd graph of every chunk in the factor (memory growing with the stream, a
+    state_dict of non-leaf tensors), the Triton path only in the means."""
+    x = torch.randn(12, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(12, 2, dtype=torch.float64)
+    stats = LinearStats.from_tensors(x[:6], t[:6], backend=backend).update(x[6:], t[6:])
+    ref = LinearStats.from_tensors(x[:6].detach(), t[:6], backend=backend).update(x[6:].detach(), t[6:])
+    assert torch.equal(stats.factor, ref.factor)
+    held = [stats.factor, stats.shift, *(v for v in stats.state_dict().values() if isinstance(v, torch.Tensor))]
+    assert not any(v.requires_grad for v in held)

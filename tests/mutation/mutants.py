@@ -499,6 +499,11 @@ FRESH = [
            "    return None",
            ("tests/test_save_load.py::test_a_name_given_twice_is_refused_by_save_and_load",),
            "a model whose feature names repeat is saved and loaded; predict reads one column for both"),
+    Mutant("stats-keep-autograd-graph", "statistics", "linreg_fused/stats.py",
+           "        x, t = x.detach(), t.detach()  # a summary of data",
+           "        x, t = x, t  # a summary of data",
+           ("tests/test_stats_edges.py::test_statistics_of_data_that_require_grad_hold_no_graph",),
+           "statistics of requires_grad data keep every chunk's autograd graph (torch path) or means (Triton)"),
 ]
 MUTANTS += FRESH
 
