@@ -27,6 +27,9 @@ def check_rows(x: Any, t: Any, *, allow_no_rows: bool = False) -> tuple[torch.Te
     if x.device != t.device:
         raise ValueError(f"x is on {x.device} but t is on {t.device}; move them to one device")
     if x.shape[:-1] != t.shape[:-1]:
+        if t.shape == x.shape[:-1]:  # (N,) beside (N, D): one target, its dimension left out
+            raise ValueError(f"t has shape {tuple(t.shape)}: one target per row needs shape {(*t.shape, 1)} "
+                             f"(t[..., None]); x has shape {tuple(x.shape)}")
         raise ValueError(f"x has shape {tuple(x.shape)} and t {tuple(t.shape)}: their leading dimensions differ")
     x2, t2 = x.reshape(-1, x.shape[-1]), t.reshape(-1, t.shape[-1])
     if (x2.shape[0] == 0 and not allow_no_rows) or x2.shape[1] == 0 or t2.shape[1] == 0:

@@ -149,3 +149,14 @@ def test_statistics_of_data_that_require_grad_hold_no_graph(backend):
     assert torch.equal(stats.factor, ref.factor)
     held = [stats.factor, stats.shift, *(v for v in stats.state_dict().values() if isinstance(v, torch.Tensor))]
     assert not any(v.requires_grad for v in held)
+
+
+def test_a_target_without_its_last_dimension_is_named_as_such():
+    """x (N, D) with t (N,): the message said their leading dimensions differ, both being N;
+    it now says what t lacks and how to add it (here and in from_batches' chunks)."""
+    x, t = torch.randn(5, 3), torch.randn(5)
+    for build in (lambda: LinearStats.from_tensors(x, t), lambda: LinearStats.from_batches([(x.numpy(), t.numpy())])):
+        with pytest.raises(ValueError, match=r"t has shape \(5,\): one target per row needs shape \(5, 1\)"):
+            build()
+    with pytest.raises(ValueError, match="leading dimensions differ"):  # a real mismatch keeps its message
+        LinearStats.from_tensors(x, torch.randn(4, 1))

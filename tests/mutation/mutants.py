@@ -504,6 +504,11 @@ FRESH = [
            "        x, t = x, t  # a summary of data",
            ("tests/test_stats_edges.py::test_statistics_of_data_that_require_grad_hold_no_graph",),
            "statistics of requires_grad data keep every chunk's autograd graph (torch path) or means (Triton)"),
+    Mutant("stats-1d-target-message", "statistics", "linreg_fused/chunks.py",
+           "        if t.shape == x.shape[:-1]:  # (N,) beside (N, D)",
+           "        if False:  # (N,) beside (N, D)",
+           ("tests/test_stats_edges.py::test_a_target_without_its_last_dimension_is_named_as_such",),
+           "a 1-D target is reported as 'leading dimensions differ' although both are N"),
 ]
 MUTANTS += FRESH
 
