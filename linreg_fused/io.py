@@ -169,7 +169,7 @@ def _csv_numpy(path, names, available, delimiter) -> np.ndarray:
 
 
 _NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?|nan|inf|infinity)\s*",
-                     re.IGNORECASE)
+                     re.IGNORECASE | re.ASCII)  # ASCII digits: what both parsers read
 
 
 def _raise_first_bad_cell(path, names, available, delimiter, fallback: str):

@@ -68,6 +68,7 @@ def test_csv_line_endings_bom_blank_lines_and_quoted_numbers(tmp_path, engine, n
     ("abc", "row 2 (line 3), column 'b': 'abc' is not a number"),
     ("1,5", "line 3 has 4 fields, the header has 3"),
     ("1_000", "row 2 (line 3), column 'b': '1_000' is not a number"),
+    ("١٢", "row 2 (line 3), column 'b': '١٢' is not a number"),  # digits to Python's float, not to the parsers
 ])
 def test_csv_bad_cell_names_row_and_column(tmp_path, engine, cell, message):
     path = write(tmp_path, f"a,b,c\n1,2,3\n4,{cell},6\n")

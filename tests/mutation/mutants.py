@@ -509,6 +509,11 @@ FRESH = [
            "        if False:  # (N,) beside (N, D)",
            ("tests/test_stats_edges.py::test_a_target_without_its_last_dimension_is_named_as_such",),
            "a 1-D target is reported as 'leading dimensions differ' although both are N"),
+    Mutant("csv-unicode-digits-numbers", "user", "linreg_fused/io.py",
+           "re.IGNORECASE | re.ASCII)",
+           "re.IGNORECASE)",
+           ("tests/test_io.py::test_csv_bad_cell_names_row_and_column",),
+           "a cell of non-ASCII digits is taken for a number: the error gives the parser's text, not row and column"),
 ]
 MUTANTS += FRESH
 
