@@ -4,6 +4,7 @@ side of LinearStats.from_batches)."""
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from typing import Any, Iterable, Iterator
 
@@ -11,8 +12,9 @@ import numpy as np
 import torch
 
 
-def check_rows(x: Any, t: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, t) as 2-D (N, D), (N, O) views, checked; names the problem otherwise."""
+def check_rows(x: Any, t: Any, *, allow_no_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, t) as 2-D (N, D), (N, O) views, checked; names the problem otherwise. N = 0 is an
+    error unless ``allow_no_rows`` (a chunk of a stream); D = 0 or O = 0 always is."""
     for name, v in (("x", x), ("t", t)):
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor (or a NumPy array in from_batches), got {type(v).__name__}")
@@ -25,9 +27,12 @@ def check_rows(x: Any, t: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if x.device != t.device:
         raise ValueError(f"x is on {x.device} but t is on {t.device}; move them to one device")
     if x.shape[:-1] != t.shape[:-1]:
+        if t.shape == x.shape[:-1]:  # (N,) beside (N, D): one target, its dimension left out
+            raise ValueError(f"t has shape {tuple(t.shape)}: one target per row needs shape {(*t.shape, 1)} "
+                             f"(t[..., None]); x has shape {tuple(x.shape)}")
         raise ValueError(f"x has shape {tuple(x.shape)} and t {tuple(t.shape)}: their leading dimensions differ")
     x2, t2 = x.reshape(-1, x.shape[-1]), t.reshape(-1, t.shape[-1])
-    if x2.shape[0] == 0 or x2.shape[1] == 0 or t2.shape[1] == 0:
+    if (x2.shape[0] == 0 and not allow_no_rows) or x2.shape[1] == 0 or t2.shape[1] == 0:
         raise ValueError(f"empty data: x has shape {tuple(x.shape)}, t {tuple(t.shape)}")
     return x2, t2
 
@@ -46,8 +51,9 @@ def _as_tensor(v: Any) -> torch.Tensor:
 
 def row_chunks(x: Any, t: Any, chunk_rows: int) -> Iterator[tuple[Any, Any]]:
     """(x[i:i+chunk_rows], t[i:i+chunk_rows]) for arrays, memory-mapped arrays or tensors."""
-    if not isinstance(chunk_rows, int) or chunk_rows < 1:
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, numbers.Integral) or chunk_rows < 1:
         raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+    chunk_rows = int(chunk_rows)  # NumPy's too
     if len(x) != len(t):
         raise ValueError(f"x has {len(x)} rows but t has {len(t)}")
     for start in range(0, len(x), chunk_rows):

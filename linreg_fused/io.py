@@ -31,6 +31,7 @@ with too few or too many fields, a folder where a file was expected.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import os
@@ -54,7 +55,8 @@ def column_names(path: str | os.PathLike, *, delimiter: str = ",") -> list[str]:
     """The column names of a data file, in file order (delimiter: of a CSV file)."""
     kind = _kind(path)
     if kind == "csv":
-        return _csv_header(path, delimiter)
+        with _utf8(path):
+            return _csv_header(path, delimiter)
     if kind == "npy":
         return _npy_names(_load_npy(path))
     if kind == "npz":
@@ -92,7 +94,8 @@ def read_columns(
                                             and _has_pyarrow())
         if use_arrow and not _has_pyarrow():
             raise DataError(f"the pyarrow CSV engine needs pyarrow: {ARROW_HINT}")
-        values = (_csv_arrow if use_arrow else _csv_numpy)(path, names, available, delimiter)
+        with _utf8(path):
+            values = (_csv_arrow if use_arrow else _csv_numpy)(path, names, available, delimiter)
     elif kind == "npy":
         values = _npy_columns(path, _load_npy(path), names)
     elif kind == "npz":
@@ -157,15 +160,16 @@ def _csv_numpy(path, names, available, delimiter) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "loadtxt: input contained no data")  # read_columns says so
+            # comments=None: "#" is data in a CSV (loadtxt's default would drop or cut rows at it)
             table = np.loadtxt(path, delimiter=delimiter, skiprows=1, quotechar='"', ndmin=1, dtype=dtype,
-                               encoding="utf-8-sig")
+                               encoding="utf-8-sig", comments=None)
     except ValueError as err:
         _raise_first_bad_cell(path, names, available, delimiter, fallback=str(err))
     return np.column_stack([table[f"f{available.index(n)}"] for n in names]).reshape(len(table), len(names))
 
 
 _NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?|nan|inf|infinity)\s*",
-                     re.IGNORECASE)
+                     re.IGNORECASE | re.ASCII)  # ASCII digits: what both parsers read
 
 
 def _raise_first_bad_cell(path, names, available, delimiter, fallback: str):
@@ -288,6 +292,17 @@ def _kind(path) -> str:
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     return {".pq": "parquet"}.get(suffix, suffix[1:])
+
+
+@contextlib.contextmanager
+def _utf8(path):
+    """A CSV that is not UTF-8 (Latin-1 from a spreadsheet): one DataError, not a decoder's traceback."""
+    try:
+        yield
+    except UnicodeDecodeError as err:
+        byte = err.object[err.start : err.start + 1].hex()
+        raise DataError(f"{path}: not UTF-8 text (the byte 0x{byte}); save it as UTF-8 "
+                        f"(e.g. a spreadsheet's \"CSV UTF-8\")") from None
 
 
 def _has_pyarrow() -> bool:

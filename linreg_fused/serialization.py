@@ -108,6 +108,8 @@ def save(
             values = [str(v) for v in values]
             if len(values) != size:
                 raise ValueError(f"{key} has {len(values)} names for {size} {key.split('_')[0]}s")
+            if _twice(values) is not None:  # which column would that feature read?
+                raise ValueError(f"{key} names {_twice(values)!r} twice")
             meta[key] = json.dumps(values)
     if (input_mean is None) != (input_scale is None):
         raise ValueError("give both input_mean and input_scale, or neither")
@@ -203,6 +205,12 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _twice(names: list[str]) -> str | None:
+    """The first name that appears twice, or None."""
+    seen: set[str] = set()
+    return next((n for n in names if n in seen or seen.add(n)), None)
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
@@ -257,6 +265,8 @@ def _checked_metadata(meta: dict[str, str], out_features: int, in_features: int,
         if key in lists:
             if not all(isinstance(v, str) for v in lists[key]):
                 raise ValueError(f"metadata {key} must list names (strings), got {meta[key][:80]!r}")
+            if _twice(lists[key]) is not None:
+                raise ValueError(f"metadata {key} names {_twice(lists[key])[:80]!r} twice")
             fields[key] = lists[key]
     if ("input_mean" in lists) != ("input_scale" in lists):
         raise ValueError("metadata has one of input_mean and input_scale but not the other")

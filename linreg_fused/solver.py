@@ -73,6 +73,14 @@ def check_representable(dtype: torch.dtype, *solution: torch.Tensor | None) -> N
                             f"dtype (e.g. model.float()), or rescale the features or targets")
 
 
+def norms_along(a: torch.Tensor, dim: int) -> torch.Tensor:
+    """‖·‖₂ along ``dim`` with no overflow or underflow of the squares (the factor holds data to
+    10^±300; squared, a column of norm 1e155 is inf): each line divided by its largest entry first."""
+    top = a.abs().amax(dim, keepdim=True)
+    top = torch.where(top > 0, top, torch.ones_like(top))
+    return ((a / top).norm(dim=dim, keepdim=True) * top).squeeze(dim)
+
+
 def design(r: torch.Tensor, shift: torch.Tensor, n_rows: int, d: int, intercept: bool) -> Design:
     """The design factor from the statistic R of [1, z − shift] (factor.py's layout)."""
     root_n = r[0, 0]
@@ -111,7 +119,7 @@ def solve(des: Design, alpha: float, eps: float, rcond: float | None = None) -> 
                              f.new_zeros(d, o)], 1)
         f = qr_r(torch.cat([f, penalty]))
     fxx, fxt = f[:d, :d], f[:d, d:]
-    norms = fxx.norm(dim=0)
+    norms = norms_along(fxx, 0)
     scale = torch.where(norms > 0, norms, torch.ones_like(norms))
     a = fxx / scale
     cut = rcond if rcond is not None else max(d, 1) * eps
@@ -170,11 +178,11 @@ def condition_estimate(a: torch.Tensor, iterations: int = 8) -> float:
     return estimate if math.isfinite(estimate) else math.inf
 
 
-def residual_sums(des: Design, weight: torch.Tensor) -> torch.Tensor:
-    """(O,) Σ_rows (x·w_o − t_o)² for the design's (centred) rows: ‖Fxx·w_o − Fxt_o‖² + ‖Ftt_o‖²."""
+def residual_norms(des: Design, weight: torch.Tensor) -> torch.Tensor:
+    """(O,) √Σ_rows (x·w_o − t_o)² for the design's (centred) rows: ‖[Fxx·w_o − Fxt_o; Ftt_o]‖."""
     d = des.d
     fit = des.f[:d, :d] @ weight.t() - des.f[:d, d:]
-    return fit.square().sum(0) + des.f[d:, d:].square().sum(0)
+    return norms_along(torch.cat([fit, des.f[d:, d:]]), 0)
 
 
 def check_accuracy(des: Design, sol: Solution, eps_factor: float, eps_data: float, data_name: str) -> None:
@@ -197,22 +205,24 @@ def check_accuracy(des: Design, sol: Solution, eps_factor: float, eps_data: floa
     if sol.rank == 0:
         return
     n, scale, pinv = des.n_rows, sol.scale, sol.pinv
-    norms = des.f[:d, :d].norm(dim=0)
+    norms = norms_along(des.f[:d, :d], 0)
     one = torch.ones((), dtype=norms.dtype, device=norms.device)
     tiny = torch.finfo(norms.dtype).tiny
-    g_x = torch.where(norms > 0, torch.sqrt(norms.square() + n * des.mean_x.square()) / scale, one)  # (D,)
+    g_x = torch.where(norms > 0, torch.hypot(norms, math.sqrt(n) * des.mean_x) / scale, one)  # (D,)
     # The data's storage rounding: independent errors, so their effect on a coefficient (A⁺[j]·δA·w, a
     # fixed direction of the row space against n roundings) grows like √n, not n as Cauchy-Schwarz
     # would have it: ε_data/√n. (The worst case warned on ordinary float32 data ~1-3 digits too early.)
     eps_store, eps_data = eps_data, eps_data / math.sqrt(max(n, 1))
     eps_t = eps_factor + eps_data
-    t_norm = torch.sqrt(des.f[:, d:].square().sum(0) + (n * des.mean_t.square() if des.intercept else 0.0))
+    t_norm = norms_along(des.f[:, d:], 0)
+    if des.intercept:
+        t_norm = torch.hypot(t_norm, math.sqrt(n) * des.mean_t)
     w_s = sol.weight * scale  # (O, D)
     # (O,) the size of δA·w_s + δt: column j of A moves by ε_accumulation + ε_data·g_j (A's columns have unit norm)
-    eta = eps_factor * w_s.norm(dim=1) + eps_data * (w_s * g_x).norm(dim=1) + eps_t * t_norm
+    eta = eps_factor * norms_along(w_s, 1) + eps_data * norms_along(w_s * g_x, 1) + eps_t * t_norm
     # Only coefficients that carry at least LIVE of the (scaled) fit: a noise-level coefficient beside
     # the ones that matter has few relative digits by nature, and warning about it helps no one.
-    live = w_s.abs() > LIVE * w_s.norm(dim=1, keepdim=True)
+    live = w_s.abs() > LIVE * norms_along(w_s, 1)[:, None]
     err = torch.where(live, (eta[:, None] * pinv.norm(dim=1)) / w_s.abs().clamp_min(tiny), 0.0)
     if des.intercept:  # x̄ᵀ·w = (S⁻¹·x̄)ᵀ·w_s: the errors of w_s along A⁺'s rows partly cancel in it
         terms = des.mean_t.abs() + sol.weight.abs() @ des.mean_x.abs()
@@ -272,22 +282,20 @@ def summarise(des: Design, sol: Solution, alpha: float) -> RegressionSummary:
     k_const = 1 if des.intercept else 0
     rank_total = sol.rank + k_const
     df_resid = n - rank_total
-    rss = residual_sums(des, sol.weight)
-    tss = des.f[:, d:].square().sum(0)  # Σ (t − t̄)² with an intercept, Σ t² without
-    sigma2 = rss / df_resid if df_resid > 0 else torch.full_like(rss, float("nan"))
-    sigma = sigma2.sqrt()
+    resid = residual_norms(des, sol.weight)
+    total = norms_along(des.f[:, d:], 0)  # √Σ (t − t̄)² with an intercept, √Σ t² without
+    sigma = resid / math.sqrt(df_resid) if df_resid > 0 else torch.full_like(resid, float("nan"))
     # Var(w_o) = σ_o²·L·Lᵀ, L the linear map from the right-hand side (whose noise is σ²·I) to w.
     eye = torch.eye(d, dtype=des.f.dtype, device=des.f.device)
     lmap = _coefficient_map(des, sol, alpha, eye)
-    row_norm2 = lmap.square().sum(1)  # (D,): diag(L·Lᵀ)
-    std_err = sigma[:, None] * row_norm2.sqrt()[None, :]
+    std_err = sigma[:, None] * norms_along(lmap, 1)[None, :]  # √diag(L·Lᵀ)
     coef = sol.weight
     intercept = sol.bias
     intercept_std_err = intercept_t = None
     if des.intercept:  # b = t̄ − w·x̄, with t̄ and w uncorrelated: Var(b) = σ²/n + x̄ᵀ·Var(w)·x̄
         intercept_std_err = sigma * torch.sqrt(1.0 / n + (lmap.t() @ des.mean_x).square().sum())
         intercept_t = intercept / intercept_std_err
-    r2 = 1.0 - rss / tss
+    r2 = 1.0 - (resid / total).square()
     adj_r2 = 1.0 - (1.0 - r2) * (n - k_const) / df_resid if df_resid > 0 else torch.full_like(r2, float("nan"))
     return RegressionSummary(coef, intercept, std_err, intercept_std_err, coef / std_err, intercept_t, sigma, r2,
                              adj_r2, sol.rank, df_resid, rank_total, n, sol.cond)

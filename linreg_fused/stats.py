@@ -55,11 +55,11 @@ class LinearStats:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:  # NumPy's too
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         device = torch.device(device) if device is not None else torch.device("cpu")
         p = 1 + in_features + out_features
-        self._d, self._o = in_features, out_features
+        self._d, self._o = int(in_features), int(out_features)
         self._n = 0
         self._shift = torch.zeros(p - 1, dtype=torch.float64, device=device)
         self._r = torch.zeros((p, p), dtype=torch.float64, device=device)
@@ -85,14 +85,17 @@ class LinearStats:
         return stats._add(x2, t2)
 
     def update(self, x: torch.Tensor, t: torch.Tensor) -> "LinearStats":
-        """Add the rows x (..., D), t (..., O) (moved to this device); returns self."""
-        x2, t2 = check_rows(x, t)
+        """Add the rows x (..., D), t (..., O) (moved to this device; none: nothing); returns self."""
+        x2, t2 = check_rows(x, t, allow_no_rows=True)
         if (x2.shape[1], t2.shape[1]) != (self.in_features, self.out_features):
             raise ValueError(f"the chunk has {x2.shape[1]} features and {t2.shape[1]} targets; these statistics "
                              f"have {self.in_features} and {self.out_features}")
+        if x2.shape[0] == 0:
+            return self
         return self._add(x2.to(self.device), t2.to(self.device))
 
     def _add(self, x: torch.Tensor, t: torch.Tensor) -> "LinearStats":
+        x, t = x.detach(), t.detach()  # a summary of data: no autograd graph kept across the stream
         fp64 = self.precision == "fp64"
         acc = torch.float64 if fp64 else torch.float32
         if self._n == 0:
@@ -162,7 +165,7 @@ class LinearStats:
                      precision: str | None = None, backend: str = "auto") -> "LinearStats":
         """The statistics of a stream of (x, t) chunks: tensors on any device, NumPy arrays, or
         slices of ``np.load(path, mmap_mode="r")`` arrays (see ``row_chunks``). Memory: a few
-        chunks, never the whole data set.
+        chunks, never the whole data set. Chunks of no rows add nothing.
 
         device: where the statistics are computed (default: the first chunk's, CPU for NumPy).
         On CUDA, host chunks are copied into two pinned buffers and uploaded on a side stream,
@@ -172,11 +175,11 @@ class LinearStats:
         dev = torch.device(device) if device is not None else None
         for x, t in staged(batches, dev):
             if stats is None:
-                x2, _ = check_rows(x, t)
-                stats = cls(x2.shape[1], t.shape[-1], device=x2.device, backend=backend, precision=precision or "fp64")
+                x2, t2 = check_rows(x, t, allow_no_rows=True)
+                stats = cls(x2.shape[1], t2.shape[1], device=x2.device, backend=backend, precision=precision or "fp64")
             stats.update(x, t)
-        if stats is None:
-            raise ValueError("from_batches: the iterable yielded no chunks")
+        if stats is None or stats.n_rows == 0:
+            raise ValueError(f"from_batches: the iterable yielded {'no chunks' if stats is None else 'no rows'}")
         return stats
 
     @classmethod

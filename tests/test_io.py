@@ -47,6 +47,15 @@ def test_csv_selects_and_orders_columns_and_ignores_unused_text(tmp_path, engine
     np.testing.assert_array_equal(got, [[56, 73], [81, 91]])
 
 
+def test_csv_hash_is_data_not_a_comment(tmp_path, engine):
+    # "#" starts no comment in a CSV: a row whose first cell starts with it, or a text cell
+    # holding it, is data (numpy's parser dropped the first row and refused the second).
+    path = write(tmp_path, 'id,note,a,y\n#1,x,1,3\nx2,item #2,2,4\n"#3",ok,3,7\n')
+    np.testing.assert_array_equal(read_columns(path, ["a", "y"], engine=engine), [[1, 3], [2, 4], [3, 7]])
+    np.testing.assert_array_equal(read_columns(write(tmp_path, "#a,b\n1,2\n", "h.csv"), engine=engine), [[1, 2]])
+    assert column_names(path) == ["id", "note", "a", "y"]
+
+
 @pytest.mark.parametrize("newline", ["\n", "\r\n"])
 def test_csv_line_endings_bom_blank_lines_and_quoted_numbers(tmp_path, engine, newline):
     path = tmp_path / "d.csv"
@@ -59,6 +68,7 @@ def test_csv_line_endings_bom_blank_lines_and_quoted_numbers(tmp_path, engine, n
     ("abc", "row 2 (line 3), column 'b': 'abc' is not a number"),
     ("1,5", "line 3 has 4 fields, the header has 3"),
     ("1_000", "row 2 (line 3), column 'b': '1_000' is not a number"),
+    ("١٢", "row 2 (line 3), column 'b': '١٢' is not a number"),  # digits to Python's float, not to the parsers
 ])
 def test_csv_bad_cell_names_row_and_column(tmp_path, engine, cell, message):
     path = write(tmp_path, f"a,b,c\n1,2,3\n4,{cell},6\n")
@@ -189,3 +199,17 @@ def test_parquet_numeric_columns_nulls_and_text(tmp_path):
     pq.write_table(pa.table({"a": pa.array([1.0, None, 3.0])}), tmp_path / "null.pq")
     with pytest.raises(DataError, match=r"row 2, column 'a': a missing value"):
         read_columns(tmp_path / "null.pq")
+
+
+def test_csv_not_utf8_is_a_data_error(tmp_path, engine):
+    """A Latin-1 file (a spreadsheet's "CSV" on some systems): one DataError naming the file and
+    the encoding, where a UnicodeDecodeError traceback came out of the header or the parser."""
+    header_bad = tmp_path / "h.csv"
+    header_bad.write_bytes(b"temp\xe9rature,y\n1,2\n")
+    cell_bad = tmp_path / "c.csv"
+    cell_bad.write_bytes(b"a,note,y\n1,ok,2\n" + b"2,caf\xe9,3\n" * 5000)  # past the header's first read
+    for path in (header_bad, cell_bad):
+        with pytest.raises(DataError, match=r"not UTF-8 text \(the byte 0xe9\)"):
+            read_columns(path, ["y"], engine=engine)
+    with pytest.raises(DataError, match="not UTF-8"):
+        column_names(header_bad)

@@ -191,6 +191,21 @@ def test_load_checks_the_standardisation_as_save_does(tmp_path, mean, scale, mes
         FusedLinearRegressor(3, 2).save(tmp_path / "other.safetensors", input_mean=values[0], input_scale=values[1])
 
 
+def test_a_name_given_twice_is_refused_by_save_and_load(tmp_path):
+    """Names map a model's features to a file's columns: with one given twice, predict read that
+    column for both features and printed predictions without a word."""
+    model = FusedLinearRegressor(3, 2)
+    for names in ({"feature_names": ["a", "b", "a"]}, {"target_names": ["y", "y"]}):
+        with pytest.raises(ValueError, match="names 'a' twice|names 'y' twice"):
+            model.save(tmp_path / "m.safetensors", **names)
+    assert not list(tmp_path.iterdir())
+    path, meta, tensors = _model_file(tmp_path)
+    for key, value, name in (("feature_names", '["a", "b", "a"]', "a"), ("target_names", '["y", "y"]', "y")):
+        save_file(tensors, path, metadata={**meta, key: value})
+        with pytest.raises(ModelFileError, match=re.escape(f"metadata {key} names {name!r} twice")):
+            FusedLinearRegressor.load(path)
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
 def test_a_non_floating_weight_is_a_model_file_error(tmp_path, dtype):
     save_file({"weight": torch.ones(2, 3, dtype=dtype), "bias": torch.zeros(2, dtype=dtype)},
