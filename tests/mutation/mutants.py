@@ -671,5 +671,10 @@ FRESH = [
            '        distributed.check_same_on_every_rank(dict(zip(("in_features", "out_features"), self.shape[1:])),',
            ("tests/test_grouped_distributed.py",),
            "ranks with different numbers of groups gather statistics of different sizes"),
+    Mutant("repeat-step-plans-around-a-left-out-parameter", "repeat", "linreg_fused/step_cache.py",
+           "            return  # outside the optimizer: nothing would see it join a group later (the plan would skip it)",
+           "            continue",
+           ("tests/test_repeat_changes.py::test_a_parameter_that_joins_the_optimizer_is_stepped",),
+           "a bias outside FusedSGD that later joins it is never stepped by train_step's repeat path"),
 ]
 MUTANTS += FRESH
