@@ -676,5 +676,10 @@ FRESH = [
            "            continue",
            ("tests/test_repeat_changes.py::test_a_parameter_that_joins_the_optimizer_is_stepped",),
            "a bias outside FusedSGD that later joins it is never stepped by train_step's repeat path"),
+    Mutant("repeat-update-misses-a-swapped-parameter", "repeat", "linreg_fused/update_cache.py",
+           "            if params[i] is not p or p.grad is not None:",
+           "            if p.grad is not None:",
+           ("tests/test_repeat_changes.py::test_step_sees_a_parameter_swapped_into_the_place_of_one_without_gradient",),
+           "FusedSGD.step()'s repeat path skips a parameter put in the place of one that had no gradient"),
 ]
 MUTANTS += FRESH
