@@ -681,5 +681,15 @@ FRESH = [
            "            if p.grad is not None:",
            ("tests/test_repeat_changes.py::test_step_sees_a_parameter_swapped_into_the_place_of_one_without_gradient",),
            "FusedSGD.step()'s repeat path skips a parameter put in the place of one that had no gradient"),
+    Mutant("momentum-buffer-shape-unchecked", "optimizer", "linreg_fused/optim.py",
+           "        if buf.shape != param.shape:  # (a kernel would read and write it as the parameter's elements)",
+           "        if False:",
+           ("tests/test_step_edges.py::test_a_momentum_buffer_of_another_shape_raises_before_any_update",),
+           "a momentum buffer of another shape than its parameter is read and written past its end"),
+    Mutant("fused-update-keeps-a-new-zero-buffer", "optimizer", "linreg_fused/optim.py",
+           "            for param, is_new in new_buffers:\n                optimizer.forget_new_buffer(param, is_new)\n",
+           "            pass\n",
+           ("tests/test_step_edges.py::test_a_new_buffer_is_dropped_when_the_next_parameter_fails",),
+           "a failed fused step leaves the zero momentum buffer it made, which the next step takes for a real one"),
 ]
 MUTANTS += FRESH
