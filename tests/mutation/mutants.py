@@ -691,5 +691,10 @@ FRESH = [
            "            pass\n",
            ("tests/test_step_edges.py::test_a_new_buffer_is_dropped_when_the_next_parameter_fails",),
            "a failed fused step leaves the zero momentum buffer it made, which the next step takes for a real one"),
+    Mutant("fit-optimizer-of-another-model-accepted", "fit", "linreg_fused/fit_source.py",
+           "    if isinstance(optimizer, FusedSGD) and trained and all(optimizer.group_of(p) is None for p in trained):",
+           "    if False:",
+           ("tests/test_fit_arguments.py::test_fused_sgd_without_the_models_parameters_raises_on_every_path",),
+           "fit with a FusedSGD of another model's parameters trains nothing and returns a history"),
 ]
 MUTANTS += FRESH
