@@ -119,6 +119,11 @@ def make_optimizer(model, optimizer, lr):
         raise ValueError("give either optimizer= or lr=, not both")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer (e.g. FusedSGD), got {type(optimizer).__name__}")
+    trained = [p for p in (model.weight, model.bias) if p is not None and p.requires_grad]
+    if isinstance(optimizer, FusedSGD) and trained and all(optimizer.group_of(p) is None for p in trained):
+        # train_step's error (FusedUpdate), on every path: one-launch and statistics runs trained nothing
+        raise ValueError("the weight and bias that require grad are not in the optimizer, so fit would update "
+                         "nothing; build FusedSGD from the model's parameters (model.parameters())")
     return optimizer
 
 

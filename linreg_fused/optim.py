@@ -184,6 +184,10 @@ class FusedSGD(torch.optim.SGD):
         if buf is None:
             state["momentum_buffer"] = buf = torch.zeros_like(param, memory_format=torch.contiguous_format)
             return buf, True
+        if buf.shape != param.shape:  # (a kernel would read and write it as the parameter's elements)
+            raise RuntimeError(f"FusedSGD: the momentum_buffer in the state of a parameter of shape "
+                               f"{tuple(param.shape)} has shape {tuple(buf.shape)}; torch.optim.SGD cannot use it "
+                               f"either (load a state_dict of this model, or delete the buffer to restart momentum)")
         if buf.is_sparse:  # left by a sparse-gradient step
             buf = buf.to_dense()
         if not buf.is_contiguous() or buf.dtype != param.dtype or buf.device != param.device:
@@ -350,31 +354,31 @@ class FusedUpdate:
         groups = tuple(None if g is None else optimizer.group_of(p) for p, g in zip(params, self.groups))
         targets, new_buffers = [], []
         last_group, hyper = None, None
-        for param, group, (col_start, _) in zip(params, groups,
-                                                (partials.weight_columns, partials.bias_columns)):
-            if group is None:
-                continue
-            if group.get("fused") and ops.name != "triton":
-                raise RuntimeError("FusedSGD: fused=True asks for the fused Triton kernels, but the model's "
-                                   "backend runs the PyTorch reference")
-            # Read once per group (a CUDA tensor lr costs a sync to read); compared with `is`,
-            # not id(): torch.compile (2.11) cannot trace id() of a dict.
-            if group is not last_group:
-                last_group, hyper = group, group_hyper(group, lr_on=param.device)
-            buf, is_new = optimizer.momentum_buffer(param, hyper)
-            new_buffers.append((param, is_new))
-            targets.append(ColumnTarget(col_start, param, hyper, buf, is_new))
         want_loss = loss_scale is not None
-        if not targets:  # everything frozen: nothing to update
-            loss = ops.sum_loss(partials, loss_scale, loss_dtype) if want_loss else None
-        else:
-            try:
+        try:  # a failure after a new buffer was made (the next parameter's checks, the launch) drops it
+            for param, group, (col_start, _) in zip(params, groups,
+                                                    (partials.weight_columns, partials.bias_columns)):
+                if group is None:
+                    continue
+                if group.get("fused") and ops.name != "triton":
+                    raise RuntimeError("FusedSGD: fused=True asks for the fused Triton kernels, but the model's "
+                                       "backend runs the PyTorch reference")
+                # Read once per group (a CUDA tensor lr costs a sync to read); compared with `is`,
+                # not id(): torch.compile (2.11) cannot trace id() of a dict.
+                if group is not last_group:
+                    last_group, hyper = group, group_hyper(group, lr_on=param.device)
+                buf, is_new = optimizer.momentum_buffer(param, hyper)
+                new_buffers.append((param, is_new))
+                targets.append(ColumnTarget(col_start, param, hyper, buf, is_new))
+            if not targets:  # everything frozen: nothing to update
+                loss = ops.sum_loss(partials, loss_scale, loss_dtype) if want_loss else None
+            else:
                 loss = ops.reduce_update_(partials.buffer, targets, scale=scale, grad_output=grad_output,
                                           loss_column=partials.loss_column if want_loss else None,
                                           loss_scale=loss_scale if want_loss else 1.0, loss_dtype=loss_dtype)
-            except BaseException:
-                for param, is_new in new_buffers:
-                    optimizer.forget_new_buffer(param, is_new)
-                raise
+        except BaseException:
+            for param, is_new in new_buffers:
+                optimizer.forget_new_buffer(param, is_new)
+            raise
         optimizer._post_step_hooks()
         return loss

@@ -27,6 +27,9 @@ rest cannot change):
   reads: the full path runs them first). Under a profiler the launches run
   inside a record_function named for the step.
 
+No plan is made while a parameter that requires grad is outside the
+optimizer (only a scan of every group would see it join one later).
+
 Anything else, and any mismatch, takes the full path, which may leave a new
 RepeatStep (a few per optimizer: full batches and a shorter last batch).
 """
@@ -166,9 +169,11 @@ def remember_step(x, weight, bias, target, optimizer, reduction, row_index, back
     slots, targets = [], []
     out_features, in_features = weight.shape
     for param, col_start in ((weight, 0), (bias, out_features * in_features)):
-        group = optimizer.group_of(param) if param is not None and param.requires_grad else None
+        if param is None or not param.requires_grad:
+            continue  # (requires_grad is in the guards: unfreezing it takes the full path)
+        group = optimizer.group_of(param)
         if group is None:
-            continue
+            return  # outside the optimizer: nothing would see it join a group later (the plan would skip it)
         slot = plannable_slot(optimizer, param, group)
         if slot is None:
             return

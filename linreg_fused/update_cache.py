@@ -6,7 +6,7 @@ reduce_update_ with its gradient as a one-row partial buffer, planned once
 (kernels/launch.py relaunches it). The next ``step()`` goes straight to
 those launches while the param groups are the same dicts holding the same
 parameter lists of the same lengths, the parameters that had no gradient
-still have none, every parameter and gradient has the plan's layout
+are still in their places and still have none, every parameter and gradient has the plan's layout
 (repeat_checks.tensor_guards: the gradients are new tensors each step), and
 each group's flags and buffers are the plan's (repeat_checks.reader; the
 settings are read at every call). Anything else takes the full path.
@@ -27,7 +27,7 @@ _increment_version = torch._C._increment_version
 class UpdatePlan:
     """Every parameter's planned update, and what the plan was made for."""
 
-    def __init__(self, optimizer, updated: list[tuple[Slot, torch.Tensor]], without: list[torch.Tensor]) -> None:
+    def __init__(self, optimizer, updated: list[tuple[Slot, torch.Tensor]], without: list[tuple]) -> None:
         from .kernels.launch import FastLaunch
         from .kernels.reduce_update import plan_reduce_update
         from .kernels.step import slot_extras
@@ -69,8 +69,8 @@ def try_updates(optimizer) -> bool:
         for group, planned, (params, n) in zip(groups, plan.groups, plan.lists):
             if group is not planned or group["params"] is not params or len(params) != n:
                 return False
-        for p in plan.without:
-            if p.grad is not None:
+        for params, i, p in plan.without:  # still there (not swapped for another), still without a gradient
+            if params[i] is not p or p.grad is not None:
                 return False
         params = plan.params
         grads = [p.grad for p in params]
@@ -96,9 +96,9 @@ def remember_updates(optimizer, updated: list) -> None:
     done = {id(p): (group, grad) for group, p, grad in updated}
     slots, without = [], []
     for group in optimizer.param_groups:
-        for p in group["params"]:
+        for i, p in enumerate(group["params"]):
             if p.grad is None:
-                without.append(p)
+                without.append((group["params"], i, p))
                 continue
             if id(p) not in done or not _plannable(optimizer, p, done[id(p)][1]):
                 return

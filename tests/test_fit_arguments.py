@@ -10,7 +10,7 @@ import torch
 from conftest import DEVICE
 
 import linreg_fused.fit_per_batch as fit_per_batch
-from linreg_fused import FusedLinearRegressor, FusedSGD
+from linreg_fused import FusedLinearRegressor, FusedSGD, fit
 from linreg_fused.backend import select_ops
 from linreg_fused.data import crop_yields
 
@@ -125,3 +125,18 @@ def test_one_sync_up_front_and_one_per_report_point(path, monkeypatch):
         model.fit(x, y, epochs=12, batch_size=None if path == "statistics" else 5, optimizer=opt, seed=0,
                   log_every=4, print_fn=lambda s: None, check_finite=check_finite, statistics=path == "statistics")
         assert reads.count == expected, (path, check_finite, reads.count)
+
+
+@pytest.mark.parametrize("batch_size, statistics", [(None, True), (None, False), (2, None)],
+                         ids=["statistics", "full-batch", "mini-batches"])
+def test_fused_sgd_without_the_models_parameters_raises_on_every_path(backend, batch_size, statistics):
+    """A FusedSGD holding none of the parameters that require grad (another model's) is refused up
+    front, as train_step refuses it, whichever path fit takes (the one-launch and statistics paths
+    trained nothing and returned a history)."""
+    model, other = FusedLinearRegressor(2, 1, backend=backend).to(DEVICE), FusedLinearRegressor(2, 1).to(DEVICE)
+    x, t = torch.randn(6, 2, device=DEVICE), torch.randn(6, 1, device=DEVICE)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="not in the optimizer"):
+        fit(model, x, t, epochs=2, optimizer=FusedSGD(other.parameters(), lr=0.1), batch_size=batch_size,
+            statistics=statistics)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

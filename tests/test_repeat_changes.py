@@ -345,3 +345,55 @@ def test_the_python_guards_see_what_tensorguards_sees():
         with Mode():
             assert not g.check(planned), type(g).__name__
         assert torch.func.vmap(lambda row: torch.tensor(g.check(row)))(torch.randn(2, 5, 3)).sum() == 0
+
+
+@pytest.mark.parametrize("join", ["param-group-added", "appended-to-group"])
+def test_a_parameter_that_joins_the_optimizer_is_stepped(join):
+    """The bias requires grad but is outside FusedSGD (left as it is, as torch.optim.SGD leaves it);
+    after repeated steps it joins the optimizer: from then on it is trained, as torch.optim.SGD
+    trains it (float64 reference, 1e-12 relative)."""
+    torch.manual_seed(0)
+    model = FusedLinearRegressor(4, 3, backend="triton", dtype=torch.float64).to(DEVICE)
+    ref = nn.Linear(4, 3, dtype=torch.float64).to(DEVICE)
+    ref.load_state_dict(model.state_dict())
+    opt, ref_opt = FusedSGD([model.weight], lr=0.1, momentum=0.9), torch.optim.SGD([ref.weight], lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(3)
+    for i in range(5):
+        if i == 3:
+            for o, bias in ((opt, model.bias), (ref_opt, ref.bias)):
+                if join == "param-group-added":
+                    o.add_param_group({"params": [bias], "lr": 0.2})
+                else:
+                    o.param_groups[0]["params"].append(bias)
+        x = torch.randn(9, 4, generator=g, dtype=torch.float64).to(DEVICE)
+        t = torch.randn(9, 3, generator=g, dtype=torch.float64).to(DEVICE)
+        loss = model.train_step(x, t, opt)
+        ref_opt.zero_grad()
+        ref_loss = nn.functional.mse_loss(ref(x), t)
+        ref_loss.backward()
+        ref_opt.step()
+        torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-12, atol=0)
+        for p, q in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_step_sees_a_parameter_swapped_into_the_place_of_one_without_gradient():
+    """FusedSGD.step() on .grad: a parameter without a gradient is replaced in its group's list (same
+    object, same length) by one with a gradient; the new one is stepped, as torch.optim.SGD steps it
+    (float64 reference, 1e-12 relative)."""
+    g = torch.Generator().manual_seed(5)
+    params = [nn.Parameter(torch.randn(n, generator=g, dtype=torch.float64).to(DEVICE)) for n in (4, 3, 3)]
+    refs = [nn.Parameter(p.detach().clone()) for p in params]
+    opt = FusedSGD(params[:2], lr=0.1, momentum=0.5, backend="triton")
+    ref_opt = torch.optim.SGD(refs[:2], lr=0.1, momentum=0.5)
+    for i in range(5):
+        if i == 3:  # params[1] never had a gradient; params[2] takes its place
+            opt.param_groups[0]["params"][1], ref_opt.param_groups[0]["params"][1] = params[2], refs[2]
+        for k in (0, 2) if i >= 3 else (0,):
+            grad = torch.randn(params[k].shape, generator=g, dtype=torch.float64).to(DEVICE)
+            params[k].grad, refs[k].grad = grad.clone(), grad.clone()
+        opt.step()
+        ref_opt.step()
+        for p, q in zip(params, refs):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-14)
+    assert update_cache.try_updates(opt)  # the repeat path is planned again for the new list

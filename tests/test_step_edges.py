@@ -129,3 +129,49 @@ def test_no_rows_is_an_empty_batch(backend):
     model = FusedLinearRegressor(4, 2, backend=backend).to(DEVICE)
     with pytest.raises(ValueError, match=r"empty batch: x has shape \(0, 4\) \(no rows\)"):
         model.loss(torch.randn(0, 4, device=DEVICE), torch.randn(0, 2, device=DEVICE))
+
+
+
+def _stepped(model, opt, x, t, path):
+    if path == "train_step":
+        model.train_step(x, t, opt)
+    elif path == "loss":
+        model.loss(x, t, optimizer=opt).backward()
+    else:
+        opt.zero_grad()
+        model.loss(x, t).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("path", ["train_step", "loss", "step"])
+@pytest.mark.parametrize("shape", [(1, 4), (12,), (4, 3)], ids=["broadcastable", "flat", "transposed"])
+def test_a_momentum_buffer_of_another_shape_raises_before_any_update(backend, path, shape):
+    """A momentum buffer whose shape is not its parameter's (set by hand, or loaded from another
+    model's state) is refused, as torch.optim.SGD refuses it, before anything changes: the kernels
+    read and wrote it as the parameter's O·D elements (past its end)."""
+    model = FusedLinearRegressor(4, 3, backend=backend).to(DEVICE)
+    opt = FusedSGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, t = torch.randn(5, 4, device=DEVICE), torch.randn(5, 3, device=DEVICE)
+    for _ in range(2):  # the second step is a repeat step where there is one: its guards see the new buffer
+        _stepped(model, opt, x, t, path)
+    opt.state[model.weight]["momentum_buffer"] = torch.zeros(shape, device=DEVICE)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="momentum_buffer .* has shape"):
+        _stepped(model, opt, x, t, path)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("path", ["train_step", "loss"])
+def test_a_new_buffer_is_dropped_when_the_next_parameter_fails(path):
+    """The weight's first momentum step makes its (zero) buffer, then the bias's buffer is refused:
+    the step updates nothing and leaves no zero buffer, which the next step would take for a real one."""
+    model = FusedLinearRegressor(4, 3, backend="triton").to(DEVICE)
+    opt = FusedSGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt.state[model.bias]["momentum_buffer"] = torch.zeros(6, device=DEVICE)
+    x, t = torch.randn(5, 4, device=DEVICE), torch.randn(5, 3, device=DEVICE)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="momentum_buffer .* has shape"):
+        _stepped(model, opt, x, t, path)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert "momentum_buffer" not in opt.state[model.weight]
