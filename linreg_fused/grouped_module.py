@@ -198,6 +198,10 @@ class GroupedLinearRegressor(nn.Module):
             hyper = group_hyper(group) if group is not None and p.requires_grad else None
             hypers.append(hyper)
             buf = optimizer.state.get(p, {}).get("momentum_buffer")
+            if buf is not None and hyper is not None and hyper.momentum and buf.shape != p.shape:
+                # (G, O, D) against another shape would broadcast: every group stepped with one buffer
+                raise RuntimeError(f"the momentum_buffer in the optimizer's state of a parameter of shape "
+                                   f"{tuple(p.shape)} has shape {tuple(buf.shape)}: load a state of this model")
             buffers.append(buf.detach().clone() if buf is not None and hyper is not None and hyper.momentum else None)
         if all(h is None for h in hypers):
             raise ValueError("the optimizer holds none of this model's trainable parameters")

@@ -155,3 +155,17 @@ def test_forward_of_an_empty_batch_is_empty_like_nn_linear():
         assert y.shape == (*shape, 2) and y.dtype == torch.float64
         y.sum().backward()  # as nn.Linear: zero gradients, not an error
         assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_a_momentum_buffer_of_another_shape_raises_before_any_update():
+    """A state from another model (one group's (O, D) buffer beside a (G, O, D) weight) would broadcast:
+    every group would step with the one buffer. It raises as torch.optim.SGD does, parameters unchanged."""
+    x, t, g = ragged([9, 6, 4], 3, 2, dtype=torch.float64, seed=24)
+    model = GroupedLinearRegressor(3, 3, 2, dtype=torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.fit(x, t, g, epochs=2, optimizer=opt)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.state[model.weight]["momentum_buffer"] = torch.randn(2, 3, dtype=torch.float64)  # broadcastable
+    with pytest.raises(RuntimeError, match=r"momentum_buffer .* has shape \(2, 3\)"):
+        model.fit(x, t, g, epochs=1, optimizer=opt)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

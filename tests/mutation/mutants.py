@@ -801,5 +801,10 @@ FRESH = [
            "    if False:",
            ("tests/test_fit_arguments.py::test_fused_sgd_without_the_models_parameters_raises_on_every_path",),
            "fit with a FusedSGD of another model's parameters trains nothing and returns a history"),
+    Mutant("grouped-momentum-buffer-broadcast", "grouped", "linreg_fused/grouped_module.py",
+           "            if buf is not None and hyper is not None and hyper.momentum and buf.shape != p.shape:",
+           "            if False:",
+           ("tests/test_grouped_module.py::test_a_momentum_buffer_of_another_shape_raises_before_any_update",),
+           "a grouped fit takes one group's momentum buffer for all groups (it broadcasts)"),
 ]
 MUTANTS += FRESH
