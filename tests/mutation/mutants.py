@@ -806,5 +806,10 @@ FRESH = [
            "            if False:",
            ("tests/test_grouped_module.py::test_a_momentum_buffer_of_another_shape_raises_before_any_update",),
            "a grouped fit takes one group's momentum buffer for all groups (it broadcasts)"),
+    Mutant("digits-estimate-factor-epsilon-alone", "statistics", "linreg_fused/solver.py",
+           "    eps_factor = eps_factor * des.f.shape[1]\n",
+           "    eps_factor = eps_factor * 1\n",
+           ("tests/test_stats_solver.py::test_every_result_under_four_digits_is_warned_about_on_polynomial_designs",),
+           "the digits estimate counts the QR factor's rounding as one epsilon: 3.2 correct digits, no warning"),
 ]
 MUTANTS += FRESH
