@@ -10,16 +10,23 @@ from .grouped_ops import GroupedMoments
 
 # GroupedSolution.status codes (linreg_fused.grouped_stats).
 OK, RANK_DEFICIENT, EMPTY, NONFINITE = 0, 1, 2, 3
+_EPS64 = 2.0**-53
+DIGITS_WARNING = 4.0  # warn about groups whose coefficients may have fewer correct digits (as LinearStats.solve)
 
 
 def solve_groups(moments: GroupedMoments, alpha: float, fit_intercept: bool, *, threshold: float):
-    """(weight (G, O, D), bias (G, O) or None, status (G,) int8, rank (G,) int64) minimising
+    """(weight (G, O, D), bias (G, O) or None, status (G,) int8, rank (G,) int64, error (G,)) minimising
     Σ_rows ‖W_g·x + b_g − t‖² + alpha·‖W_g‖² for every group g (intercept unpenalised).
 
     Groups whose unit-diagonal normal equations have a smallest eigenvalue above ``threshold``
     are solved by Cholesky; the others by an eigendecomposition of the same unit-diagonal
     equations (columns of any scale count alike), dropping eigenvalues below ``threshold`` times
-    the largest (the minimum-norm solution, see ``_minimum_norm``)."""
+    the largest (the minimum-norm solution, see ``_minimum_norm``).
+
+    error: each full-rank group's estimated relative error of its coefficients (0 elsewhere). The
+    normal equations square the condition number: D·ε·λ_max/λ_min of the unit-diagonal equations
+    (λ_max ≤ D; the factor D for the accumulation of the moments, as LinearStats counts P·ε), where
+    a QR solve of the same rows would lose only about its square root."""
     n, mean_x, mean_t, m_xx, m_tx, _ = moments
     g, d = mean_x.shape
     nf = n.to(torch.float64)
@@ -59,6 +66,7 @@ def solve_groups(moments: GroupedMoments, alpha: float, fit_intercept: bool, *, 
     if fallback.numel():
         weight[fallback], rank[fallback] = _minimum_norm(scaled[fallback], rhs[fallback], scale[fallback], threshold)
 
+    error = torch.where(full & usable, d * d * _EPS64 / lam_min.clamp_min(torch.finfo(a.dtype).tiny), 0.0)
     status = torch.full((g,), OK, dtype=torch.int8, device=a.device)
     status[rank < d] = RANK_DEFICIENT
     status[~finite] = NONFINITE
@@ -68,7 +76,7 @@ def solve_groups(moments: GroupedMoments, alpha: float, fit_intercept: bool, *, 
     bias = None
     if fit_intercept:
         bias = torch.where(usable[:, None], mean_t - torch.einsum("god,gd->go", weight, mean_x), nan)
-    return weight.contiguous(), bias, status, rank
+    return weight.contiguous(), bias, status, rank, error
 
 
 def _minimum_norm(scaled: torch.Tensor, rhs: torch.Tensor, scale: torch.Tensor,

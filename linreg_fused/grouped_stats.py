@@ -12,6 +12,7 @@ Chan's update per group, and solved per group.
 
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from typing import Any
@@ -23,7 +24,7 @@ from . import distributed
 from .backend import BACKENDS
 from .functional import REDUCTIONS
 from .grouped_ops import GroupedMoments, empty_moments, grouped_moments, merge_grouped, residual_sums
-from .grouped_solve import EMPTY, NONFINITE, OK, RANK_DEFICIENT, solve_groups
+from .grouped_solve import DIGITS_WARNING, EMPTY, NONFINITE, OK, RANK_DEFICIENT, solve_groups
 from .solver import check_alpha
 
 __all__ = ["EMPTY", "NONFINITE", "OK", "RANK_DEFICIENT", "GroupedLinearStats", "GroupedSolution"]
@@ -237,13 +238,16 @@ class GroupedLinearStats:
         Method: per group, Cholesky of the normal equations scaled to a unit diagonal (batched),
         with the smallest eigenvalue bounded by inverse iteration; groups below the rank
         threshold (D·2⁻⁵²) take an eigendecomposition instead (eigenvalues below the threshold
-        relative to the largest dropped, like numpy.linalg.lstsq). Host syncs: two (which groups
-        need the eigendecomposition; the warning).
+        relative to the largest dropped, like numpy.linalg.lstsq). Host syncs: three (which groups
+        need the eigendecomposition; the two warnings). A full-rank group whose coefficients may
+        have fewer than 4 correct digits is named in a RuntimeWarning: the normal equations these
+        moments give square its condition number, where LinearStats' QR factor would not.
         """
         alpha = check_alpha(alpha)  # any real number >= 0 (NumPy's, a 0-d tensor), not a bool
-        weight, bias, status, rank = solve_groups(self._moments, alpha, fit_intercept,
-                                                  threshold=self.in_features * _EPS)
+        weight, bias, status, rank, error = solve_groups(self._moments, alpha, fit_intercept,
+                                                         threshold=self.in_features * _EPS)
         _warn_about(status, rank, self.in_features)
+        _warn_about_digits(error)
         return GroupedSolution(weight, bias, status, rank)
 
     # ------------------------------------------------------------ persistence
@@ -322,6 +326,23 @@ def _same_keys(a: Any, b: Any) -> bool:
 
 def _shown(keys: Any) -> str:
     return "None" if keys is None else f"{list(keys[:5])}{' …' if len(keys) > 5 else ''}"
+
+
+def _warn_about_digits(error: torch.Tensor) -> None:
+    """One line naming the full-rank groups whose coefficients may have fewer than DIGITS_WARNING
+    correct digits: the grouped statistics are moments, whose normal equations square the
+    condition number (one host sync)."""
+    worst = float(error.max()) if error.numel() else 0.0
+    if worst <= 10.0 ** -DIGITS_WARNING:
+        return
+    ill = torch.nonzero(error > 10.0 ** -DIGITS_WARNING).flatten()
+    shown = ill[torch.argsort(error[ill], descending=True)][:8].tolist()
+    more = f" and {ill.numel() - len(shown)} more" if ill.numel() > len(shown) else ""
+    digits = max(-math.log10(worst), 0.0)
+    warnings.warn(f"solve: {ill.numel()} group(s) have ill-conditioned features: {shown}{more}; from the "
+                  f"normal equations these statistics hold, their coefficients may have only ~{digits:.0f} "
+                  f"correct significant digits (the worst); a QR factor of such a group's rows (LinearStats) "
+                  f"loses about half as many digits to the condition number", RuntimeWarning, stacklevel=3)
 
 
 def _warn_about(status: torch.Tensor, rank: torch.Tensor, d: int) -> None:

@@ -811,5 +811,10 @@ FRESH = [
            "    eps_factor = eps_factor * 1\n",
            ("tests/test_stats_solver.py::test_every_result_under_four_digits_is_warned_about_on_polynomial_designs",),
            "the digits estimate counts the QR factor's rounding as one epsilon: 3.2 correct digits, no warning"),
+    Mutant("grouped-digits-unsquared", "grouped", "linreg_fused/grouped_solve.py",
+           "    error = torch.where(full & usable, d * d * _EPS64 / lam_min.clamp_min(torch.finfo(a.dtype).tiny), 0.0)",
+           "    error = torch.where(full & usable, d * d * _EPS64 / lam_min.clamp_min(torch.finfo(a.dtype).tiny).rsqrt(), 0.0)",
+           ("tests/test_grouped_stats.py::test_groups_whose_normal_equations_lose_the_digits_are_named",),
+           "the grouped solve judges its digits by cond, not cond² of the normal equations: ill groups go unnamed"),
 ]
 MUTANTS += FRESH
