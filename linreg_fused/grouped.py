@@ -173,7 +173,7 @@ def _matrix(df, kind, names) -> np.ndarray:
 
 def _warn_with_keys(status: np.ndarray, keys) -> None:
     for code, what in ((RANK_DEFICIENT, "are rank-deficient (fewer distinct rows than features, or collinear "
-                        "features): minimum-norm coefficients"), (NONFINITE, "hold NaN or inf: NaN coefficients")):
+                        "features): minimum-norm coefficients"), (NONFINITE, "hold NaN or inf (or values beyond ~1e154, whose squares overflow): NaN coefficients")):
         where = np.flatnonzero(status == code)
         if where.size:
             shown = [_plain(keys[int(i)]) for i in where[:8]]

@@ -39,7 +39,8 @@ class GroupedSolution(tuple):
     - ``status`` (G,) int8: OK (0), RANK_DEFICIENT (1: the minimum-norm solution, the
       weights' norm minimised with the intercept unpenalised, as lstsq on the group's centred
       rows), EMPTY (2: no rows; weight and bias NaN) or NONFINITE (3: the group's data hold
-      NaN or inf; weight and bias NaN);
+      NaN or inf, or values whose squares overflow float64, beyond ~1e154 from the group's first
+      row; weight and bias NaN);
     - ``rank`` (G,) int64: the numerical rank of each group's (ridge) normal equations.
     """
 
