@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from .serialization import CHECKSUM, DTYPES, ModelFileError, _digest, _write_atomically
+from .serialization import CHECKSUM, DTYPES, ModelFileError, _digest, _write_atomically, read_safetensors
 
 
 def save_grouped(model, path: str | os.PathLike, fmt: str, version: int) -> None:
@@ -34,17 +34,7 @@ def save_grouped(model, path: str | os.PathLike, fmt: str, version: int) -> None
 
 def read_grouped(path: str | os.PathLike, fmt: str, version: int) -> tuple[dict[str, torch.Tensor], bool]:
     """(tensors, has_bias) of a grouped model file; ModelFileError says what is wrong otherwise."""
-    from safetensors import SafetensorError, safe_open
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ModelFileError(f"{path}: no such file")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ModelFileError(f"{path}: not a safetensors model file ({err})") from None
+    path, meta, tensors = read_safetensors(path)
     if meta.get("format") != fmt:
         raise ModelFileError(f"{path}: a {meta.get('format', 'plain safetensors')!r} file, not a {fmt} model "
                              f"(single models load with FusedLinearRegressor.load)")

@@ -127,9 +127,9 @@ def save(
     _write_atomically(os.fspath(path), to_bytes(tensors, metadata=meta))
 
 
-def read(path: str | os.PathLike) -> tuple[ModelInfo, dict[str, torch.Tensor]]:
-    """(the metadata, the state_dict {"weight", "bias"}) of the model file at ``path``, checked:
-    any file that is not a model (malformed metadata, a changed byte) raises ModelFileError."""
+def read_safetensors(path: str | os.PathLike) -> tuple[str, dict[str, str], dict[str, torch.Tensor]]:
+    """(path, metadata, tensors) of a safetensors file, unchecked; ModelFileError where ``path`` is
+    a directory, missing, or not a safetensors file (of either kind of model)."""
     from safetensors import SafetensorError, safe_open
 
     path = os.fspath(path)
@@ -143,6 +143,13 @@ def read(path: str | os.PathLike) -> tuple[ModelInfo, dict[str, torch.Tensor]]:
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise ModelFileError(f"{path}: not a safetensors model file ({err})") from None
+    return path, meta, tensors
+
+
+def read(path: str | os.PathLike) -> tuple[ModelInfo, dict[str, torch.Tensor]]:
+    """(the metadata, the state_dict {"weight", "bias"}) of the model file at ``path``, checked:
+    any file that is not a model (malformed metadata, a changed byte) raises ModelFileError."""
+    path, meta, tensors = read_safetensors(path)
 
     if meta.get("format", FORMAT) != FORMAT:  # before the tensors: a grouped model's are (G, O, D)
         grouped = meta["format"] == "linreg-fused-grouped"

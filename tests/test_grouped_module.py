@@ -124,6 +124,9 @@ def test_save_and_load_round_trip(tmp_path):
     FusedLinearRegressor(3, 2).save(tmp_path / "single.safetensors")
     with pytest.raises(ModelFileError, match="not a linreg-fused-grouped model"):
         GroupedLinearRegressor.load(tmp_path / "single.safetensors")
+    for path, says in ((tmp_path, "a directory, not a model file"), (tmp_path / "none.safetensors", "no such file")):
+        with pytest.raises(ModelFileError, match=says):
+            GroupedLinearRegressor.load(path)
 
 
 def test_fit_and_solve_refuse_bad_arguments():
