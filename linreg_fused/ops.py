@@ -95,10 +95,16 @@ def _fake_partials(x: Tensor, weight: Tensor) -> Tensor:
     return x.new_empty((n_programs, _n_columns(weight)), dtype=accumulator_dtype(weight.dtype))
 
 
-def _define(name: str, schema: str):
+def _define(name: str, schema: str, *, autocast_to_lower: bool = False):
     """Define linreg_fused::<name> and register the decorated function as its
     implementation for every device (it asks backend.py what runs there, and
     says why when nothing can).
+
+    Under torch.autocast the op runs on the dtypes it is given (as its fake
+    says), with autocast off inside: otherwise the torch backend's F.linear and
+    matmuls would drop to bfloat16/float16 where the Triton kernels keep float32.
+    autocast_to_lower: first cast the floating inputs (not float64) to
+    autocast's dtype, as autocast does for aten::linear (nn.Linear's output).
 
     The implementation is hidden from torch.compile (torch.compiler.disable):
     a graph calls the op, never traces into it; and where a compiled function
@@ -111,14 +117,41 @@ def _define(name: str, schema: str):
 
     def decorate(fn):
         register(torch.compiler.disable(fn, recursive=True))
+        for device_type in _AUTOCAST_DEVICES:
+            _register_autocast(qualname, name, device_type, autocast_to_lower)
         return fn
 
     return decorate
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _register_autocast(qualname: str, name: str, device_type: str, cast: bool) -> None:
+    """The op's kernel for the Autocast<device> dispatch key: cast (or not), then call the op with that key
+    excluded (what torch.library.register_autocast does, which takes neither kwargs nor autocast's own dtype)."""
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def kernel(*args, **kwargs):
+        if cast:
+            dtype = torch.get_autocast_dtype(device_type)
+            args = tuple(_autocast_cast(a, device_type, dtype) for a in args)
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            return getattr(torch.ops.linreg_fused, name).default(*args, **kwargs)
+
+    torch.library.impl(qualname, key)(kernel)
+
+
+def _autocast_cast(value, device_type: str, dtype: torch.dtype):
+    eligible = (isinstance(value, Tensor) and value.is_floating_point() and value.device.type == device_type
+                and value.dtype is not torch.float64)
+    return value.to(dtype) if eligible else value
+
+
 # ---------------------------------------------------------------- linear
 @_define("linear", "(Tensor x, Tensor weight, Tensor? bias, *, str input_precision='auto', str backend='auto') "
-                   "-> Tensor")
+                   "-> Tensor", autocast_to_lower=True)
 def _linear(x, weight, bias, *, input_precision="auto", backend="auto"):
     """y = x·Wᵀ + b. x: (N, D); weight: (O, D); bias: (O,) or None -> (N, O)."""
     return select_ops(backend, x.device).linear(x, weight, bias, input_precision=input_precision)

@@ -816,5 +816,12 @@ FRESH = [
            "    error = torch.where(full & usable, d * d * _EPS64 / lam_min.clamp_min(torch.finfo(a.dtype).tiny).rsqrt(), 0.0)",
            ("tests/test_grouped_stats.py::test_groups_whose_normal_equations_lose_the_digits_are_named",),
            "the grouped solve judges its digits by cond, not cond² of the normal equations: ill groups go unnamed"),
+    Mutant("ops-autocast-unregistered", "ops", "linreg_fused/ops.py",
+           "        for device_type in _AUTOCAST_DEVICES:\n",
+           "        for device_type in ():\n",
+           ("tests/test_autocast.py::test_loss_under_autocast_keeps_float32_products",
+            "tests/test_autocast.py::test_forward_returns_autocasts_dtype_like_nn_linear"),
+           "under autocast the torch backend's products drop to bfloat16 and the forward's dtype depends on the "
+           "backend and on torch.compile"),
 ]
 MUTANTS += FRESH
