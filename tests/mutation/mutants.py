@@ -816,5 +816,10 @@ FRESH = [
            "    error = torch.where(full & usable, d * d * _EPS64 / lam_min.clamp_min(torch.finfo(a.dtype).tiny).rsqrt(), 0.0)",
            ("tests/test_grouped_stats.py::test_groups_whose_normal_equations_lose_the_digits_are_named",),
            "the grouped solve judges its digits by cond, not cond² of the normal equations: ill groups go unnamed"),
+    Mutant("sgd-step-strided-grad-row", "optimizer", "linreg_fused/optim.py",
+           "                    row = grad.reshape(1, -1).contiguous()",
+           "                    row = grad.reshape(1, -1)",
+           ("tests/test_strided.py::test_step_on_strided_and_expanded_gradients",),
+           "step() on a 1-D sliced or expanded .grad reads adjacent memory: wrong values, or other tensors' bytes"),
 ]
 MUTANTS += FRESH
