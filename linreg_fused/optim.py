@@ -243,8 +243,10 @@ class FusedSGD(torch.optim.SGD):
                 if param.numel() == 0:
                     continue
                 try:
-                    # A gradient is a partial buffer with one row.
-                    ops.reduce_update_(grad.reshape(1, -1), [ColumnTarget(0, param, hyper, buf, is_new)],
+                    # A gradient is a partial buffer with one row, whose columns the kernel reads as adjacent
+                    # elements: a 1-D slice or expanded .grad flattens to a view with stride 2 or 0.
+                    row = grad.reshape(1, -1).contiguous()
+                    ops.reduce_update_(row, [ColumnTarget(0, param, hyper, buf, is_new)],
                                        scale=1.0, grad_output=None)
                 except BaseException:
                     self.forget_new_buffer(p, is_new)

@@ -217,7 +217,8 @@ class FusedSGDRegressor(_FusedLinearModel):
     None); device: where the data and model live (default: see the module);
     backend: "auto" | "triton" | "torch"; dtype: "float32" | "float64".
     ``partial_fit`` runs one epoch over the data it is given and keeps the
-    weights and momentum between calls. Weights start at zero.
+    weights and momentum between calls (lr, momentum and weight_decay changed by
+    set_params apply from the next call). Weights start at zero.
     Attributes: coef_, intercept_, n_features_in_, feature_names_in_ (for
     inputs with column names), loss_curve_ (the mean batch loss of each
     epoch of the last fit, or of each partial_fit call), n_iter_ (epochs run),
@@ -236,9 +237,7 @@ class FusedSGDRegressor(_FusedLinearModel):
         """Train from zero for ``epochs`` epochs. X: (n_samples, n_features); y: (n_samples,) or (n_samples, n_targets)."""
         epochs, batch_size = _integer("epochs", self.epochs), _integer("batch_size", self.batch_size)
         x, t, _ = self._inputs(X, y, reset=True)
-        self.model_ = self._new_model(x, t)
-        self.optimizer_ = self._optimizer(x)
-        self._seed = int(check_random_state(self.random_state).randint(2**31 - 1))
+        self._start(x, t)
         self.loss_curve_ = self.model_.fit(x, t, epochs=epochs, batch_size=batch_size,
                                            optimizer=self.optimizer_, shuffle=self.shuffle, seed=self._seed,
                                            progress=False)
@@ -251,12 +250,15 @@ class FusedSGDRegressor(_FusedLinearModel):
         batch_size = _integer("batch_size", self.batch_size)
         x, t, _ = self._inputs(X, y, reset=first)
         if first:
-            self.model_ = self._new_model(x, t)
-            self.optimizer_ = self._optimizer(x)
-            self._seed = int(check_random_state(self.random_state).randint(2**31 - 1))
+            self._start(x, t)
             self.loss_curve_, self.n_iter_ = [], 0
         elif t.shape[1] != self.model_.out_features:
             raise ValueError(f"y has {t.shape[1]} targets, but the model was fitted with {self.model_.out_features}")
+        else:  # hyper-parameters changed by set_params since the last call apply from this epoch on
+            lr, momentum, weight_decay = self._settings(x, t.shape[1], keep_auto=True)
+            for group in self.optimizer_.param_groups:
+                group.update(lr=lr, momentum=momentum, weight_decay=weight_decay)
+            self.lr_ = lr
         # a different, reproducible row order on each call
         seed = (self._seed + 1_000_003 * self.n_iter_) % (2**63)
         self.loss_curve_ += self.model_.fit(x.to(self.model_.weight.device), t.to(self.model_.weight.device),
@@ -265,18 +267,31 @@ class FusedSGDRegressor(_FusedLinearModel):
         self.n_iter_ += 1
         return self
 
-    def _optimizer(self, x: torch.Tensor) -> FusedSGD:
+    def _start(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        """A zero model, its optimizer and the seed; every hyper-parameter is checked before the
+        fitted model (and optimizer) of an earlier fit is replaced."""
+        lr, momentum, weight_decay = self._settings(x, t.shape[1], keep_auto=False)
+        model = self._new_model(x, t)
+        optimizer = FusedSGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                             backend=self.backend)
+        self.model_, self.optimizer_, self.lr_ = model, optimizer, lr
+        self._seed = int(check_random_state(self.random_state).randint(2**31 - 1))
+
+    def _settings(self, x: torch.Tensor, n_targets: int, *, keep_auto: bool) -> tuple[float, float, float]:
+        """(lr, momentum, weight_decay), checked. keep_auto: lr="auto" keeps the lr_ an earlier
+        "auto" took from the data of fit or the first partial_fit."""
         _integer("epochs", self.epochs)
         momentum, weight_decay = _real("momentum", self.momentum), _real("weight_decay", self.weight_decay)
-        if isinstance(self.lr, str):
-            if self.lr != "auto":
-                raise ValueError(f"lr must be a positive number or 'auto', got {self.lr!r}")
+        if not isinstance(self.lr, str):
+            lr = _real("lr", self.lr, strict=True, what="a positive number or 'auto'")
+            self._lr_auto = None
+            return lr, momentum, weight_decay
+        if self.lr != "auto":
+            raise ValueError(f"lr must be a positive number or 'auto', got {self.lr!r}")
+        if not (keep_auto and getattr(self, "_lr_auto", None) is not None):
             max_sq_norm = float((x.double() ** 2).sum(1).max())  # one sync, at the start of fit
-            self.lr_ = 1.0 / (2.0 / self.model_.out_features * (max_sq_norm + 1.0))
-        else:
-            self.lr_ = _real("lr", self.lr, strict=True, what="a positive number or 'auto'")
-        return FusedSGD(self.model_.parameters(), lr=self.lr_, momentum=momentum,
-                        weight_decay=weight_decay, backend=self.backend)
+            self._lr_auto = 1.0 / (2.0 / n_targets * (max_sq_norm + 1.0))
+        return self._lr_auto, momentum, weight_decay
 
 
 class FusedLinearRegression(_FusedLinearModel):

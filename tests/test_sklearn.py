@@ -290,3 +290,45 @@ def test_a_rows_prediction_does_not_depend_on_its_batch(estimator, backend):
     name = type(estimator).__name__
     check_methods_subset_invariance(name, clone(estimator).set_params(backend=backend))
     check_methods_sample_order_invariance(name, clone(estimator).set_params(backend=backend))
+
+
+def test_set_params_between_partial_fits_applies_to_the_next_epoch():
+    """lr, momentum and weight_decay changed with set_params between partial_fit
+    calls take effect (as in scikit-learn's SGDRegressor), momentum buffers
+    kept: full-batch epochs against torch.optim.SGD on nn.Linear in float64."""
+    rng = np.random.default_rng()
+    x, y = _data(24, 3, 2, rng)
+    est = FusedSGDRegressor(lr=0.05, batch_size=24, shuffle=False, momentum=0.9, dtype="float64", backend="torch")
+    ref = torch.nn.Linear(3, 2, dtype=torch.float64)
+    torch.nn.init.zeros_(ref.weight), torch.nn.init.zeros_(ref.bias)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    for settings in ({}, dict(lr=0.01, momentum=0.5, weight_decay=0.1), dict(lr=0.2, momentum=0.0)):
+        est.set_params(**settings)
+        opt.param_groups[0].update(settings)
+        est.partial_fit(x, y)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(ref(xt), yt).backward()
+        opt.step()
+        assert est.lr_ == opt.param_groups[0]["lr"]
+        np.testing.assert_allclose(est.coef_, ref.weight.detach().numpy(), rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(est.intercept_, ref.bias.detach().numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_a_refit_refused_for_its_settings_keeps_the_fitted_model():
+    rng = np.random.default_rng()
+    x, y = _data(32, 3, 1, rng)
+    est = FusedSGDRegressor(epochs=2, batch_size=8, random_state=0, backend="torch").fit(x, y[:, 0])
+    coef, intercept = est.coef_.copy(), est.intercept_
+    for bad in (dict(lr=-1.0), dict(momentum=-0.5), dict(lr="fast")):
+        with pytest.raises(ValueError, match="must be"):
+            est.set_params(**bad).fit(x, y[:, 0])
+        est.set_params(lr="auto", momentum=0.0)
+        np.testing.assert_array_equal(est.coef_, coef)
+        assert est.intercept_ == intercept
+    est.set_params(lr=-1.0)
+    with pytest.raises(ValueError, match="lr must be"):
+        est.partial_fit(x, y[:, 0])  # a later partial_fit is refused too, before its epoch
+    np.testing.assert_array_equal(est.coef_, coef)
+    est.set_params(lr=0.01).partial_fit(x, y[:, 0])  # and then continues the fitted model
+    assert est.n_iter_ == 3 and not np.array_equal(est.coef_, coef)

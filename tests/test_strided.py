@@ -78,3 +78,28 @@ def test_fit_with_non_contiguous_parameters(backend):
     ref, ref_opt, ref_history = eager_fit(start, x, y, loader_orders(23, 4, 2), 6, dict(lr=0.05, momentum=0.5))
     assert_close(torch.tensor(history), torch.tensor(ref_history), STEP_TOL, "history")
     assert_state_close(model, opt, ref, ref_opt, STEP_TOL)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["plain", "momentum"])
+def test_step_on_strided_and_expanded_gradients(momentum, backend):
+    """A .grad set by hand need not be contiguous: a 1-D slice (stride 2), an
+    expanded one (stride 0) and a (3, 1) column of a wider tensor flatten to
+    views whose elements are not adjacent; each step uses their values, as
+    torch.optim.SGD does, in float64 (tolerance 1e-12)."""
+    g = torch.Generator().manual_seed(1)
+    shapes = [(4,), (5,), (3, 1)]
+    params = [nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64).to(DEVICE)) for s in shapes]
+    refs = [nn.Parameter(p.detach().clone()) for p in params]
+    opt = FusedSGD(params, lr=0.1, momentum=momentum, backend=backend)
+    ref_opt = torch.optim.SGD(refs, lr=0.1, momentum=momentum)
+    for _ in range(3):
+        grads = [torch.randn(8, generator=g, dtype=torch.float64).to(DEVICE)[::2],
+                 torch.randn(1, generator=g, dtype=torch.float64).to(DEVICE).expand(5),
+                 torch.randn(3, 2, generator=g, dtype=torch.float64).to(DEVICE)[:, :1]]
+        assert not any(grad.is_contiguous() for grad in grads[:2])
+        for p, r, grad in zip(params, refs, grads):
+            p.grad, r.grad = grad, grad.clone()
+        opt.step()
+        ref_opt.step()
+    for p, r in zip(params, refs):
+        assert_close(p, r, 1e-12, "parameter")

@@ -823,5 +823,22 @@ FRESH = [
             "tests/test_autocast.py::test_forward_returns_autocasts_dtype_like_nn_linear"),
            "under autocast the torch backend's products drop to bfloat16 and the forward's dtype depends on the "
            "backend and on torch.compile"),
+    Mutant("sgd-step-strided-grad-row", "optimizer", "linreg_fused/optim.py",
+           "                    row = grad.reshape(1, -1).contiguous()",
+           "                    row = grad.reshape(1, -1)",
+           ("tests/test_strided.py::test_step_on_strided_and_expanded_gradients",),
+           "step() on a 1-D sliced or expanded .grad reads adjacent memory: wrong values, or other tensors' bytes"),
+    Mutant("sklearn-partial-fit-stale-settings", "user", "linreg_fused/sklearn.py",
+           "                group.update(lr=lr, momentum=momentum, weight_decay=weight_decay)",
+           "                group.update()",
+           ("tests/test_sklearn.py::test_set_params_between_partial_fits_applies_to_the_next_epoch",),
+           "partial_fit ignores lr, momentum and weight_decay changed by set_params since the first call"),
+    Mutant("sklearn-refit-replaces-model-before-checks", "user", "linreg_fused/sklearn.py",
+           "        lr, momentum, weight_decay = self._settings(x, t.shape[1], keep_auto=False)\n"
+           "        model = self._new_model(x, t)\n",
+           "        self.model_ = model = self._new_model(x, t)\n"
+           "        lr, momentum, weight_decay = self._settings(x, t.shape[1], keep_auto=False)\n",
+           ("tests/test_sklearn.py::test_a_refit_refused_for_its_settings_keeps_the_fitted_model",),
+           "a refit refused for a bad lr leaves a zero model beside the old optimizer (partial_fit then fails)"),
 ]
 MUTANTS += FRESH
