@@ -53,7 +53,7 @@ class Case:
     tile_bytes: int  # bytes one program loads per tile (per pipeline stage)
     tensor_core: bool  # a tl.dot with a tensor-core precision
     fp64_args: tuple[str, ...] = ()  # float arguments that must reach the GPU as fp64
-    formulation: str = "default"  # kernels/formulations.py: default, rows, chunks
+    formulation: str = "default"  # kernels/formulations.py: default, rows, chunks, mma
     # What the time model (bench/sass.py) needs, for the gradient and inference launches (0: none):
     loop_trips: int = 0  # iterations of the main loop over the whole launch (all programs)
     bytes_moved: int = 0  # X and T read (gradient), X read and Y written (inference)
@@ -157,7 +157,8 @@ def probe_cases(profile) -> list[Case]:
 
 def formulation_cases(profile) -> list[Case]:
     """The rows and chunks formulations (kernels/formulations.py) on the full-batch regimes, fp32 and
-    bf16, IEEE, where each serves the shape: the gradient pass and inference."""
+    bf16, IEEE, where each serves the shape: the gradient pass and inference; and the mma gradient
+    formulation (bf16 X on tensor cores) in bf16's default precision, tf32x3."""
     from linreg_fused.kernels import formulations
     from linreg_fused.kernels.config import formulation_serves
 
@@ -166,24 +167,29 @@ def formulation_cases(profile) -> list[Case]:
         n, d, o = regime.n_rows, regime.in_features, regime.out_features
         dtype_name, dt = regime.dtype_name, regime.dtype
         elem = torch.finfo(dt).bits // 8
-        for name in ("rows", "chunks"):
-            if formulation_serves(name, d, o, torch.float32, "ieee", elem):
+        kind = "grad" if regime.kind == "step" else "forward"
+        for name in ("rows", "chunks", "mma"):
+            precision = "tf32x3" if name == "mma" else "ieee"
+            if formulation_serves(name, d, o, torch.float32, precision, dt, kind):
                 continue
             x, t, w, b = _meta(n, d, dtype=dt), _meta(n, o, dtype=dt), _meta(o, d, dtype=torch.float32), \
                 _meta(o, dtype=torch.float32)
-            if regime.kind == "step":
-                plan, _ = formulations.plan_grad_partials(x, w, b, t, formulation=name, profile=profile)
-                kernel, fmas, moved = "grad", 2 * n * d * o, n * (d + o) * elem
+            if kind == "grad":
+                plan, _ = formulations.plan_grad_partials(x, w, b, t, input_precision=precision, formulation=name,
+                                                          profile=profile)
+                fmas, moved = 2 * n * d * o, n * (d + o) * elem
             else:
                 plan, _ = formulations.plan_forward(x, w, b, out_dtype=torch.float32, formulation=name,
                                                     profile=profile)
-                kernel, fmas, moved = "forward", n * d * o, n * d * elem + n * o * 4
+                fmas, moved = n * d * o, n * d * elem + n * o * 4
             c = plan.constexprs
             rows = c.get("ROWS") or c["BLOCK_N"]
-            tile = rows * (d + (o if kernel == "grad" else 0)) * elem
-            cases.append(Case(regime=regime.name, kernel=kernel, dtype=dtype_name, precision="ieee", plan=plan,
-                              hot=True, memory_bound=True, tile_bytes=tile, tensor_core=False, formulation=name,
-                              loop_trips=-(-n // rows), bytes_moved=moved, fmas=fmas))
+            tile = rows * (d + (o if kind == "grad" else 0)) * elem
+            tensor_core = name == "mma"  # its products are MMAs: no FMA-bound share to hold it to
+            cases.append(Case(regime=regime.name, kernel=kind, dtype=dtype_name, precision=precision, plan=plan,
+                              hot=True, memory_bound=True, tile_bytes=tile, tensor_core=tensor_core,
+                              formulation=name, loop_trips=-(-n // rows), bytes_moved=moved,
+                              fmas=0 if tensor_core else fmas))
     return cases
 
 

@@ -212,8 +212,8 @@ def _blocks(case: Case) -> str:
     c = case.plan.constexprs
     if case.formulation == "rows":  # rows per tile, lanes per row × columns per lane, outputs
         return f"{c['ROWS']}r {c['LANES']}×{c['J'] * c['V']}c ×{c['BLOCK_O']} rows"
-    if case.formulation == "chunks":
-        return f"{c['BLOCK_N']}×{c['NC']}·{c['K_CHUNK']}×{c['BLOCK_O']} chunks"
+    if case.formulation in ("chunks", "mma"):
+        return f"{c['BLOCK_N']}×{c['NC']}·{c['K_CHUNK']}×{c['BLOCK_O']} {case.formulation}"
     blocks = "×".join(str(c[k]) for k in ("BLOCK_N", "BLOCK_D", "BLOCK_O", "BLOCK_P", "BLOCK_COLS") if k in c)
     if "USE_DOT" in c:
         blocks += " dot" if c["USE_DOT"] else " fma"
@@ -260,8 +260,8 @@ def analyse(arch: Arch, case: Case, signature: dict, result: dict) -> Row:
         problems.append(f"spills {spill} B/thread")
     if case.precision == "ieee" and result["mma_tf32"]:
         problems.append("tf32 MMA in an ieee launch")
-    if case.tensor_core and not result["mma_tf32"]:
-        problems.append(f"no tf32 MMA in a {case.precision} launch")
+    if case.tensor_core and not (result["mma"] if case.formulation == "mma" else result["mma_tf32"]):
+        problems.append(f"no {'bf16' if case.formulation == 'mma' else 'tf32'} MMA in a {case.precision} launch")
     if case.hot and case.memory_bound and inflight < IN_FLIGHT_TARGET:
         problems.append(f"{inflight} B in flight per SM < {IN_FLIGHT_TARGET}")
     for name, ptx_type in fp64_params.items():

@@ -1,4 +1,4 @@
-"""GPU check section "kernels": the rows and chunks formulations next to the default kernels.
+"""GPU check section "kernels": the rows, chunks and mma formulations next to the default kernels.
 
 For each full-batch regime (tall, wide, deep) and dtype (fp32, bf16), every formulation that
 serves the shape (kernels/config.formulation_serves), IEEE products:
@@ -11,7 +11,8 @@ serves the shape (kernels/config.formulation_serves), IEEE products:
               the flops where the regime is FMA-bound)
 
 and inference (fp32; X read, Y written) in each formulation and as nn.Linear. bf16 also times
-today's default launch for 16-bit inputs (the default kernel in tf32x3). The predictions these are
+today's default launch for 16-bit inputs (the default kernel in tf32x3) and the mma formulation
+(bf16 tensor cores, tf32x3-accurate) that would replace it. The predictions these are
 to be checked against are in docs/kernels.md. Cost on an H200 host, estimated: ~20 new kernel
 specialisations (2-4 s each to compile) and ~1 s of timing per launch: 60-100 s. Work is ordered by what matters most
 (fp32 steps, then inference, then bf16) and stops when the section's budget runs low; on the CPU
@@ -50,10 +51,10 @@ def _grad_reference(x, t, w, b) -> torch.Tensor:
     return torch.cat([(r.T @ xd).flatten(), r.sum(0), (r * r).sum().reshape(1)])
 
 
-def _serves(name: str, d: int, o: int, elem: int) -> str | None:
+def _serves(name: str, d: int, o: int, dtype: torch.dtype, precision: str = "ieee", kind: str = "grad") -> str | None:
     from linreg_fused.kernels.config import formulation_serves
 
-    return formulation_serves(name, d, o, torch.float32, "ieee", elem)
+    return formulation_serves(name, d, o, torch.float32, precision, dtype, kind)
 
 
 def _update_plan(partials, w, b, n: int):
@@ -79,11 +80,13 @@ def _grad(ctx, regime: str, n: int, d: int, o: int, dtype_name: str) -> None:
     ref = _grad_reference(x, t, w, b)
     where = f"{regime} {dtype_name} {n}x{d}->{o}"
     passed, default_sum = [], None
-    # Every formulation in IEEE; for bf16 also today's default launch, tf32x3 ("auto" for 16-bit inputs).
-    candidates = [(name, "ieee") for name in FORMULATIONS] + ([("default", "tf32x3")] if elem == 2 else [])
+    # Every formulation in IEEE; for bf16 also today's default launch, tf32x3 ("auto" for 16-bit inputs),
+    # and the mma formulation (bf16 tensor cores, tf32x3-accurate) that would replace it.
+    candidates = [(name, "ieee") for name in FORMULATIONS] \
+        + ([("default", "tf32x3"), ("mma", "tf32x3")] if dtype == torch.bfloat16 else [])
     for formulation, precision in candidates:
         name = formulation if precision == "ieee" else f"{formulation} {precision}"
-        why = _serves(formulation, d, o, elem)
+        why = _serves(formulation, d, o, dtype, precision)
         if why:
             ctx.skip(f"grad {where} {name}", why)
             continue
@@ -137,7 +140,7 @@ def _forward(ctx, regime: str, n: int, d: int, o: int) -> None:
         lin_ms = ctx.time(f"forward {where} nn.Linear", lambda: torch.nn.functional.linear(x, w, b), bytes=moved,
                           formulation="nn.Linear")
     for name in FORMULATIONS:
-        why = _serves(name, d, o, 4)
+        why = _serves(name, d, o, torch.float32, kind="forward")
         if why:
             ctx.skip(f"forward {where} {name}", why)
             continue

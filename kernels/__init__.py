@@ -7,7 +7,8 @@ itself, so ``specs`` can be used without Triton.
 - reduce_update:   finish the partial sums; write gradients or apply SGD in place
 - linear_forward:  inference, Y = X·Wᵀ + b
 - grad_rows, grad_chunks:        the gradient pass in the "rows" (small O·D) and "chunks" (wide, deep) formulations
-- forward_rows, forward_chunks:  inference in the same two formulations
+- grad_mma:        the gradient pass for a bf16 X on tensor cores (the "mma" formulation: three-term bf16 splits)
+- forward_rows, forward_chunks:  inference in the rows and chunks formulations
 - formulations:    whichever formulation config.choose_formulation decides, for either pass
 - sgd_step:        a whole step in one launch (opt-in until checked on a GPU: backend.STEP_LAUNCHES)
 - step, launch:    the repeat-call path: a step's launches planned once, relaunched cheaply
@@ -20,7 +21,7 @@ itself, so ``specs`` can be used without Triton.
 - specs:           plain data the kernels share (no Triton)
 - tiles:           jit helpers shared by the kernels (loads, fp64 scalars, the two tile products)
 - config:          block sizes, warps, pipeline stages, grid sizes; which formulation runs
-- blocks:          the blocks of the rows and chunks formulations
+- blocks:          the blocks of the rows, chunks and mma formulations
 - measured:        measured block choices per Triton release; device: the device profile
 - plan:            LaunchPlan, what each launch helper's plan_* step returns (bench/compile_report.py
                    compiles those plans for sm_90/sm_80 without a GPU)

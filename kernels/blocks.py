@@ -1,5 +1,5 @@
-"""Blocks of the "rows" and "chunks" formulations (grad_rows.py, forward_rows.py, grad_chunks.py,
-forward_chunks.py), and which problems each can serve. config.py decides whether they run.
+"""Blocks of the "rows", "chunks" and "mma" formulations (grad_rows.py, forward_rows.py, grad_chunks.py,
+forward_chunks.py, grad_mma.py), and which problems each can serve. config.py decides whether they run.
 
 rows: T lanes share a row, each owning C contiguous columns read V at a time (16 B, or all C when
 that is less), and every output; W and the lane's dW (O·C values each) stay in registers for the
@@ -139,3 +139,34 @@ def chunks_forward_config(in_features: int, out_features: int, profile: DevicePr
         return ChunksConfig(32, cfg.k_chunk, cfg.chunks, cfg.block_o, num_warps=4, num_stages=1,
                             max_programs=4 * profile.multiprocessors)
     return cfg
+
+
+
+MMA_MIN_O = 8  # an MMA's smallest N (m16n8k16): O is padded to it
+MMA_MIN = 16  # tl.dot's smallest other block on a GPU
+
+
+@functools.lru_cache(maxsize=1024)
+def mma_config(in_features: int, out_features: int, profile: DeviceProfile) -> ChunksConfig:
+    """Blocks of the mma gradient formulation (bf16 X on tensor cores; grad_mma.py): the chunks walk.
+
+    From the sm_90 compile report (Triton 3.9): one chunk (tall) takes 64-row tiles, 92 registers, five
+    4-warp programs fit an SM; D <= 256 takes 16-row tiles (32 rows: 164 registers, three programs; 64:
+    spills), 125 registers, four programs, 16 resident warps; deeper data hold NC chunks of X and dW in
+    registers, 16-row tiles on 8 warps, 150 registers: one program per SM (4 warps spill).
+    """
+    if not chunks_fits(in_features, out_features):
+        raise ValueError(f"the mma formulation does not fit D={in_features}, O={out_features}")
+    if not profile.gpu:  # as the chunks formulation's: small tests cross chunks and walk tiles
+        return chunks_config(in_features, out_features, profile, 2)
+    block_o = max(MMA_MIN_O, p2(out_features))
+    k_chunk = min(CHUNK_K, max(MMA_MIN, p2(in_features)))
+    chunks = cdiv(in_features, k_chunk)
+    if in_features <= CHUNK_K:
+        return ChunksConfig(64, k_chunk, chunks, block_o, num_warps=4, num_stages=3,
+                            max_programs=4 * profile.multiprocessors)
+    if in_features <= 256:
+        return ChunksConfig(16, k_chunk, chunks, block_o, num_warps=4, num_stages=3,
+                            max_programs=4 * profile.multiprocessors)
+    return ChunksConfig(16, k_chunk, chunks, block_o, num_warps=8, num_stages=2,
+                        max_programs=profile.multiprocessors)

@@ -292,9 +292,11 @@ def smaller_config(cfg: TileConfig | ReduceConfig) -> TileConfig | ReduceConfig 
 # Which kernel runs a pass. "default": linear_mse_grad.py / linear_forward.py (every dtype,
 # precision and shape). "rows" (grad_rows.py, forward_rows.py): W and the lane's dW in registers,
 # no shared memory in the loop, for small O·D. "chunks" (grad_chunks.py, forward_chunks.py): D in
-# separately loaded chunks of 64, one FMA chain per output, for wide and deep data. Both new ones
-# compute IEEE products (FMAs); chunks accumulates in fp32 (not fp64). kernels/formulations.py
-# launches whichever is decided here.
+# separately loaded chunks of 64, one FMA chain per output, for wide and deep data. Both compute
+# IEEE products (FMAs); chunks accumulates in fp32 (not fp64). "mma" (grad_mma.py, gradient only):
+# the chunks walk for a bf16 X on bf16 tensor cores, fp32 operands split in three bf16 terms:
+# "tf32x3" accuracy (bf16's default precision), never "ieee". kernels/formulations.py launches
+# whichever is decided here.
 #
 # The rule: a formulation other than "default" runs when it is named (tests, the GPU check), or,
 # when "auto" asks, only where it serves the problem AND it is listed in GPU_CHECKED for this Triton
@@ -302,23 +304,33 @@ def smaller_config(cfg: TileConfig | ReduceConfig) -> TileConfig | ReduceConfig 
 # kernel) and it was measured faster there than the default kernel; where several serve, the first
 # listed (the order the measurements prefer). Nothing is listed yet: none of them has run on a GPU,
 # so "auto" is the default kernel everywhere.
-GRAD_FORMULATIONS = ("default", "rows", "chunks")
-FORWARD_FORMULATIONS = GRAD_FORMULATIONS
+GRAD_FORMULATIONS = ("default", "rows", "chunks", "mma")
+FORWARD_FORMULATIONS = ("default", "rows", "chunks")
 GPU_CHECKED: dict[str, tuple[str, ...]] = {}  # Triton release ("3.6") -> formulations checked on a GPU, preferred first
 
 
 def formulation_serves(name: str, in_features: int, out_features: int, acc_dtype: torch.dtype,
-                       input_precision: str, input_bytes: int) -> str | None:
-    """None if formulation ``name`` can compute this problem, else why not."""
+                       input_precision: str, input_dtype: torch.dtype, kind: str = "grad") -> str | None:
+    """None if formulation ``name`` can compute this pass ("grad" or "forward") of this problem, else why not."""
     from .blocks import chunks_fits, rows_fits
 
+    names = GRAD_FORMULATIONS if kind == "grad" else FORWARD_FORMULATIONS
     if name == "default":
         return None
-    if name not in GRAD_FORMULATIONS:
-        return f"unknown formulation {name!r} (one of {', '.join(GRAD_FORMULATIONS)})"
+    if name not in names:
+        return f"unknown {kind} formulation {name!r} (one of {', '.join(names)})"
+    if name == "mma":
+        if input_dtype != torch.bfloat16 or acc_dtype != torch.float32:
+            return (f"the mma formulation takes a bfloat16 x and float32 weights (got {input_dtype} with "
+                    f"{acc_dtype} accumulation)")
+        if input_precision != "tf32x3":
+            return f"the mma formulation computes tf32x3-accurate products only (got input_precision={input_precision!r})"
+        if not chunks_fits(in_features, out_features):
+            return f"the mma formulation takes D <= 1024 and O <= 16 (got D={in_features}, O={out_features})"
+        return None
     if input_precision != "ieee" and acc_dtype != torch.float64:
         return f"the {name} formulation computes IEEE products only (got input_precision={input_precision!r})"
-    if name == "rows" and not rows_fits(in_features, out_features, input_bytes):
+    if name == "rows" and not rows_fits(in_features, out_features, input_dtype.itemsize):
         return (f"the rows formulation holds O·D/lanes values of W per lane: D={in_features}, O={out_features} "
                 "is too big")
     if name == "chunks" and acc_dtype != torch.float32:
@@ -338,19 +350,21 @@ def _gpu_checked() -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=1024)
 def choose_formulation(in_features: int, out_features: int, profile: DeviceProfile, acc_dtype: torch.dtype,
-                       input_precision: str, input_bytes: int, requested: str = "auto") -> str:
-    """The formulation that runs a pass of this problem: the one place that decides (see the rule above).
+                       input_precision: str, input_dtype: torch.dtype, requested: str = "auto",
+                       kind: str = "grad") -> str:
+    """The formulation that runs a pass ("grad" or "forward") of this problem: the one place that decides
+    (see the rule above).
 
     requested: "auto", or a formulation name, which must serve the problem (ValueError says why not).
     """
     if requested != "auto":
-        why = formulation_serves(requested, in_features, out_features, acc_dtype, input_precision, input_bytes)
+        why = formulation_serves(requested, in_features, out_features, acc_dtype, input_precision, input_dtype, kind)
         if why:
             raise ValueError(why)
         return requested
     if not profile.gpu:
         return "default"
     for name in _gpu_checked():
-        if formulation_serves(name, in_features, out_features, acc_dtype, input_precision, input_bytes) is None:
+        if formulation_serves(name, in_features, out_features, acc_dtype, input_precision, input_dtype, kind) is None:
             return name
     return "default"

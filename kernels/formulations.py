@@ -2,7 +2,8 @@
 
 Every gradient formulation writes the same partial buffer (specs.GradPartials: one row per
 program, columns [dW (O·D, row-major) | db (O) | loss (1)]), so reduce_update.py finishes any of
-them; every inference formulation returns Y (N, O). ``formulation="auto"`` is the default kernel
+them; every inference formulation returns Y (N, O). "mma" (bf16 X on tensor cores) is a gradient
+formulation only. ``formulation="auto"`` is the default kernel
 until a formulation has been checked on a GPU (config.GPU_CHECKED); tests and the GPU check name
 one ("rows", "chunks", "default") to run it.
 """
@@ -17,12 +18,12 @@ from .specs import GradPartials, accumulator_dtype
 
 
 def formulation_of(x: torch.Tensor, weight: torch.Tensor, input_precision: str, formulation: str = "auto",
-                   profile=None) -> str:
-    """The formulation a pass over x with this weight runs in (gradient and inference share the rule)."""
+                   profile=None, kind: str = "grad") -> str:
+    """The formulation a pass ("grad" or "forward") over x with this weight runs in (one rule for both)."""
     acc = accumulator_dtype(weight.dtype)
     precision = "ieee" if acc == torch.float64 else input_precision
     return choose_formulation(weight.shape[1], weight.shape[0], profile or device_profile(x.device), acc, precision,
-                              x.element_size(), formulation)
+                              x.dtype, formulation, kind)
 
 
 def plan_grad_partials(x, weight, bias, target, *, row_index=None, store_residual=False, input_precision="ieee",
@@ -38,6 +39,10 @@ def plan_grad_partials(x, weight, bias, target, *, row_index=None, store_residua
         from .grad_chunks import plan_chunks_partials
 
         return plan_chunks_partials(x, weight, bias, target, input_precision=input_precision, **kw)
+    if name == "mma":
+        from .grad_mma import plan_mma_partials
+
+        return plan_mma_partials(x, weight, bias, target, **kw)
     from .linear_mse_grad import plan_linear_mse_partials
 
     return plan_linear_mse_partials(x, weight, bias, target, input_precision=input_precision, **kw)
@@ -56,7 +61,7 @@ def plan_forward(x, weight, bias, *, out_dtype: torch.dtype, input_precision="ie
                  profile=None) -> tuple[LaunchPlan, torch.Tensor]:
     """The launch of inference (see linear_forward.linear_forward) and its output. The default
     formulation's routing of some IEEE shapes to PyTorch's GEMM is linear_forward's, not here."""
-    name = formulation_of(x, weight, input_precision, formulation, profile)
+    name = formulation_of(x, weight, input_precision, formulation, profile, kind="forward")
     if name == "rows":
         from .forward_rows import plan_rows_forward
 
@@ -74,7 +79,7 @@ def plan_forward(x, weight, bias, *, out_dtype: torch.dtype, input_precision="ie
 def forward(x, weight, bias, *, out_dtype: torch.dtype, input_precision="ieee",
             formulation: str = "auto") -> torch.Tensor:
     """Y = X·Wᵀ + b in the decided formulation (the default one as linear_forward runs it)."""
-    if formulation_of(x, weight, input_precision, formulation) == "default":
+    if formulation_of(x, weight, input_precision, formulation, kind="forward") == "default":
         from .linear_forward import linear_forward
 
         return linear_forward(x, weight, bias, out_dtype=out_dtype, input_precision=input_precision)

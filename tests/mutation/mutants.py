@@ -840,5 +840,15 @@ FRESH = [
            "        lr, momentum, weight_decay = self._settings(x, t.shape[1], keep_auto=False)\n",
            ("tests/test_sklearn.py::test_a_refit_refused_for_its_settings_keeps_the_fitted_model",),
            "a refit refused for a bad lr leaves a zero model beside the old optimizer (partial_fit then fails)"),
+    Mutant("mma-two-term-split", "kernels", "kernels/grad_mma.py",
+           "    lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)",
+           "    lo = (rest - rest).to(tl.bfloat16)",
+           ("tests/test_formulations.py::test_mma_products_are_exact_in_fp32",),
+           "the mma formulation splits fp32 operands in two bf16 terms: 16 bits, ~1e-5 off where tf32x3 promises ~1e-7"),
+    Mutant("mma-residual-unsplit", "kernels", "kernels/grad_mma.py",
+           "        rt = (tl.trans(lo), tl.trans(mid), tl.trans(hi))",
+           "        rt = (tl.trans(lo) * 0, tl.trans(mid) * 0, tl.trans(hi))",
+           ("tests/test_formulations.py::test_grad_partials_match_float64_and_the_default_kernel",),
+           "dW from R rounded to bf16 (only the split's first term): 8 bits of the residual"),
 ]
 MUTANTS += FRESH
