@@ -79,11 +79,11 @@ def plan_forward(x, weight, bias, *, out_dtype: torch.dtype, input_precision="ie
 def forward(x, weight, bias, *, out_dtype: torch.dtype, input_precision="ieee",
             formulation: str = "auto") -> torch.Tensor:
     """Y = X·Wᵀ + b in the decided formulation (the default one as linear_forward runs it)."""
-    if formulation_of(x, weight, input_precision, formulation, kind="forward") == "default":
+    name = formulation_of(x, weight, input_precision, formulation, kind="forward")  # decided once per call
+    if name == "default":
         from .linear_forward import linear_forward
 
         return linear_forward(x, weight, bias, out_dtype=out_dtype, input_precision=input_precision)
-    plan, y = plan_forward(x, weight, bias, out_dtype=out_dtype, input_precision=input_precision,
-                           formulation=formulation)
+    plan, y = plan_forward(x, weight, bias, out_dtype=out_dtype, input_precision=input_precision, formulation=name)
     plan.launch()
     return y

@@ -20,7 +20,7 @@ import torch
 from . import sgd_step
 from .config import device_profile
 from .launch import Composed, FastLaunch
-from .linear_mse_grad import plan_linear_mse_partials
+from .formulations import plan_grad_partials
 from .reduce_update import plan_reduce_update
 from .specs import ColumnTarget
 
@@ -71,8 +71,10 @@ class StepLaunches:
             self.launch = FastLaunch(plan, ["loss_ptr", *batch, *extras], alias=outputs, trusted=trusted)
             self.run = self._run_function(self.launch)
             return
-        grad, _ = plan_linear_mse_partials(x, weight, bias, target, row_index=row_index,
-                                           input_precision=input_precision)
+        # The gradient pass in the formulation config.choose_formulation decides (its own partial rows).
+        grad, grad_sums = plan_grad_partials(x, weight, bias, target, row_index=row_index,
+                                             input_precision=input_precision)
+        self.partials = grad_sums.buffer
         grad.args.update(partials_ptr=self.partials, residual_ptr=self.partials,
                          row_index_ptr=row_index if row_index is not None else self.partials)
         reduce = plan_reduce_update(self.partials, targets, scale=scale, loss_out=self.loss_like,

@@ -194,25 +194,24 @@ class TritonOps:
 
     def __init__(self) -> None:
         # Imported here, not at module import: jit decoration reads TRITON_INTERPRET.
-        from .kernels import fused_fit, linear_forward, linear_mse_grad, linear_stats, reduce_update, stats_sgd
+        from .kernels import formulations, fused_fit, linear_stats, reduce_update, stats_sgd
 
         self._fused_fit = fused_fit
         self._stats = linear_stats
         self._epochs = stats_sgd
-        self._forward = linear_forward
-        self._grad = linear_mse_grad
+        self._passes = formulations  # the gradient pass and inference, in the formulation config decides
         self._reduce = reduce_update
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
                input_precision: str) -> torch.Tensor:
         out_dtype = torch.promote_types(x.dtype, weight.dtype)
-        return self._forward.linear_forward(x, weight, bias, out_dtype=out_dtype,
-                                            input_precision=resolve_precision(input_precision, x.dtype))
+        return self._passes.forward(x, weight, bias, out_dtype=out_dtype,
+                                    input_precision=resolve_precision(input_precision, x.dtype))
 
     def grad_partials(self, x, weight, bias, target, *, row_index, store_residual, input_precision) -> GradPartials:
-        return self._grad.linear_mse_partials(x, weight, bias, target, row_index=row_index,
-                                              store_residual=store_residual,
-                                              input_precision=resolve_precision(input_precision, x.dtype))
+        return self._passes.grad_partials(x, weight, bias, target, row_index=row_index,
+                                          store_residual=store_residual,
+                                          input_precision=resolve_precision(input_precision, x.dtype))
 
     def sum_loss(self, partials: GradPartials, scale: float, dtype: torch.dtype) -> torch.Tensor:
         out = torch.empty((), device=partials.buffer.device, dtype=dtype)

@@ -66,7 +66,7 @@ class RepeatLoss:
 
     def __init__(self, x, weight, bias, target, slots: list, reduction: str, input_precision: str,
                  options: tuple) -> None:
-        from .kernels import linear_mse_grad, reduce_update, sgd_step
+        from .kernels import formulations, reduce_update, sgd_step
         from .kernels.config import device_profile
         from .kernels.launch import Composed, FastLaunch
         from .kernels.step import slot_extras
@@ -94,9 +94,11 @@ class RepeatLoss:
         if setting == 1 or (setting == "auto" and sgd_step.one_launch(*sums.buffer.shape, device_profile(x.device))):
             self._forward = FastLaunch(plan, batch, trusted=batch)
         else:
-            grad, _ = linear_mse_grad.plan_linear_mse_partials(
+            # The gradient pass in the formulation config.choose_formulation decides (its own partial rows).
+            grad, grad_sums = formulations.plan_grad_partials(
                 x, w, b, target, input_precision=_backend.resolve_precision(input_precision, x.dtype))
-            total = reduce_update.plan_sum_column(sums.buffer, sums.loss_column, scale, self.loss_like)
+            self.partials_like = grad_sums.buffer
+            total = reduce_update.plan_sum_column(self.partials_like, sums.loss_column, scale, self.loss_like)
             names = ["partials_ptr", "x_ptr", "t_ptr", "w_ptr"] + batch[5:]
             grad_launch = FastLaunch(grad, names, trusted=names)
             sum_launch = FastLaunch(total, ["partials_ptr", "out_ptr"], trusted=["partials_ptr", "out_ptr"])
@@ -107,7 +109,8 @@ class RepeatLoss:
 
             self._forward = Composed(two_launches)
         grad_output = self.loss_like  # a 0-d tensor of the loss's dtype: grad_output's slot
-        update = reduce_update.plan_reduce_update(sums.buffer, targets, scale=2.0 * scale, grad_output=grad_output)
+        update = reduce_update.plan_reduce_update(self.partials_like, targets, scale=2.0 * scale,
+                                                  grad_output=grad_output)
         names = ["partials_ptr", "grad_output_ptr", "a_out_ptr"] + (["b_out_ptr"] if len(targets) == 2 else [])
         names += [f"{s}_{n}" for s, t in zip("ab", targets) for n in slot_extras(t)]
         self._update = FastLaunch(update, names, trusted=names)

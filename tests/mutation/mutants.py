@@ -850,5 +850,23 @@ FRESH = [
            "        rt = (tl.trans(lo) * 0, tl.trans(mid) * 0, tl.trans(hi))",
            ("tests/test_formulations.py::test_grad_partials_match_float64_and_the_default_kernel",),
            "dW from R rounded to bf16 (only the split's first term): 8 bits of the residual"),
+    Mutant("step-plan-ignores-formulation", "kernels", "kernels/step.py",
+           "                                             input_precision=input_precision)\n        self.partials = grad_sums.buffer",
+           "                                             input_precision=input_precision, formulation=\"default\")\n"
+           "        self.partials = grad_sums.buffer",
+           ("tests/test_formulation_paths.py::test_training_paths_run_the_decided_formulation",),
+           "train_step's planned launches keep the default kernel whatever config decides: GPU_CHECKED changes nothing"),
+    Mutant("repeat-loss-ignores-formulation", "kernels", "linreg_fused/loss_cache.py",
+           "                x, w, b, target, input_precision=_backend.resolve_precision(input_precision, x.dtype))\n"
+           "            self.partials_like",
+           "                x, w, b, target, input_precision=_backend.resolve_precision(input_precision, x.dtype),\n"
+           "                formulation=\"default\")\n            self.partials_like",
+           ("tests/test_formulation_paths.py::test_training_paths_run_the_decided_formulation",),
+           "loss(optimizer=).backward()'s planned launches keep the default kernel whatever config decides"),
+    Mutant("backend-grad-ignores-formulation", "kernels", "linreg_fused/backend.py",
+           "                                          store_residual=store_residual,\n",
+           "                                          store_residual=store_residual, formulation=\"default\",\n",
+           ("tests/test_formulation_paths.py::test_training_paths_run_the_decided_formulation",),
+           "the full path's gradient pass keeps the default kernel whatever config decides"),
 ]
 MUTANTS += FRESH
