@@ -150,10 +150,11 @@ MMA_MIN = 16  # tl.dot's smallest other block on a GPU
 def mma_config(in_features: int, out_features: int, profile: DeviceProfile) -> ChunksConfig:
     """Blocks of the mma gradient formulation (bf16 X on tensor cores; grad_mma.py): the chunks walk.
 
-    From the sm_90 compile report (Triton 3.9): one chunk (tall) takes 64-row tiles, 92 registers, five
-    4-warp programs fit an SM; D <= 256 takes 16-row tiles (32 rows: 164 registers, three programs; 64:
-    spills), 125 registers, four programs, 16 resident warps; deeper data hold NC chunks of X and dW in
-    registers, 16-row tiles on 8 warps, 150 registers: one program per SM (4 warps spill).
+    From the sm_90 compile report (Triton 3.9; 3.6 where it differs): one chunk (tall) takes 64-row
+    tiles, 92 registers, five 4-warp programs fit an SM (3.6: 168, three); D <= 256 takes 16-row tiles
+    (32 rows: 164 registers, three programs; 64: spills), 125 registers, four programs, 16 resident
+    warps; deeper data hold NC chunks of X and dW in registers, 16-row tiles on 8 warps, 150 registers:
+    one program per SM (3.6: 102, two; 4 warps spill).
     """
     if not chunks_fits(in_features, out_features):
         raise ValueError(f"the mma formulation does not fit D={in_features}, O={out_features}")
@@ -168,5 +169,7 @@ def mma_config(in_features: int, out_features: int, profile: DeviceProfile) -> C
     if in_features <= 256:
         return ChunksConfig(16, k_chunk, chunks, block_o, num_warps=4, num_stages=3,
                             max_programs=4 * profile.multiprocessors)
+    # Two programs per SM: Triton 3.6 compiles it in 102 registers (two fit, 16 warps); 3.9 in 150 (one
+    # fits; the second program per SM runs after the first, the same tiles in all).
     return ChunksConfig(16, k_chunk, chunks, block_o, num_warps=8, num_stages=2,
-                        max_programs=profile.multiprocessors)
+                        max_programs=2 * profile.multiprocessors)

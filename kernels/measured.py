@@ -11,7 +11,9 @@ Tables are keyed by Triton release ("major.minor"), because the same blocks comp
 from one release to the next (the sweep's fastest spill with one and not the other). A release
 without its own table takes the newest one before it; a release older than every table has none
 (the rules decide). Today both known releases keep the choices of the Triton 3.6 sweep, which also
-compile without spills with Triton 3.9: a sweep run under another release adds its own table.
+compile without spills with Triton 3.9, except deep tf32x3 (bf16's default precision there: 32 B per
+thread with 3.9, none with 3.6; fp32 tf32x3, opt-in, spills 40-72 B with both; 2 stages change
+nothing): a sweep run under another release adds its own table.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ def test_kernels_section_smoke():
     assert gpu_kernels.SECTION == "kernels" and gpu_kernels.ORDER > 50
     rows = run_section(gpu_kernels)  # no error or fail row, within the time limit
     parity = of(rows, measure="parity")
-    # tall: 3 against float64 + 2 against the default; inference: 3; wide bf16: 3 + 2 (tf32x3 too).
-    assert len(parity) == 13 and all(r["status"] == "pass" and r["error"] <= 2e-5 for r in parity), parity
+    # tall: 3 against float64 + 2 against the default; inference: 3; wide bf16: 4 + 3 (tf32x3 and mma too).
+    assert len(parity) == 15 and all(r["status"] == "pass" and r["error"] <= 2e-5 for r in parity), parity
     passed = {r["name"] for r in parity if r["status"] == "pass"}
     timed = {r["name"] for r in of(rows, measure="time", status="ok")}
     steady = {r["name"] for r in of(rows, measure="steady", status="ok")}
@@ -38,6 +38,10 @@ def test_kernels_section_smoke():
     assert "grad wide bf16 40x72->16 chunks vs float64" in passed
     assert of(rows, name="grad wide bf16 40x72->16 rows", status="skip")
     assert "step wide bf16 40x72->16 default tf32x3" in timed
+    # bf16's tensor-core formulation (its interpreter twin here): checked against float64 and the default, timed.
+    for check in ("vs float64", "vs default"):
+        assert f"grad wide bf16 40x72->16 mma tf32x3 {check}" in passed
+    assert "step wide bf16 40x72->16 mma tf32x3" in timed and "grad wide bf16 40x72->16 mma tf32x3 steady" in steady
     assert all(r.get("bytes", 0) > 0 for r in of(rows, measure="time") + of(rows, measure="steady"))
 
 

@@ -36,7 +36,7 @@ def test_the_kernels_receive_the_resolved_precision(monkeypatch, matmul_precisio
     """The module's default reaches the launch helpers resolved, for the gradient and the forward."""
     ops = select_ops("triton", DEVICE)
     seen = []
-    real_grad, real_forward = ops._grad.linear_mse_partials, ops._forward.linear_forward
+    real_grad, real_forward = ops._passes.grad_partials, ops._passes.forward  # kernels/formulations.py
 
     def grad(*args, input_precision, **kwargs):
         seen.append(("grad", input_precision))
@@ -46,8 +46,8 @@ def test_the_kernels_receive_the_resolved_precision(monkeypatch, matmul_precisio
         seen.append(("forward", input_precision))
         return real_forward(*args, input_precision=input_precision, **kwargs)
 
-    monkeypatch.setattr(ops._grad, "linear_mse_partials", grad)
-    monkeypatch.setattr(ops._forward, "linear_forward", forward)
+    monkeypatch.setattr(ops._passes, "grad_partials", grad)
+    monkeypatch.setattr(ops._passes, "forward", forward)
     matmul_precision("highest")
     model = FusedLinearRegressor(5, 3, backend="triton").to(DEVICE)
     assert model.input_precision == "auto"

@@ -108,7 +108,7 @@ def test_the_repeat_path_plans_nothing(monkeypatch):
         return wrapper
 
     for module, name in ((linear_mse_grad, "plan_linear_mse_partials"), (reduce_update, "plan_reduce_update"),
-                         (sgd_step, "plan_linear_mse_step"), (kernel_step, "plan_linear_mse_partials"),
+                         (sgd_step, "plan_linear_mse_step"), (kernel_step, "plan_grad_partials"),
                          (kernel_step, "plan_reduce_update")):
         monkeypatch.setattr(module, name, counted(getattr(module, name)))
     before = kernel_step.plans_made
