@@ -10,7 +10,8 @@ the sum of three bf16 values (8 significand bits each, fp32's exponent range):
 
     hi = bf16(v),  mid = bf16(v − hi),  lo = bf16(v − hi − mid),   v = hi + mid + lo exactly
 
-(both subtractions are exact: each leaves the bits the last rounding dropped). So
+(both subtractions are exact: each leaves the bits the last rounding dropped; for |v| >= 2⁻¹¹⁰,
+below which lo is subnormal and keeps fewer bits). So
 
     X·Wᵀ = X·loᵀ + X·midᵀ + X·hiᵀ          W split once per program, before the row loop
     Rᵀ·X = loᵀ·X + midᵀ·X + hiᵀ·X          R split per tile
@@ -18,7 +19,8 @@ the sum of three bf16 values (8 significand bits each, fp32's exponent range):
 are three bf16 MMAs each, whose products are exact and whose sums are fp32: the fp32 products of
 the upcast operands, as "tf32x3" promises, on bf16 tensor cores (twice tf32's rate) and with no
 fp32 copy of X in registers. (Smallest terms first: the MMA's truncating sums lose least.) The sums
-into dW leave the MMA accumulator (tiles.accumulate), as on every tensor-core path.
+into dW leave the MMA accumulator (tiles.accumulate: rounded to nearest), as on every tensor-core
+path.
 
 Triton's interpreter computes bf16 dots wrong (3.9: garbage), so under it NATIVE_BF16 is off and
 the same split terms are multiplied as fp32 (exact either way: a bf16 × bf16 product fits fp32):
@@ -37,6 +39,7 @@ from .device import DeviceProfile, device_profile
 from .grad_chunks import chunk_cols
 from .plan import LaunchPlan
 from .specs import GradPartials, gradient_pass
+from .tiles import accumulate
 
 
 @triton.jit
@@ -134,7 +137,7 @@ def _mma_partials_kernel(
         new_dw = ()
         for c in tl.static_range(NC):
             product = dot3(rt, x[c], tl.zeros([BLOCK_O, K_CHUNK], dtype=tl.float32), True, NATIVE_BF16)
-            new_dw = new_dw + (tl.fma(product, 1.0, dw[c]),)
+            new_dw = new_dw + (accumulate(dw[c], product, "tf32x3"),)
         dw = new_dw
 
     partial_row = partials_ptr + pid.to(tl.int64) * stride_partials
