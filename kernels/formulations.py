@@ -3,9 +3,10 @@
 Every gradient formulation writes the same partial buffer (specs.GradPartials: one row per
 program, columns [dW (O·D, row-major) | db (O) | loss (1)]), so reduce_update.py finishes any of
 them; every inference formulation returns Y (N, O). "mma" (bf16 X on tensor cores) is a gradient
-formulation only. ``formulation="auto"`` is the default kernel
-until a formulation has been checked on a GPU (config.GPU_CHECKED); tests and the GPU check name
-one ("rows", "chunks", "default") to run it.
+formulation only. ``formulation="auto"`` is the default kernel until a formulation has been
+checked on a GPU (config.GPU_CHECKED); tests and the GPU check name one ("rows", "chunks", "mma",
+"default") to run it. Every path of the library plans its passes here (backend.py, kernels/step.py,
+loss_cache.py), so what config decides is what runs.
 """
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ class RepeatLoss:
             grad, grad_sums = formulations.plan_grad_partials(
                 x, w, b, target, input_precision=_backend.resolve_precision(input_precision, x.dtype))
             self.partials_like = grad_sums.buffer
-            total = reduce_update.plan_sum_column(self.partials_like, sums.loss_column, scale, self.loss_like)
+            total = reduce_update.plan_sum_column(self.partials_like, grad_sums.loss_column, scale, self.loss_like)
             names = ["partials_ptr", "x_ptr", "t_ptr", "w_ptr"] + batch[5:]
             grad_launch = FastLaunch(grad, names, trusted=names)
             sum_launch = FastLaunch(total, ["partials_ptr", "out_ptr"], trusted=["partials_ptr", "out_ptr"])
