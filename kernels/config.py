@@ -324,7 +324,8 @@ def formulation_serves(name: str, in_features: int, out_features: int, acc_dtype
             return (f"the mma formulation takes a bfloat16 x and float32 weights (got {input_dtype} with "
                     f"{acc_dtype} accumulation)")
         if input_precision != "tf32x3":
-            return f"the mma formulation computes tf32x3-accurate products only (got input_precision={input_precision!r})"
+            return ("the mma formulation computes tf32x3-accurate products only "
+                    f"(got input_precision={input_precision!r})")
         if not chunks_fits(in_features, out_features):
             return f"the mma formulation takes D <= 1024 and O <= 16 (got D={in_features}, O={out_features})"
         return None
