@@ -10,7 +10,8 @@ serves the shape (kernels/config.formulation_serves), IEEE products:
               bytes of one read of X and T (GB/s and % of copy from the ctx; % of the FMA roof from
               the flops where the regime is FMA-bound)
 
-and inference (fp32; X read, Y written) in each formulation and as nn.Linear. bf16 also times
+and inference (fp32; X read, Y written) in each formulation and as nn.Linear. First, the mma
+formulation's splits are checked to be exact on the card (X = I: residual and dW equal W bitwise). bf16 also times
 today's default launch for 16-bit inputs (the default kernel in tf32x3) and the mma formulation
 (bf16 tensor cores, tf32x3-accurate) that would replace it. The predictions these are
 to be checked against are in docs/kernels.md. Cost on an H200 host, estimated: ~20 new kernel
@@ -127,6 +128,23 @@ def _grad(ctx, regime: str, n: int, d: int, o: int, dtype_name: str) -> None:
         ctx.steady(f"step {where} {name} steady", step, bytes=moved, view="step", **info)
 
 
+def _mma_exact(ctx) -> None:
+    """The mma formulation's three-term bf16 splits on the card's own conversions and MMAs: with X = I
+    and T = 0 the residual is Wᵀ and dW is W, bit for bit (a two-term split would pass TOL's parity)."""
+    from linreg_fused.kernels import formulations
+
+    d, o = 64, 16
+    gen = torch.Generator(device=ctx.device).manual_seed(d * o)
+    x = torch.eye(d, device=ctx.device, dtype=torch.bfloat16)
+    w = torch.randn(o, d, device=ctx.device, generator=gen) * torch.logspace(-6, 6, d, device=ctx.device)
+    t = torch.zeros(d, o, device=ctx.device, dtype=torch.bfloat16)
+    got = formulations.grad_partials(x, w, None, t, store_residual=True, input_precision="tf32x3", formulation="mma")
+    residual = bool(torch.equal(got.residual, w.T))
+    dw = bool(torch.equal(got.buffer.sum(0)[: o * d], w.flatten()))
+    ctx.record(f"grad mma exact splits {d}x{d}->{o} (X = I)", status="pass" if residual and dw else "fail",
+               residual_equal=residual, dw_equal=dw, formulation="mma", precision="tf32x3")
+
+
 def _forward(ctx, regime: str, n: int, d: int, o: int) -> None:
     from linreg_fused.kernels import formulations
 
@@ -162,6 +180,11 @@ def run(ctx) -> None:
         + [("grad", r, "bf16") for r in regimes]
     if ctx.smoke:  # a few seconds on the interpreter: every formulation once, one bf16 shape
         work = [("grad", regimes[0], "fp32"), ("forward", regimes[0], "fp32"), ("grad", regimes[1], "bf16")]
+    if not ctx.smoke and ctx.left_s() < LEFT_PER_REGIME_S:
+        ctx.skip("grad mma exact splits", f"{ctx.left_s():.0f} s of the section's budget left")
+    else:
+        with ctx.guard("grad mma exact splits"):  # one small compile, and what parity within TOL cannot show
+            _mma_exact(ctx)
     for kind, (regime, n, d, o), dtype_name in work:
         if not ctx.smoke and ctx.left_s() < LEFT_PER_REGIME_S:
             ctx.skip(f"{kind} {regime} {dtype_name}", f"{ctx.left_s():.0f} s of the section's budget left")

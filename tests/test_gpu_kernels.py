@@ -42,6 +42,8 @@ def test_kernels_section_smoke():
     for check in ("vs float64", "vs default"):
         assert f"grad wide bf16 40x72->16 mma tf32x3 {check}" in passed
     assert "step wide bf16 40x72->16 mma tf32x3" in timed and "grad wide bf16 40x72->16 mma tf32x3 steady" in steady
+    (exact,) = of(rows, name="grad mma exact splits 64x64->16 (X = I)")
+    assert exact["status"] == "pass" and exact["residual_equal"] is True and exact["dw_equal"] is True, exact
     assert all(r.get("bytes", 0) > 0 for r in of(rows, measure="time") + of(rows, measure="steady"))
 
 
