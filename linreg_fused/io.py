@@ -95,7 +95,8 @@ def read_columns(
         if use_arrow and not _has_pyarrow():
             raise DataError(f"the pyarrow CSV engine needs pyarrow: {ARROW_HINT}")
         with _utf8(path):
-            values = (_csv_arrow if use_arrow else _csv_numpy)(path, names, available, delimiter)
+            skip = _csv_head(path, delimiter)[1]
+            values = (_csv_arrow if use_arrow else _csv_numpy)(path, names, available, delimiter, skip)
     elif kind == "npy":
         values = _npy_columns(path, _load_npy(path), names)
     elif kind == "npz":
@@ -112,11 +113,18 @@ def read_columns(
 # ---------------------------------------------------------------- CSV
 
 def _csv_header(path, delimiter: str = ",") -> list[str]:
+    return _csv_head(path, delimiter)[0]
+
+
+def _csv_head(path, delimiter: str = ",") -> tuple[list[str], int]:
+    """The header's names and the lines it spans: a quoted name may hold a line break (a
+    spreadsheet's "Yield⏎(t/ha)"), and both parsers skip lines, not rows."""
     with open(path, newline="", encoding="utf-8-sig") as f:
-        header = next(csv.reader(f, delimiter=delimiter), None)
+        reader = csv.reader(f, delimiter=delimiter)
+        header = next(reader, None)
     if not header or header == [""]:
         raise DataError(f"{path}: empty file (a CSV needs a header row of column names)")
-    return [h.strip() for h in header]
+    return [h.strip() for h in header], reader.line_num
 
 
 def other_delimiter(header: Sequence[str], delimiter: str) -> str | None:
@@ -134,25 +142,34 @@ def _delimiter_hint(available: list[str], delimiter: str) -> str:
     return "" if other is None else f"; the header looks {other!r}-separated: read it with delimiter={other!r}"
 
 
-def _csv_arrow(path, names, available, delimiter) -> np.ndarray:
+def _csv_arrow(path, names, available, delimiter, skip=1) -> np.ndarray:
     import pyarrow as pa
     from pyarrow import csv as pacsv
 
-    try:
-        table = pacsv.read_csv(
+    def read(newlines_in_values: bool):
+        return pacsv.read_csv(
             path,
-            read_options=pacsv.ReadOptions(column_names=available, skip_rows=1),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter),
+            read_options=pacsv.ReadOptions(column_names=available, skip_rows=skip),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=newlines_in_values),
             convert_options=pacsv.ConvertOptions(include_columns=names,
                                                  column_types={n: pa.float64() for n in names}),
         )
+
+    try:
+        try:
+            table = read(False)
+        except pa.ArrowInvalid:
+            # A quoted cell that spans lines (a note with a line break) puts pyarrow's block
+            # splitter out of sync on files over one block; reading such cells costs speed on
+            # every file, so only a failed read pays for it.
+            table = read(True)
     except pa.ArrowInvalid as err:
         _raise_first_bad_cell(path, names, available, delimiter, fallback=str(err))
     # Nulls (empty cells, "NA", "nan") become NaN; _check_finite reports the first one.
     return np.column_stack([table.column(n).to_numpy(zero_copy_only=False) for n in names])
 
 
-def _csv_numpy(path, names, available, delimiter) -> np.ndarray:
+def _csv_numpy(path, names, available, delimiter, skip=1) -> np.ndarray:
     # Every column is read so that a row with too many or too few fields is an error (loadtxt's
     # usecols would skip that check); a column that is not used is read as one byte.
     used = set(names)
@@ -161,7 +178,7 @@ def _csv_numpy(path, names, available, delimiter) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "loadtxt: input contained no data")  # read_columns says so
             # comments=None: "#" is data in a CSV (loadtxt's default would drop or cut rows at it)
-            table = np.loadtxt(path, delimiter=delimiter, skiprows=1, quotechar='"', ndmin=1, dtype=dtype,
+            table = np.loadtxt(path, delimiter=delimiter, skiprows=skip, quotechar='"', ndmin=1, dtype=dtype,
                                encoding="utf-8-sig", comments=None)
     except ValueError as err:
         _raise_first_bad_cell(path, names, available, delimiter, fallback=str(err))

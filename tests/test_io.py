@@ -213,3 +213,32 @@ def test_csv_not_utf8_is_a_data_error(tmp_path, engine):
             read_columns(path, ["y"], engine=engine)
     with pytest.raises(DataError, match="not UTF-8"):
         column_names(header_bad)
+
+
+def test_csv_header_names_with_line_breaks(tmp_path, engine):
+    """A spreadsheet's header cell with a line break ("Yield⏎(t/ha)", quoted) spans two lines: both
+    parsers skipped one line and read the name's second half as data (an error that named no cell)."""
+    rng = np.random.default_rng()
+    values = rng.standard_normal((5, 3))
+    rows = "".join(",".join(repr(float(v)) for v in row) + "\n" for row in values)
+    for header in ('"Yield\n(t/ha)",b,c\n', 'a,b,"c\n1"\n', '"a\n1\n2",b,"c\r\nd"\n'):
+        path = write(tmp_path, header + rows)
+        names = column_names(path)
+        assert len(names) == 3 and "\n" in names[0] + names[2], names
+        np.testing.assert_array_equal(read_columns(path, [names[2], "b", names[0]], engine=engine),
+                                      values[:, [2, 1, 0]])
+
+
+@pytest.mark.skipif(not HAS_ARROW, reason="needs pyarrow")
+def test_pyarrow_reads_text_cells_with_line_breaks_in_large_files(tmp_path):
+    """A quoted note holding a line break: pyarrow splits files over one block (1 MB) at line
+    breaks and refused such a file ("CSV parser got out of sync with chunker")."""
+    rng = np.random.default_rng()
+    n = 40_000
+    values = rng.standard_normal((n, 2))
+    path = tmp_path / "notes.csv"
+    with open(path, "w") as f:
+        f.write("a,note,y\n")
+        f.writelines(f'{a!r},"first line\nsecond, of row {i}",{y!r}\n' for i, (a, y) in enumerate(values.tolist()))
+    assert path.stat().st_size > 2 * io.ARROW_MIN_BYTES
+    np.testing.assert_array_equal(read_columns(path, ["y", "a"], engine="pyarrow"), values[:, ::-1])

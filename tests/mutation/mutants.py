@@ -868,5 +868,15 @@ FRESH = [
            "                                          store_residual=store_residual, formulation=\"default\",\n",
            ("tests/test_formulation_paths.py::test_training_paths_run_the_decided_formulation",),
            "the full path's gradient pass keeps the default kernel whatever config decides"),
+    Mutant("io-csv-header-one-line", "cli", "linreg_fused/io.py",
+           "            skip = _csv_head(path, delimiter)[1]",
+           "            skip = 1",
+           ("tests/test_io.py::test_csv_header_names_with_line_breaks",),
+           "a header name holding a quoted line break: the parsers read its second line as data"),
+    Mutant("io-arrow-no-multiline-retry", "cli", "linreg_fused/io.py",
+           "            table = read(True)",
+           "            table = read(False)",
+           ("tests/test_io.py::test_pyarrow_reads_text_cells_with_line_breaks_in_large_files",),
+           "pyarrow refuses a large CSV whose quoted text cells hold line breaks"),
 ]
 MUTANTS += FRESH
