@@ -58,7 +58,7 @@ def column_names(path: str | os.PathLike, *, delimiter: str = ",") -> list[str]:
         with _utf8(path):
             return _csv_header(path, delimiter)
     if kind == "npy":
-        return _npy_names(_load_npy(path))
+        return _npy_names(path, _load_npy(path))
     if kind == "npz":
         return list(_npz_columns(path))
     return _parquet_schema(path).names
@@ -223,27 +223,31 @@ def _load_npy(path) -> np.ndarray:
         raise DataError(f"{path}: {err}") from None
 
 
-def _npy_names(array: np.ndarray) -> list[str]:
+def _npy_names(path, array: np.ndarray) -> list[str]:
     if array.dtype.names:
+        shaped = next((n for n in array.dtype.names if array.dtype[n].shape), None)
+        if shaped is not None:  # several values per row under one name: which column is which?
+            raise DataError(f"{path}: a .npy field must hold one value per row; {shaped!r} holds "
+                            f"{array.dtype[shaped].shape}")
         return list(array.dtype.names)
     if array.ndim == 1:
         return ["0"]
     if array.ndim == 2:
         return [str(i) for i in range(array.shape[1])]
-    raise DataError(f"a .npy data set must be 1-D or 2-D (rows, columns), got shape {array.shape}")
+    raise DataError(f"{path}: a .npy data set must be 1-D or 2-D (rows, columns), got shape {array.shape}")
 
 
 def _npy_columns(path, array: np.ndarray, names) -> np.ndarray:
     if array.dtype.names:
         columns = [array[n] for n in names]
     else:
-        if not np.issubdtype(array.dtype, np.number) and array.dtype != np.bool_:
-            raise DataError(f"{path}: holds {array.dtype}, not numbers")
+        if not _real(array.dtype):
+            raise DataError(f"{path}: holds {array.dtype}, not real numbers")
         array = array.reshape(-1, 1) if array.ndim == 1 else array
         columns = [array[:, int(n)] for n in names]
     for n, c in zip(names, columns):
-        if not np.issubdtype(c.dtype, np.number) and c.dtype != np.bool_:
-            raise DataError(f"{path}: column {n!r} holds {c.dtype}, not numbers")
+        if not _real(c.dtype):
+            raise DataError(f"{path}: column {n!r} holds {c.dtype}, not real numbers")
     return np.stack([np.asarray(c, dtype=np.float64) for c in columns], axis=1)
 
 
@@ -256,14 +260,19 @@ def _npz_columns(path) -> dict[str, np.ndarray]:
     with archive:
         for key in archive.files:
             a = archive[key]
-            if not np.issubdtype(a.dtype, np.number) and a.dtype != np.bool_:
-                raise DataError(f"{path}: array {key!r} holds {a.dtype}, not numbers")
+            if not _real(a.dtype):
+                raise DataError(f"{path}: array {key!r} holds {a.dtype}, not real numbers")
             if a.ndim == 1:
-                columns[key] = a
+                named = {key: a}
             elif a.ndim == 2:
-                columns.update({f"{key}[{i}]": a[:, i] for i in range(a.shape[1])})
+                named = {f"{key}[{i}]": a[:, i] for i in range(a.shape[1])}
             else:
                 raise DataError(f"{path}: array {key!r} must be 1-D or 2-D (rows, columns), got shape {a.shape}")
+            clash = next((name for name in named if name in columns), None)
+            if clash is not None:  # an array "X[0]" beside a 2-D "X": one would replace the other
+                raise DataError(f"{path}: two columns named {clash!r} (an array of that name and a column "
+                                f"of a 2-D array)")
+            columns.update(named)
     lengths = {k: len(v) for k, v in columns.items()}
     if len(set(lengths.values())) > 1:
         raise DataError(f"{path}: the arrays differ in length ({_listing(f'{k}: {n}' for k, n in lengths.items())})")
@@ -277,9 +286,13 @@ def _npz_columns(path) -> dict[str, np.ndarray]:
 def _parquet_schema(path):
     if not _has_pyarrow():
         raise DataError(f"reading Parquet needs pyarrow: {ARROW_HINT}")
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return pq.read_schema(path)
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a Parquet file ({' '.join(str(err).split())})") from None
 
 
 def _parquet_columns(path, names) -> np.ndarray:
@@ -320,6 +333,11 @@ def _utf8(path):
         byte = err.object[err.start : err.start + 1].hex()
         raise DataError(f"{path}: not UTF-8 text (the byte 0x{byte}); save it as UTF-8 "
                         f"(e.g. a spreadsheet's \"CSV UTF-8\")") from None
+
+
+def _real(dtype: np.dtype) -> bool:
+    """Real numbers or booleans: a complex column would lose its imaginary part to float64."""
+    return (np.issubdtype(dtype, np.number) and not np.issubdtype(dtype, np.complexfloating)) or dtype == np.bool_
 
 
 def _has_pyarrow() -> bool:

@@ -242,3 +242,29 @@ def test_pyarrow_reads_text_cells_with_line_breaks_in_large_files(tmp_path):
         f.writelines(f'{a!r},"first line\nsecond, of row {i}",{y!r}\n' for i, (a, y) in enumerate(values.tolist()))
     assert path.stat().st_size > 2 * io.ARROW_MIN_BYTES
     np.testing.assert_array_equal(read_columns(path, ["y", "a"], engine="pyarrow"), values[:, ::-1])
+
+
+def test_arrays_that_are_not_real_columns_are_data_errors(tmp_path):
+    """Each of these read as something else, or failed with a traceback: complex values lost their
+    imaginary part (one ComplexWarning), an npz key "X[0]" beside a 2-D "X" replaced X's first
+    column, a structured field of two values per row and a damaged Parquet file raised a bare
+    ValueError / ArrowInvalid."""
+    rng = np.random.default_rng()
+    z = rng.standard_normal((4, 2)) + 1j * rng.standard_normal((4, 2))
+    np.save(tmp_path / "c.npy", z)
+    np.savez(tmp_path / "c.npz", a=z[:, 0], b=z[:, 1].real)
+    x = rng.standard_normal((4, 2))
+    np.savez(tmp_path / "k.npz", X=x, **{"X[0]": x[:, 1]})
+    pair = np.zeros(4, dtype=[("a", "f8", (2,)), ("b", "f8")])
+    np.save(tmp_path / "s.npy", pair)
+    for name, message in (("c.npy", "c.npy: holds complex128, not real numbers"),
+                          ("c.npz", "c.npz: array 'a' holds complex128, not real numbers"),
+                          ("k.npz", "k.npz: two columns named 'X[0]'"),
+                          ("s.npy", "s.npy: a .npy field must hold one value per row; 'a' holds (2,)")):
+        with pytest.raises(DataError, match=re.escape(message)):
+            read_columns(tmp_path / name)
+    if HAS_ARROW:
+        (tmp_path / "bad.parquet").write_bytes(b"PAR1 not parquet")
+        for read in (column_names, read_columns):
+            with pytest.raises(DataError, match=r"bad.parquet: not a Parquet file \(.*magic bytes"):
+                read(tmp_path / "bad.parquet")

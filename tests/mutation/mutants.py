@@ -878,5 +878,15 @@ FRESH = [
            "            table = read(False)",
            ("tests/test_io.py::test_pyarrow_reads_text_cells_with_line_breaks_in_large_files",),
            "pyarrow refuses a large CSV whose quoted text cells hold line breaks"),
+    Mutant("io-complex-as-real", "cli", "linreg_fused/io.py",
+           "    return (np.issubdtype(dtype, np.number) and not np.issubdtype(dtype, np.complexfloating)) or dtype == np.bool_",
+           "    return np.issubdtype(dtype, np.number) or dtype == np.bool_",
+           ("tests/test_io.py::test_arrays_that_are_not_real_columns_are_data_errors",),
+           "a complex .npy/.npz column is read as its real part"),
+    Mutant("io-npz-name-clash", "cli", "linreg_fused/io.py",
+           "            if clash is not None:  # an array",
+           "            if False:  # an array",
+           ("tests/test_io.py::test_arrays_that_are_not_real_columns_are_data_errors",),
+           "an npz key \"X[0]\" silently replaces the first column of a 2-D \"X\""),
 ]
 MUTANTS += FRESH
