@@ -65,6 +65,10 @@ def train(args: argparse.Namespace) -> int:
     if val_table is not None:
         xv64, tv64 = columns(val_table)
         xv, tv = as_tensor(xv64, args.dtype, device), as_tensor(tv64, "float64", device)
+    # The metrics are the saved model's: for raw features in --dtype, as predict computes them (a model
+    # folded for raw values loses digits in float32 where the features' offsets dwarf their spread).
+    raw, raw_val = (None, None) if mean is None else (train_table[:, :d], val_table if val_table is None
+                                                      else val_table[:, :d])
     del train_table, val_table
 
     torch.manual_seed(args.seed)
@@ -102,17 +106,19 @@ def train(args: argparse.Namespace) -> int:
             history = model.fit(x, t, log_every=1, print_fn=log, **fit_kwargs)
             val_history = log.history
 
+    if mean is not None:  # show and save weights for raw features; the standardisation goes in the metadata
+        weight, bias = fold_standardization(model.weight, model.bias, torch.from_numpy(mean), torch.from_numpy(scale))
+        with torch.no_grad():
+            model.weight.copy_(weight)
+            model.bias.copy_(bias)
+        x = as_tensor(raw, args.dtype, device)
+        xv = None if raw_val is None else as_tensor(raw_val, args.dtype, device)
     with torch.no_grad():
         pred = model(x)
         pred_val = model(xv) if xv is not None else None
     t64 = as_tensor(t64, "float64", device)
     del x64
     parts = [("train", metrics(pred, t64))] + ([("val", metrics(pred_val, tv))] if pred_val is not None else [])
-    if mean is not None:  # show and save weights for raw features; the standardisation goes in the metadata
-        weight, bias = fold_standardization(model.weight, model.bias, torch.from_numpy(mean), torch.from_numpy(scale))
-        with torch.no_grad():
-            model.weight.copy_(weight)
-            model.bias.copy_(bias)
     coef, intercept = model.weight.detach().double().cpu(), model.bias.detach().double().cpu()
     errors = standard_errors(stats, args.alpha or 0.0, scale) if solver == "exact" else None
     _warn_if_worse_than_the_mean(targets, parts[0][1]["r2"], _tips(args, solver, standardize))

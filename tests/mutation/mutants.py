@@ -888,5 +888,11 @@ FRESH = [
            "            if False:  # an array",
            ("tests/test_io.py::test_arrays_that_are_not_real_columns_are_data_errors",),
            "an npz key \"X[0]\" silently replaces the first column of a 2-D \"X\""),
+    Mutant("cli-train-scores-standardised-model", "cli", "linreg_fused/cli/training.py",
+           "        x = as_tensor(raw, args.dtype, device)\n",
+           "        x = x * torch.as_tensor(scale, dtype=x.dtype, device=device) + torch.as_tensor(mean, dtype=x.dtype,"
+           " device=device)\n",
+           ("tests/test_cli_model.py::test_standardised_training_scores_the_model_it_saves",),
+           "train scores the saved model on raw values rebuilt from the standardised ones in --dtype, not the file's"),
 ]
 MUTANTS += FRESH
