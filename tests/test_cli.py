@@ -164,7 +164,12 @@ def test_predict_without_target_columns_prints_no_metrics(tmp_path, capsys):
     np.savez(tmp_path / "x.npz", a=np.arange(4.0), b=np.ones(4))
     code, out, err = cli(capsys, "predict", model_path, tmp_path / "x.npz", "-o", tmp_path / "p.csv", "--json",
                          "--backend", "torch")
-    assert code == 0 and json.loads(out)["metrics"] is None
+    unscored = json.loads(out)
+    assert code == 0 and unscored["metrics"] is None and unscored["dtype"] == "float32" and unscored["rows"] == 4
+    np.savez(tmp_path / "xy.npz", a=np.arange(4.0), b=np.ones(4), y=np.arange(4.0))
+    code, out, err = cli(capsys, "predict", model_path, tmp_path / "xy.npz", "-o", tmp_path / "p.csv", "--json",
+                         "--backend", "torch")
+    assert code == 0 and list(json.loads(out)) == list(unscored)  # the same keys, scored or not
     code, out, err = cli(capsys, "predict", model_path, tmp_path / "x.npz", "--backend", "torch")
     assert code == 0 and err == "" and out.splitlines()[0] == "y" and len(out.splitlines()) == 5
 

@@ -47,20 +47,14 @@ def predict(args: argparse.Namespace) -> int:
     with torch.no_grad():
         pred = model(torch.as_tensor(table[:, :len(features)], dtype=dtype).to(device)).cpu()
     _write_csv(args.output, names, pred)
-    if scored:
-        values = metrics(pred, torch.from_numpy(table[:, len(features):]))
-        if args.json:
-            payload = {"command": "predict", "model": args.model, "data": args.data, "rows": table.shape[0],
-                       "dtype": str(dtype).removeprefix("torch."), "targets": names, "metrics": values,
-                       "output": args.output}
-            print(to_json(payload))
-        else:
-            # Beside a CSV on standard output, the metrics go to standard error: the CSV stays clean.
-            print(metrics_table(names, [("", values)]),
-                  file=sys.stdout if args.output else sys.stderr)
-    elif args.json:
+    values = metrics(pred, torch.from_numpy(table[:, len(features):])) if scored else None
+    if args.json:  # the same keys whether the targets were scored or not
         print(to_json({"command": "predict", "model": args.model, "data": args.data, "rows": table.shape[0],
-                       "targets": names, "metrics": None, "output": args.output}))
+                       "dtype": str(dtype).removeprefix("torch."), "targets": names, "metrics": values,
+                       "output": args.output}))
+    elif values is not None:
+        # Beside a CSV on standard output, the metrics go to standard error: the CSV stays clean.
+        print(metrics_table(names, [("", values)]), file=sys.stdout if args.output else sys.stderr)
     return 0
 
 

@@ -894,5 +894,10 @@ FRESH = [
            " device=device)\n",
            ("tests/test_cli_model.py::test_standardised_training_scores_the_model_it_saves",),
            "train scores the saved model on raw values rebuilt from the standardised ones in --dtype, not the file's"),
+    Mutant("cli-predict-json-dtype-when-scored", "cli", "linreg_fused/cli/predicting.py",
+           '"dtype": str(dtype).removeprefix("torch."), "targets": names,',
+           '**({"dtype": str(dtype).removeprefix("torch.")} if scored else {}), "targets": names,',
+           ("tests/test_cli.py::test_predict_without_target_columns_prints_no_metrics",),
+           "predict --json leaves dtype out when nothing is scored"),
 ]
 MUTANTS += FRESH
