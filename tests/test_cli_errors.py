@@ -29,6 +29,11 @@ def _error_cases(tmp_path, bad_csv):
     (tmp_path / "dup.csv").write_text("a,b,a,y\n1,2,3,4\n")
     (tmp_path / "semi.csv").write_text("a;b;y\n1;2;3\n")
     folder, crop = str(tmp_path / "folder"), ["train", CROP_CSV, "--target", "apples"]
+    # finite in the file, ±inf in the model's dtype (and so every prediction from them)
+    half = tmp_path / "half.safetensors"
+    FusedLinearRegressor(2, 1, dtype=torch.float16).save(half, feature_names=["income", "age"])
+    (tmp_path / "income.csv").write_text("income,age\n512,30\n70000,40\n")
+    (tmp_path / "huge.csv").write_text("a,y\n1,2\n1e39,3\n")
     return [
         (["train", CROP_CSV, "--target", "pears"], "no column 'pears' (columns: temp, rainfall, humidity"),
         (["train", bad_csv, "--target", "y", "--features", "a,b"], "row 2 (line 3), column 'b': 'five' is not a number"),
@@ -62,6 +67,8 @@ def _error_cases(tmp_path, bad_csv):
         (["predict", tmp_path / "junk.safetensors", CROP_CSV], "not a safetensors model file"),
         (["predict", model, bad_csv], "no column 'temp'"),
         (["--epochs", "ten"], "argument --epochs: invalid positive integer value: 'ten'"),
+        (["predict", half, tmp_path / "income.csv"], "row 2, column 'income': 70000 is beyond float16's range"),
+        (["train", tmp_path / "huge.csv", "--target", "y"], "row 2, column 'a': 1e+39 is beyond float32's range"),
     ]
 
 

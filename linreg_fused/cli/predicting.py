@@ -15,7 +15,7 @@ import torch
 from ..io import DataError, read_columns
 from ..module import FusedLinearRegressor
 from ..serialization import read_info
-from .common import DTYPES, check_input, check_outputs, device_for, header, metrics, require_columns
+from .common import DTYPES, check_input, check_outputs, device_for, header, in_dtype, metrics, require_columns
 from .options import UsageError
 from .report import metrics_table, to_json
 
@@ -43,9 +43,10 @@ def predict(args: argparse.Namespace) -> int:
     table = _read(args, features, names if scored else [])
     scored = scored and table.shape[1] > len(features)
     dtype = DTYPES[args.dtype] if args.dtype else info.dtype
+    x = in_dtype(args.data, features, table[:, :len(features)], dtype)
     model = FusedLinearRegressor.load(args.model, device=device, backend=args.backend).to(dtype)
     with torch.no_grad():
-        pred = model(torch.as_tensor(table[:, :len(features)], dtype=dtype).to(device)).cpu()
+        pred = model(x.to(device)).cpu()
     _write_csv(args.output, names, pred)
     values = metrics(pred, torch.from_numpy(table[:, len(features):])) if scored else None
     if args.json:  # the same keys whether the targets were scored or not

@@ -899,5 +899,10 @@ FRESH = [
            '**({"dtype": str(dtype).removeprefix("torch.")} if scored else {}), "targets": names,',
            ("tests/test_cli.py::test_predict_without_target_columns_prints_no_metrics",),
            "predict --json leaves dtype out when nothing is scored"),
+    Mutant("cli-range-check-half-only", "cli", "linreg_fused/cli/common.py",
+           "    if dtype != torch.float64 and torch.isinf(tensor).any():",
+           "    if dtype == torch.float16 and torch.isinf(tensor).any():",
+           ("tests/test_cli_errors.py::test_errors_print_one_line_and_exit_2",),
+           "train --dtype float32 takes values beyond float32's range: inf features, n/a metrics, exit 0"),
 ]
 MUTANTS += FRESH
