@@ -33,6 +33,12 @@ def _error_cases(tmp_path, bad_csv):
     half = tmp_path / "half.safetensors"
     FusedLinearRegressor(2, 1, dtype=torch.float16).save(half, feature_names=["income", "age"])
     (tmp_path / "income.csv").write_text("income,age\n512,30\n70000,40\n")
+    big = tmp_path / "big.safetensors"
+    overflows = FusedLinearRegressor(1, 1, dtype=torch.float16)
+    with torch.no_grad():
+        overflows.weight.fill_(2.0)  # 2 · 60000 is beyond float16's 65504
+    overflows.save(big)
+    (tmp_path / "sum.csv").write_text("x\n3\n60000\n")
     (tmp_path / "huge.csv").write_text("a,y\n1,2\n1e39,3\n")
     return [
         (["train", CROP_CSV, "--target", "pears"], "no column 'pears' (columns: temp, rainfall, humidity"),
@@ -68,6 +74,8 @@ def _error_cases(tmp_path, bad_csv):
         (["predict", model, bad_csv], "no column 'temp'"),
         (["--epochs", "ten"], "argument --epochs: invalid positive integer value: 'ten'"),
         (["predict", half, tmp_path / "income.csv"], "row 2, column 'income': 70000 is beyond float16's range"),
+        (["predict", big, tmp_path / "sum.csv", "-o", tmp_path / "p.csv", "--backend", "torch"],
+         "row 2: the prediction of 'y0' is beyond float16's range"),
         (["train", tmp_path / "huge.csv", "--target", "y"], "row 2, column 'a': 1e+39 is beyond float32's range"),
     ]
 

@@ -47,6 +47,12 @@ def predict(args: argparse.Namespace) -> int:
     model = FusedLinearRegressor.load(args.model, device=device, backend=args.backend).to(dtype)
     with torch.no_grad():
         pred = model(x.to(device)).cpu()
+    overflow = ~torch.isfinite(pred)
+    if overflow.any():  # finite inputs and weights: the sums left the dtype's range
+        row, col = (int(i) for i in overflow.nonzero()[0])
+        name = str(dtype).removeprefix("torch.")
+        raise DataError(f"{args.data}: row {row + 1}: the prediction of {names[col]!r} is beyond {name}'s range; "
+                        f"use --dtype float64")
     _write_csv(args.output, names, pred)
     values = metrics(pred, torch.from_numpy(table[:, len(features):])) if scored else None
     if args.json:  # the same keys whether the targets were scored or not

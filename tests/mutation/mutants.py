@@ -904,5 +904,10 @@ FRESH = [
            "    if dtype == torch.float16 and torch.isinf(tensor).any():",
            ("tests/test_cli_errors.py::test_errors_print_one_line_and_exit_2",),
            "train --dtype float32 takes values beyond float32's range: inf features, n/a metrics, exit 0"),
+    Mutant("cli-predict-overflow-nan-only", "cli", "linreg_fused/cli/predicting.py",
+           "    overflow = ~torch.isfinite(pred)",
+           "    overflow = torch.isnan(pred)",
+           ("tests/test_cli_errors.py::test_errors_print_one_line_and_exit_2",),
+           "predict writes inf where a float16 model's sums overflow, with exit 0"),
 ]
 MUTANTS += FRESH
