@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import importlib.util
 import os
 import re
@@ -51,6 +52,20 @@ class DataError(ValueError):
     """A data file that cannot be read as numbers; the message says where."""
 
 
+def _unreadable_is_data_error(function):
+    """A file that cannot be read (no permission, an I/O error): one DataError, not a traceback."""
+
+    @functools.wraps(function)
+    def read(path, *args, **kwargs):
+        try:
+            return function(path, *args, **kwargs)
+        except OSError as err:
+            raise DataError(f"{path}: cannot be read ({err.strerror or err})") from None
+
+    return read
+
+
+@_unreadable_is_data_error
 def column_names(path: str | os.PathLike, *, delimiter: str = ",") -> list[str]:
     """The column names of a data file, in file order (delimiter: of a CSV file)."""
     kind = _kind(path)
@@ -64,6 +79,7 @@ def column_names(path: str | os.PathLike, *, delimiter: str = ",") -> list[str]:
     return _parquet_schema(path).names
 
 
+@_unreadable_is_data_error
 def read_columns(
     path: str | os.PathLike, names: Sequence[str] | None = None, *, engine: str = "auto", delimiter: str = ","
 ) -> np.ndarray:

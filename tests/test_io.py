@@ -268,3 +268,17 @@ def test_arrays_that_are_not_real_columns_are_data_errors(tmp_path):
         for read in (column_names, read_columns):
             with pytest.raises(DataError, match=r"bad.parquet: not a Parquet file \(.*magic bytes"):
                 read(tmp_path / "bad.parquet")
+
+
+def test_unreadable_files_are_data_errors(tmp_path, monkeypatch):
+    """A file without read permission (or on a failing disk) raised PermissionError / OSError, a
+    traceback from the command line; now one DataError naming the file and the reason."""
+    path = write(tmp_path, "a,y\n1,2\n")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(io, "open", denied, raising=False)  # the module's own reads; root ignores chmod
+    for read in (column_names, read_columns):
+        with pytest.raises(DataError, match=re.escape(f"{path}: cannot be read (Permission denied)")):
+            read(path)

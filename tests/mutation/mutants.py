@@ -909,5 +909,10 @@ FRESH = [
            "    overflow = torch.isnan(pred)",
            ("tests/test_cli_errors.py::test_errors_print_one_line_and_exit_2",),
            "predict writes inf where a float16 model's sums overflow, with exit 0"),
+    Mutant("io-unreadable-traceback", "cli", "linreg_fused/io.py",
+           "        except OSError as err:\n            raise DataError(f\"{path}: cannot be read",
+           "        except FileNotFoundError as err:\n            raise DataError(f\"{path}: cannot be read",
+           ("tests/test_io.py::test_unreadable_files_are_data_errors",),
+           "a data file without read permission raises PermissionError (a traceback from the command line)"),
 ]
 MUTANTS += FRESH
