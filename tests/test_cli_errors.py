@@ -38,6 +38,9 @@ def _error_cases(tmp_path, bad_csv):
     with torch.no_grad():
         overflows.weight.fill_(2.0)  # 2 · 60000 is beyond float16's 65504
     overflows.save(big)
+    with torch.no_grad():
+        overflows.weight.fill_(float("nan"))
+    overflows.save(tmp_path / "nan.safetensors")
     (tmp_path / "sum.csv").write_text("x\n3\n60000\n")
     (tmp_path / "huge.csv").write_text("a,y\n1,2\n1e39,3\n")
     return [
@@ -76,6 +79,8 @@ def _error_cases(tmp_path, bad_csv):
         (["predict", half, tmp_path / "income.csv"], "row 2, column 'income': 70000 is beyond float16's range"),
         (["predict", big, tmp_path / "sum.csv", "-o", tmp_path / "p.csv", "--backend", "torch"],
          "row 2: the prediction of 'y0' is beyond float16's range"),
+        (["predict", tmp_path / "nan.safetensors", tmp_path / "sum.csv", "--backend", "torch"],
+         "nan.safetensors: the model's weights hold NaN or inf"),
         (["train", tmp_path / "huge.csv", "--target", "y"], "row 2, column 'a': 1e+39 is beyond float32's range"),
     ]
 

@@ -14,7 +14,7 @@ import torch
 
 from ..io import DataError, read_columns
 from ..module import FusedLinearRegressor
-from ..serialization import read_info
+from ..serialization import ModelFileError, read_info
 from .common import DTYPES, check_input, check_outputs, device_for, header, in_dtype, metrics, require_columns
 from .options import UsageError
 from .report import metrics_table, to_json
@@ -48,7 +48,10 @@ def predict(args: argparse.Namespace) -> int:
     with torch.no_grad():
         pred = model(x.to(device)).cpu()
     overflow = ~torch.isfinite(pred)
-    if overflow.any():  # finite inputs and weights: the sums left the dtype's range
+    if overflow.any():
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise ModelFileError(f"{args.model}: the model's weights hold NaN or inf (saved after training diverged?)")
+        # finite inputs and weights: the sums left the dtype's range
         row, col = (int(i) for i in overflow.nonzero()[0])
         name = str(dtype).removeprefix("torch.")
         raise DataError(f"{args.data}: row {row + 1}: the prediction of {names[col]!r} is beyond {name}'s range; "

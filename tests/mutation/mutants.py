@@ -914,5 +914,10 @@ FRESH = [
            "        except FileNotFoundError as err:\n            raise DataError(f\"{path}: cannot be read",
            ("tests/test_io.py::test_unreadable_files_are_data_errors",),
            "a data file without read permission raises PermissionError (a traceback from the command line)"),
+    Mutant("cli-predict-nan-model-as-overflow", "cli", "linreg_fused/cli/predicting.py",
+           "        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):",
+           "        if False:",
+           ("tests/test_cli_errors.py::test_errors_print_one_line_and_exit_2",),
+           "predict blames the dtype's range (use --dtype float64) for a model file whose weights are NaN"),
 ]
 MUTANTS += FRESH
