@@ -43,6 +43,7 @@ def _error_cases(tmp_path, bad_csv):
     overflows.save(tmp_path / "nan.safetensors")
     (tmp_path / "sum.csv").write_text("x\n3\n60000\n")
     (tmp_path / "huge.csv").write_text("a,y\n1,2\n1e39,3\n")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone" / "x")  # written through, after the work
     return [
         (["train", CROP_CSV, "--target", "pears"], "no column 'pears' (columns: temp, rainfall, humidity"),
         (["train", bad_csv, "--target", "y", "--features", "a,b"], "row 2 (line 3), column 'b': 'five' is not a number"),
@@ -65,6 +66,8 @@ def _error_cases(tmp_path, bad_csv):
         ([*crop, "--save", folder], f"--save {folder} is a folder; give a file name (e.g. "),
         ([*crop, "--save", "/sys/m.safetensors"], "--save /sys/m.safetensors: cannot write in the folder /sys"),
         ([*crop, "--save", tmp_path / "x", "--plot", tmp_path / "x"], "name the same file"),
+        ([*crop, "--save", tmp_path / "dangling"], "gone does not exist"),
+        (["predict", model, CROP_CSV, "-o", tmp_path / "dangling"], "gone does not exist"),
         (["predict", model, CROP_CSV, "-o", folder], f"-o {folder} is a folder"),
         (["predict", model, CROP_CSV, "-o", CROP_CSV], "would overwrite the input file"),
         (["predict", model, CROP_CSV, "--json"], "give -o OUT.csv for the predictions"),

@@ -34,7 +34,7 @@ def check_outputs(outputs: dict[str, str | None], inputs: tuple[str, ...] = ()) 
     given = {option: path for option, path in outputs.items() if path}
     seen: dict[str, str] = {}
     for option, path in given.items():
-        full = os.path.abspath(path)
+        full = os.path.realpath(path)  # the file a symlink names is the one written: its folder must exist
         if os.path.isdir(full):
             example = os.path.join(path, EXAMPLE_NAMES.get(option, "out"))
             raise UsageError(f"{option} {path} is a folder; give a file name (e.g. {example})")

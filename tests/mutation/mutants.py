@@ -919,5 +919,10 @@ FRESH = [
            "        if False:",
            ("tests/test_cli_errors.py::test_errors_print_one_line_and_exit_2",),
            "predict blames the dtype's range (use --dtype float64) for a model file whose weights are NaN"),
+    Mutant("cli-output-link-not-followed", "cli", "linreg_fused/cli/common.py",
+           "        full = os.path.realpath(path)  # the file a symlink names",
+           "        full = os.path.abspath(path)  # the file a symlink names",
+           ("tests/test_cli_errors.py::test_errors_print_one_line_and_exit_2",),
+           "an output path that is a symlink into a missing folder passes the checks and fails after the work"),
 ]
 MUTANTS += FRESH
