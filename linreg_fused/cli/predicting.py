@@ -14,7 +14,7 @@ import torch
 
 from ..io import DataError, read_columns
 from ..module import FusedLinearRegressor
-from ..serialization import ModelFileError, read_info
+from ..serialization import ModelFileError, read
 from .common import DTYPES, check_input, check_outputs, device_for, header, in_dtype, metrics, require_columns
 from .options import UsageError
 from .report import metrics_table, to_json
@@ -27,7 +27,8 @@ def predict(args: argparse.Namespace) -> int:
     check_input(args.data, "DATA")
     check_outputs({"-o": args.output}, inputs=(args.model, args.data))
     device = device_for(args.device, args.backend)
-    info = read_info(args.model)
+    # Read once: the names and the weights come from one file, even if a new model replaces it meanwhile.
+    info, state = read(args.model)
     available = header(args.data, args.delimiter)
     if info.feature_names is not None:
         features = info.feature_names
@@ -44,7 +45,10 @@ def predict(args: argparse.Namespace) -> int:
     scored = scored and table.shape[1] > len(features)
     dtype = DTYPES[args.dtype] if args.dtype else info.dtype
     x = in_dtype(args.data, features, table[:, :len(features)], dtype)
-    model = FusedLinearRegressor.load(args.model, device=device, backend=args.backend).to(dtype)
+    model = FusedLinearRegressor(info.in_features, info.out_features, info.bias, device="meta", dtype=info.dtype,
+                                 backend=args.backend).to_empty(device=device)
+    model.load_state_dict(state)
+    model = model.to(dtype)
     with torch.no_grad():
         pred = model(x.to(device)).cpu()
     overflow = ~torch.isfinite(pred)

@@ -924,5 +924,11 @@ FRESH = [
            "        full = os.path.abspath(path)  # the file a symlink names",
            ("tests/test_cli_errors.py::test_errors_print_one_line_and_exit_2",),
            "an output path that is a symlink into a missing folder passes the checks and fails after the work"),
+    Mutant("cli-predict-reads-model-twice", "cli", "linreg_fused/cli/predicting.py",
+           "    model.load_state_dict(state)\n",
+           "    model.load_state_dict(read(args.model)[1])\n",
+           ("tests/test_cli.py::test_predict_takes_names_and_weights_from_one_file",),
+           "predict takes the names from the model file and, after reading the data, the weights again: a "
+           "retrain in between pairs them wrongly"),
 ]
 MUTANTS += FRESH
