@@ -2,6 +2,8 @@
 any work (paths first), warnings print as one line, and --help/--version answer without
 importing torch."""
 
+import json
+import os
 import subprocess
 import sys
 
@@ -44,6 +46,7 @@ def _error_cases(tmp_path, bad_csv):
     (tmp_path / "sum.csv").write_text("x\n3\n60000\n")
     (tmp_path / "huge.csv").write_text("a,y\n1,2\n1e39,3\n")
     (tmp_path / "dangling").symlink_to(tmp_path / "gone" / "x")  # written through, after the work
+    os.mkfifo(tmp_path / "fifo")  # a model file renamed over it would replace it
     return [
         (["train", CROP_CSV, "--target", "pears"], "no column 'pears' (columns: temp, rainfall, humidity"),
         (["train", bad_csv, "--target", "y", "--features", "a,b"], "row 2 (line 3), column 'b': 'five' is not a number"),
@@ -67,6 +70,7 @@ def _error_cases(tmp_path, bad_csv):
         ([*crop, "--save", "/sys/m.safetensors"], "--save /sys/m.safetensors: cannot write in the folder /sys"),
         ([*crop, "--save", tmp_path / "x", "--plot", tmp_path / "x"], "name the same file"),
         ([*crop, "--save", tmp_path / "dangling"], "gone does not exist"),
+        ([*crop, "--save", tmp_path / "fifo"], "fifo is not a regular file; give a file name"),
         (["predict", model, CROP_CSV, "-o", tmp_path / "dangling"], "gone does not exist"),
         (["predict", model, CROP_CSV, "-o", folder], f"-o {folder} is a folder"),
         (["predict", model, CROP_CSV, "-o", CROP_CSV], "would overwrite the input file"),
@@ -114,6 +118,25 @@ def test_output_paths_are_checked_before_the_data_are_read(tmp_path, monkeypatch
                  ["predict", model, CROP_CSV, "-o", tmp_path]):
         code, out, err = cli(capsys, *args)
         assert code == 2 and err.count("\n") == 1 and "AssertionError" not in err, (args, err)
+
+
+def test_predict_writes_to_dev_null_whose_folder_takes_no_files(tmp_path, monkeypatch, capsys):
+    """-o /dev/null for the metrics alone (--json needs -o): the check of the folder, creating a file
+    in /dev, failed for every user but root ("cannot write in the folder /dev"); a device is written
+    in place. Here the folder check fails as it does for them."""
+    from linreg_fused.cli import common
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    model = tmp_path / "m.safetensors"
+    FusedLinearRegressor(3, 2).save(model, feature_names=["temp", "rainfall", "humidity"],
+                                    target_names=["apples", "oranges"])
+    monkeypatch.setattr(common.tempfile, "mkstemp", denied)
+    code, out, err = cli(capsys, "predict", model, CROP_CSV, "-o", os.devnull, "--json", "--backend", "torch")
+    assert code == 0 and err == "" and json.loads(out)["rows"] == 15 and len(json.loads(out)["metrics"]["r2"]) == 2
+    code, out, err = cli(capsys, "predict", model, CROP_CSV, "-o", tmp_path / "p.csv", "--backend", "torch")
+    assert code == 2 and "cannot write in the folder" in err  # a new file still needs the folder
 
 
 def test_the_delimiter_option_reads_what_the_hint_names(tmp_path, capsys):

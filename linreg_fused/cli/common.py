@@ -50,6 +50,10 @@ def check_outputs(outputs: dict[str, str | None], inputs: tuple[str, ...] = ()) 
                 raise UsageError(f"{option} {path} would overwrite the input file {source}")
         if os.path.exists(full) and not os.access(full, os.W_OK):
             raise UsageError(f"{option} {path}: the file is not writable")
+        if os.path.exists(full) and not os.path.isfile(full):  # a device or a FIFO (-o /dev/null)
+            if option == "--save":  # saved whole, then renamed over it: that would replace the device
+                raise UsageError(f"--save {path} is not a regular file; give a file name")
+            continue  # written in place: no new file in its folder (/dev takes none)
         try:
             fd, probe = tempfile.mkstemp(prefix=".linreg-fused-", dir=folder)
         except OSError as err:

@@ -930,5 +930,15 @@ FRESH = [
            ("tests/test_cli.py::test_predict_takes_names_and_weights_from_one_file",),
            "predict takes the names from the model file and, after reading the data, the weights again: a "
            "retrain in between pairs them wrongly"),
+    Mutant("save-replaces-a-device", "model files", "linreg_fused/serialization.py",
+           "    if os.path.exists(target) and not os.path.isfile(target):  # the rename",
+           "    if os.path.exists(target) and os.path.isdir(target):  # the rename",
+           ("tests/test_save_load.py::test_saving_over_a_device_or_fifo_is_refused_before_writing",),
+           "save renames a regular file over a FIFO or a device (as root, over /dev/null)"),
+    Mutant("cli-output-device-probed", "cli", "linreg_fused/cli/common.py",
+           "            continue  # written in place: no new file in its folder",
+           "            pass  # written in place: no new file in its folder",
+           ("tests/test_cli_errors.py::test_predict_writes_to_dev_null_whose_folder_takes_no_files",),
+           "-o /dev/null is refused for every user but root: its folder takes no new file"),
 ]
 MUTANTS += FRESH
