@@ -139,6 +139,24 @@ def test_predict_writes_to_dev_null_whose_folder_takes_no_files(tmp_path, monkey
     assert code == 2 and "cannot write in the folder" in err  # a new file still needs the folder
 
 
+def test_a_failed_write_leaves_the_previous_predictions(tmp_path, monkeypatch, capsys):
+    """A full disk halfway through -o: a traceback, and the previous predictions replaced by a
+    truncated CSV that reads as fewer rows. Now one line, and the previous file as it was."""
+    model, out_csv = tmp_path / "m.safetensors", tmp_path / "p.csv"
+    FusedLinearRegressor(3, 2).save(model, feature_names=["temp", "rainfall", "humidity"])
+    assert cli(capsys, "predict", model, CROP_CSV, "-o", out_csv, "--backend", "torch")[0] == 0
+    before = out_csv.read_bytes()
+
+    def disk_full(f, array, **kwargs):
+        f.write("1.5,2.5\n")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savetxt", disk_full)
+    code, out, err = cli(capsys, "predict", model, CROP_CSV, "-o", out_csv, "--backend", "torch")
+    assert code == 2 and err.count("\n") == 1 and "cannot write (No space left on device)" in err, err
+    assert out_csv.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "p.csv"]
+
+
 def test_the_delimiter_option_reads_what_the_hint_names(tmp_path, capsys):
     (tmp_path / "semi.csv").write_text("a;b;y\n1;2;3.5\n2;0;1\n3;1;2\n4;4;0.5\n")
     code, out, err = cli(capsys, "train", tmp_path / "semi.csv", "--target", "y", "--delimiter", ";",

@@ -4,9 +4,12 @@ when the file holds the targets too."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import importlib.util
+import os
 import sys
+import tempfile
 import warnings
 
 import numpy as np
@@ -90,6 +93,44 @@ def _read(args: argparse.Namespace, features: list[str], targets: list[str]) -> 
 def _write_csv(path: str | None, names: list[str], values: torch.Tensor) -> None:
     """A CSV with a header; each float written so that it reads back as the same value."""
     array = values.to(torch.float64 if values.dtype == torch.float64 else torch.float32).numpy()
+    if path is None:
+        _write_rows(None, names, array)
+        return
+    with _replacing(path) as written:
+        _write_rows(written, names, array)
+
+
+@contextlib.contextmanager
+def _replacing(path: str):
+    """A temporary file beside ``path`` (through a symlink), renamed over it once complete: a full
+    disk or an interrupt leaves the previous file, never a truncated CSV that reads as fewer rows.
+    A device (-o /dev/null) is written in place."""
+    target = os.path.realpath(path)
+    if os.path.exists(target) and not os.path.isfile(target):
+        yield target
+        return
+    try:
+        mode = os.stat(target).st_mode & 0o777  # an existing file keeps its permission bits
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=os.path.dirname(target))
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise UsageError(f"-o {path}: cannot write ({err.strerror or err}); the file was left as it was") from None
+        raise
+
+
+def _write_rows(path: str | None, names: list[str], array: np.ndarray) -> None:
+    """The CSV to ``path`` (None: standard output)."""
     if path is not None and array.nbytes > (1 << 20) and importlib.util.find_spec("pyarrow") is not None:
         import pyarrow as pa
         from pyarrow import csv as pacsv

@@ -940,5 +940,10 @@ FRESH = [
            "            pass  # written in place: no new file in its folder",
            ("tests/test_cli_errors.py::test_predict_writes_to_dev_null_whose_folder_takes_no_files",),
            "-o /dev/null is refused for every user but root: its folder takes no new file"),
+    Mutant("cli-predict-output-in-place", "cli", "linreg_fused/cli/predicting.py",
+           "    if os.path.exists(target) and not os.path.isfile(target):\n        yield target",
+           "    if True:\n        yield target",
+           ("tests/test_cli_errors.py::test_a_failed_write_leaves_the_previous_predictions",),
+           "predict -o writes over the previous file in place: a full disk leaves a truncated CSV and a traceback"),
 ]
 MUTANTS += FRESH
