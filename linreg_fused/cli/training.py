@@ -68,8 +68,9 @@ def train(args: argparse.Namespace) -> int:
         xv, tv = as_tensor(xv64, args.dtype, device), as_tensor(tv64, "float64", device)
     # The metrics are the saved model's: for raw features in --dtype, as predict computes them (a model
     # folded for raw values loses digits in float32 where the features' offsets dwarf their spread).
-    raw, raw_val = (None, None) if mean is None else (train_table[:, :d], val_table if val_table is None
-                                                      else val_table[:, :d])
+    raw = raw_val = None
+    if mean is not None:
+        raw, raw_val = train_table[:, :d], None if val_table is None else val_table[:, :d]
     del train_table, val_table
 
     torch.manual_seed(args.seed)
