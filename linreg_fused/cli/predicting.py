@@ -61,8 +61,8 @@ def predict(args: argparse.Namespace) -> int:
         # finite inputs and weights: the sums left the dtype's range
         row, col = (int(i) for i in overflow.nonzero()[0])
         name = str(dtype).removeprefix("torch.")
-        raise DataError(f"{args.data}: row {row + 1}: the prediction of {names[col]!r} is beyond {name}'s range; "
-                        f"use --dtype float64")
+        tip = "; use --dtype float64" if dtype != torch.float64 else ""
+        raise DataError(f"{args.data}: row {row + 1}: the prediction of {names[col]!r} is beyond {name}'s range{tip}")
     _write_csv(args.output, names, pred)
     values = metrics(pred, torch.from_numpy(table[:, len(features):])) if scored else None
     if args.json:  # the same keys whether the targets were scored or not
