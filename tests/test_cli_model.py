@@ -289,3 +289,17 @@ def test_standardised_training_scores_the_model_it_saves(tmp_path, capsys, dtype
         if dtype == "float64" and solver == ["--standardize"]:
             pred = np.loadtxt(out, delimiter=",", skiprows=1)
             np.testing.assert_allclose(pred, x @ coef[0] + intercept[0], rtol=0, atol=1e-6 * np.abs(y).max())
+
+
+def test_an_unnamed_column_is_not_a_default_feature(tmp_path, capsys):
+    """pandas' DataFrame.to_csv writes the index first, under an empty name: train used the row
+    numbers as a feature (and predict then depended on where a row sits in its file). The unnamed
+    column is left out, with one warning line; the model is least squares on the named columns."""
+    x, y, _, _ = linear_data(23, 2, 1, noise=0.5, rng=np.random.default_rng())
+    path = tmp_path / "pandas.csv"
+    write_csv(path, ["", "a", "b", "y"], np.column_stack([np.arange(23.0), x, y]))
+    payload, err = cli_json(capsys, "train", path, "--target", "y", "--backend", "torch", "--dtype", "float64")
+    assert payload["features"] == ["a", "b"] and err.count("\n") == 1 and "without a name" in err, err
+    coef, intercept = least_squares(x, y)
+    np.testing.assert_allclose(payload["coef"], coef, rtol=1e-9)
+    np.testing.assert_allclose(payload["intercept"], intercept, rtol=1e-9)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -157,7 +158,12 @@ def _read(args: argparse.Namespace) -> tuple[list[str], list[str], np.ndarray]:
         twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
         if twice is not None:
             raise UsageError(f"{option} names the column {twice!r} twice")
-    features = args.features or [n for n in available if n not in targets]
+    # A column without a name is no variable: pandas' index (to_csv's first column), whose row numbers
+    # would enter the model as a feature, and make predictions depend on where a row sits in a file.
+    features = args.features or [n for n in available if n not in targets and n != ""]
+    if not args.features and "" in available:
+        warnings.warn("the column without a name (pandas' index?) is not a feature; name it in the header to "
+                      "use it", RuntimeWarning, stacklevel=2)
     both = [n for n in targets if n in features]
     if both:
         raise UsageError(f"column {both[0]!r} is both a feature and a target")

@@ -945,5 +945,10 @@ FRESH = [
            "    if True:\n        yield target",
            ("tests/test_cli_errors.py::test_a_failed_write_leaves_the_previous_predictions",),
            "predict -o writes over the previous file in place: a full disk leaves a truncated CSV and a traceback"),
+    Mutant("cli-train-index-as-feature", "cli", "linreg_fused/cli/training.py",
+           'features = args.features or [n for n in available if n not in targets and n != ""]',
+           "features = args.features or [n for n in available if n not in targets]",
+           ("tests/test_cli_model.py::test_an_unnamed_column_is_not_a_default_feature",),
+           "train fits on pandas' unnamed index column: row numbers as a feature"),
 ]
 MUTANTS += FRESH
