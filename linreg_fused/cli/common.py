@@ -121,16 +121,18 @@ def as_tensor(values: np.ndarray, dtype: str, device: torch.device) -> torch.Ten
     return torch.as_tensor(values, dtype=DTYPES[dtype]).to(device)
 
 
-def in_dtype(path: str, names: list[str], values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """The (finite, float64) columns in ``dtype``, on the CPU; a value beyond its range is a DataError
+def check_range(path: str, names: list[str], values: np.ndarray, dtype: torch.dtype) -> None:
+    """Every value of the (finite, float64) columns fits in ``dtype``; one beyond its range is a DataError
     naming the cell: it would be ±inf there (70000 in a float16 model), and so would its prediction."""
-    tensor = torch.as_tensor(values, dtype=dtype)
-    if dtype != torch.float64 and torch.isinf(tensor).any():
-        row, col = (int(i) for i in torch.isinf(tensor).nonzero()[0])
+    limit = torch.finfo(dtype).max
+    if dtype == torch.float64 or values.size == 0 or -limit <= values.min() <= values.max() <= limit:
+        return  # the usual case, found without a copy of the table
+    inf = torch.isinf(torch.as_tensor(values, dtype=dtype))  # just above the limit still rounds to it
+    if inf.any():
+        row, col = (int(i) for i in inf.nonzero()[0])
         name = str(dtype).removeprefix("torch.")
         raise DataError(f"{path}: row {row + 1}, column {names[col]!r}: {values[row, col]:g} is beyond {name}'s "
-                        f"range (±{torch.finfo(dtype).max:.5g}); use --dtype float64")
-    return tensor
+                        f"range (±{limit:.5g}); use --dtype float64")
 
 
 # ---------------------------------------------------------------- metrics

@@ -18,7 +18,7 @@ import torch
 from ..io import DataError, read_columns
 from ..module import FusedLinearRegressor
 from ..serialization import ModelFileError, read
-from .common import DTYPES, check_input, check_outputs, device_for, header, in_dtype, metrics, require_columns
+from .common import DTYPES, check_input, check_outputs, check_range, device_for, header, metrics, require_columns
 from .options import UsageError
 from .report import metrics_table, to_json
 
@@ -47,7 +47,8 @@ def predict(args: argparse.Namespace) -> int:
     table = _read(args, features, names if scored else [])
     scored = scored and table.shape[1] > len(features)
     dtype = DTYPES[args.dtype] if args.dtype else info.dtype
-    x = in_dtype(args.data, features, table[:, :len(features)], dtype)
+    check_range(args.data, features, table[:, :len(features)], dtype)
+    x = torch.as_tensor(table[:, :len(features)], dtype=dtype)
     model = FusedLinearRegressor(info.in_features, info.out_features, info.bias, device="meta", dtype=info.dtype,
                                  backend=args.backend).to_empty(device=device)
     model.load_state_dict(state)

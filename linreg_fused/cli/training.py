@@ -17,7 +17,7 @@ from ..optim import FusedSGD
 from ..plot import require_matplotlib, training_plot
 from ..serialization import fold_standardization
 from ..stats import LinearStats
-from .common import (DTYPES, as_tensor, check_input, check_outputs, device_for, header, in_dtype, metrics,
+from .common import (DTYPES, as_tensor, check_input, check_outputs, check_range, device_for, header, metrics,
                      require_columns)
 from .options import SGD_DEFAULTS, UsageError, resolve_solver
 from .report import coefficient_table, metrics_table, to_json
@@ -170,7 +170,7 @@ def _read(args: argparse.Namespace) -> tuple[list[str], list[str], np.ndarray]:
     if not features:
         raise UsageError(f"{args.data}: no feature columns left besides the target(s)")
     table = read_columns(args.data, features + targets, engine=args.engine, delimiter=args.delimiter)
-    in_dtype(args.data, features + targets, table, DTYPES[args.dtype])  # every value fits in --dtype
+    check_range(args.data, features + targets, table, DTYPES[args.dtype])  # every value fits in --dtype
     return targets, features, table
 
 
