@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import importlib.util
 import os
 import re
@@ -51,6 +52,20 @@ class DataError(ValueError):
     """A data file that cannot be read as numbers; the message says where."""
 
 
+def _unreadable_is_data_error(function):
+    """A file that cannot be read (no permission, an I/O error): one DataError, not a traceback."""
+
+    @functools.wraps(function)
+    def read(path, *args, **kwargs):
+        try:
+            return function(path, *args, **kwargs)
+        except OSError as err:
+            raise DataError(f"{path}: cannot be read ({err.strerror or err})") from None
+
+    return read
+
+
+@_unreadable_is_data_error
 def column_names(path: str | os.PathLike, *, delimiter: str = ",") -> list[str]:
     """The column names of a data file, in file order (delimiter: of a CSV file)."""
     kind = _kind(path)
@@ -58,12 +73,13 @@ def column_names(path: str | os.PathLike, *, delimiter: str = ",") -> list[str]:
         with _utf8(path):
             return _csv_header(path, delimiter)
     if kind == "npy":
-        return _npy_names(_load_npy(path))
+        return _npy_names(path, _load_npy(path))
     if kind == "npz":
         return list(_npz_columns(path))
     return _parquet_schema(path).names
 
 
+@_unreadable_is_data_error
 def read_columns(
     path: str | os.PathLike, names: Sequence[str] | None = None, *, engine: str = "auto", delimiter: str = ","
 ) -> np.ndarray:
@@ -95,7 +111,8 @@ def read_columns(
         if use_arrow and not _has_pyarrow():
             raise DataError(f"the pyarrow CSV engine needs pyarrow: {ARROW_HINT}")
         with _utf8(path):
-            values = (_csv_arrow if use_arrow else _csv_numpy)(path, names, available, delimiter)
+            skip = _csv_head(path, delimiter)[1]
+            values = (_csv_arrow if use_arrow else _csv_numpy)(path, names, available, delimiter, skip)
     elif kind == "npy":
         values = _npy_columns(path, _load_npy(path), names)
     elif kind == "npz":
@@ -112,11 +129,18 @@ def read_columns(
 # ---------------------------------------------------------------- CSV
 
 def _csv_header(path, delimiter: str = ",") -> list[str]:
+    return _csv_head(path, delimiter)[0]
+
+
+def _csv_head(path, delimiter: str = ",") -> tuple[list[str], int]:
+    """The header's names and the lines it spans: a quoted name may hold a line break (a
+    spreadsheet's "Yield⏎(t/ha)"), and both parsers skip lines, not rows."""
     with open(path, newline="", encoding="utf-8-sig") as f:
-        header = next(csv.reader(f, delimiter=delimiter), None)
+        reader = csv.reader(f, delimiter=delimiter)
+        header = next(reader, None)
     if not header or header == [""]:
         raise DataError(f"{path}: empty file (a CSV needs a header row of column names)")
-    return [h.strip() for h in header]
+    return [h.strip() for h in header], reader.line_num
 
 
 def other_delimiter(header: Sequence[str], delimiter: str) -> str | None:
@@ -134,25 +158,34 @@ def _delimiter_hint(available: list[str], delimiter: str) -> str:
     return "" if other is None else f"; the header looks {other!r}-separated: read it with delimiter={other!r}"
 
 
-def _csv_arrow(path, names, available, delimiter) -> np.ndarray:
+def _csv_arrow(path, names, available, delimiter, skip=1) -> np.ndarray:
     import pyarrow as pa
     from pyarrow import csv as pacsv
 
-    try:
-        table = pacsv.read_csv(
+    def read(newlines_in_values: bool):
+        return pacsv.read_csv(
             path,
-            read_options=pacsv.ReadOptions(column_names=available, skip_rows=1),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter),
+            read_options=pacsv.ReadOptions(column_names=available, skip_rows=skip),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=newlines_in_values),
             convert_options=pacsv.ConvertOptions(include_columns=names,
                                                  column_types={n: pa.float64() for n in names}),
         )
+
+    try:
+        try:
+            table = read(False)
+        except pa.ArrowInvalid:
+            # A quoted cell that spans lines (a note with a line break) puts pyarrow's block
+            # splitter out of sync on files over one block; reading such cells costs speed on
+            # every file, so only a failed read pays for it.
+            table = read(True)
     except pa.ArrowInvalid as err:
         _raise_first_bad_cell(path, names, available, delimiter, fallback=str(err))
     # Nulls (empty cells, "NA", "nan") become NaN; _check_finite reports the first one.
     return np.column_stack([table.column(n).to_numpy(zero_copy_only=False) for n in names])
 
 
-def _csv_numpy(path, names, available, delimiter) -> np.ndarray:
+def _csv_numpy(path, names, available, delimiter, skip=1) -> np.ndarray:
     # Every column is read so that a row with too many or too few fields is an error (loadtxt's
     # usecols would skip that check); a column that is not used is read as one byte.
     used = set(names)
@@ -161,7 +194,7 @@ def _csv_numpy(path, names, available, delimiter) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "loadtxt: input contained no data")  # read_columns says so
             # comments=None: "#" is data in a CSV (loadtxt's default would drop or cut rows at it)
-            table = np.loadtxt(path, delimiter=delimiter, skiprows=1, quotechar='"', ndmin=1, dtype=dtype,
+            table = np.loadtxt(path, delimiter=delimiter, skiprows=skip, quotechar='"', ndmin=1, dtype=dtype,
                                encoding="utf-8-sig", comments=None)
     except ValueError as err:
         _raise_first_bad_cell(path, names, available, delimiter, fallback=str(err))
@@ -206,27 +239,31 @@ def _load_npy(path) -> np.ndarray:
         raise DataError(f"{path}: {err}") from None
 
 
-def _npy_names(array: np.ndarray) -> list[str]:
+def _npy_names(path, array: np.ndarray) -> list[str]:
     if array.dtype.names:
+        shaped = next((n for n in array.dtype.names if array.dtype[n].shape), None)
+        if shaped is not None:  # several values per row under one name: which column is which?
+            raise DataError(f"{path}: a .npy field must hold one value per row; {shaped!r} holds "
+                            f"{array.dtype[shaped].shape}")
         return list(array.dtype.names)
     if array.ndim == 1:
         return ["0"]
     if array.ndim == 2:
         return [str(i) for i in range(array.shape[1])]
-    raise DataError(f"a .npy data set must be 1-D or 2-D (rows, columns), got shape {array.shape}")
+    raise DataError(f"{path}: a .npy data set must be 1-D or 2-D (rows, columns), got shape {array.shape}")
 
 
 def _npy_columns(path, array: np.ndarray, names) -> np.ndarray:
     if array.dtype.names:
         columns = [array[n] for n in names]
     else:
-        if not np.issubdtype(array.dtype, np.number) and array.dtype != np.bool_:
-            raise DataError(f"{path}: holds {array.dtype}, not numbers")
+        if not _real(array.dtype):
+            raise DataError(f"{path}: holds {array.dtype}, not real numbers")
         array = array.reshape(-1, 1) if array.ndim == 1 else array
         columns = [array[:, int(n)] for n in names]
     for n, c in zip(names, columns):
-        if not np.issubdtype(c.dtype, np.number) and c.dtype != np.bool_:
-            raise DataError(f"{path}: column {n!r} holds {c.dtype}, not numbers")
+        if not _real(c.dtype):
+            raise DataError(f"{path}: column {n!r} holds {c.dtype}, not real numbers")
     return np.stack([np.asarray(c, dtype=np.float64) for c in columns], axis=1)
 
 
@@ -239,14 +276,19 @@ def _npz_columns(path) -> dict[str, np.ndarray]:
     with archive:
         for key in archive.files:
             a = archive[key]
-            if not np.issubdtype(a.dtype, np.number) and a.dtype != np.bool_:
-                raise DataError(f"{path}: array {key!r} holds {a.dtype}, not numbers")
+            if not _real(a.dtype):
+                raise DataError(f"{path}: array {key!r} holds {a.dtype}, not real numbers")
             if a.ndim == 1:
-                columns[key] = a
+                named = {key: a}
             elif a.ndim == 2:
-                columns.update({f"{key}[{i}]": a[:, i] for i in range(a.shape[1])})
+                named = {f"{key}[{i}]": a[:, i] for i in range(a.shape[1])}
             else:
                 raise DataError(f"{path}: array {key!r} must be 1-D or 2-D (rows, columns), got shape {a.shape}")
+            clash = next((name for name in named if name in columns), None)
+            if clash is not None:  # an array "X[0]" beside a 2-D "X": one would replace the other
+                raise DataError(f"{path}: two columns named {clash!r} (an array of that name and a column "
+                                f"of a 2-D array)")
+            columns.update(named)
     lengths = {k: len(v) for k, v in columns.items()}
     if len(set(lengths.values())) > 1:
         raise DataError(f"{path}: the arrays differ in length ({_listing(f'{k}: {n}' for k, n in lengths.items())})")
@@ -260,9 +302,13 @@ def _npz_columns(path) -> dict[str, np.ndarray]:
 def _parquet_schema(path):
     if not _has_pyarrow():
         raise DataError(f"reading Parquet needs pyarrow: {ARROW_HINT}")
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return pq.read_schema(path)
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a Parquet file ({' '.join(str(err).split())})") from None
 
 
 def _parquet_columns(path, names) -> np.ndarray:
@@ -303,6 +349,11 @@ def _utf8(path):
         byte = err.object[err.start : err.start + 1].hex()
         raise DataError(f"{path}: not UTF-8 text (the byte 0x{byte}); save it as UTF-8 "
                         f"(e.g. a spreadsheet's \"CSV UTF-8\")") from None
+
+
+def _real(dtype: np.dtype) -> bool:
+    """Real numbers or booleans: a complex column would lose its imaginary part to float64."""
+    return (np.issubdtype(dtype, np.number) and not np.issubdtype(dtype, np.complexfloating)) or dtype == np.bool_
 
 
 def _has_pyarrow() -> bool:

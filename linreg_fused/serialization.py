@@ -291,6 +291,9 @@ def _write_atomically(path: str, data: bytes) -> None:
     target = os.path.realpath(path)
     if os.path.isdir(target):
         raise IsADirectoryError(f"{path} is a directory; give a file name")
+    if os.path.exists(target) and not os.path.isfile(target):  # the rename would replace /dev/null itself
+        raise ValueError(f"{path} is not a regular file (a device, a FIFO, ...); a model file is written whole "
+                         f"and renamed over its target: give a file name")
     try:
         mode = stat.S_IMODE(os.stat(target).st_mode)  # an existing file keeps its permission bits
     except FileNotFoundError:

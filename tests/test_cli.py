@@ -164,7 +164,12 @@ def test_predict_without_target_columns_prints_no_metrics(tmp_path, capsys):
     np.savez(tmp_path / "x.npz", a=np.arange(4.0), b=np.ones(4))
     code, out, err = cli(capsys, "predict", model_path, tmp_path / "x.npz", "-o", tmp_path / "p.csv", "--json",
                          "--backend", "torch")
-    assert code == 0 and json.loads(out)["metrics"] is None
+    unscored = json.loads(out)
+    assert code == 0 and unscored["metrics"] is None and unscored["dtype"] == "float32" and unscored["rows"] == 4
+    np.savez(tmp_path / "xy.npz", a=np.arange(4.0), b=np.ones(4), y=np.arange(4.0))
+    code, out, err = cli(capsys, "predict", model_path, tmp_path / "xy.npz", "-o", tmp_path / "p.csv", "--json",
+                         "--backend", "torch")
+    assert code == 0 and list(json.loads(out)) == list(unscored)  # the same keys, scored or not
     code, out, err = cli(capsys, "predict", model_path, tmp_path / "x.npz", "--backend", "torch")
     assert code == 0 and err == "" and out.splitlines()[0] == "y" and len(out.splitlines()) == 5
 
@@ -281,3 +286,33 @@ def test_predict_without_feature_names_uses_every_column_in_order(tmp_path, caps
     np.save(tmp_path / "x3.npy", np.ones((4, 3)))
     code, _, err = cli(capsys, "predict", tmp_path / "m.safetensors", tmp_path / "x3.npy")
     assert code == 2 and "records no feature names and expects 2 features" in err
+
+
+def test_predict_takes_names_and_weights_from_one_file(tmp_path, monkeypatch, capsys):
+    """A retrain replaces the model file (atomically) while predict reads the data: predict read
+    the names from the old file and the weights from the new one, so with the features in another
+    order it paired a's weight with b's column. Both files are the same model, y = a + 2b + 0.5."""
+    from linreg_fused.cli import predicting
+
+    path = tmp_path / "m.safetensors"
+
+    def model(names, weights):
+        m = FusedLinearRegressor(2, 1, dtype=torch.float64)
+        with torch.no_grad():
+            m.weight.copy_(torch.tensor([weights], dtype=torch.float64))
+            m.bias.fill_(0.5)
+        m.save(path, feature_names=names, target_names=["y"])
+
+    model(["a", "b"], [1.0, 2.0])
+    x = np.random.default_rng().standard_normal((6, 2))
+    write_csv(tmp_path / "x.csv", ["a", "b"], x)
+    read_data = predicting.read_columns
+
+    def read_while_retrained(*args, **kwargs):
+        model(["b", "a"], [2.0, 1.0])
+        return read_data(*args, **kwargs)
+
+    monkeypatch.setattr(predicting, "read_columns", read_while_retrained)
+    code, out, err = cli(capsys, "predict", path, tmp_path / "x.csv", "--backend", "torch")
+    assert code == 0, err
+    np.testing.assert_allclose(np.loadtxt(out.splitlines()[1:]), x[:, 0] + 2 * x[:, 1] + 0.5, rtol=1e-15, atol=1e-15)

@@ -2,6 +2,8 @@
 any work (paths first), warnings print as one line, and --help/--version answer without
 importing torch."""
 
+import json
+import os
 import subprocess
 import sys
 
@@ -29,6 +31,22 @@ def _error_cases(tmp_path, bad_csv):
     (tmp_path / "dup.csv").write_text("a,b,a,y\n1,2,3,4\n")
     (tmp_path / "semi.csv").write_text("a;b;y\n1;2;3\n")
     folder, crop = str(tmp_path / "folder"), ["train", CROP_CSV, "--target", "apples"]
+    # finite in the file, ±inf in the model's dtype (and so every prediction from them)
+    half = tmp_path / "half.safetensors"
+    FusedLinearRegressor(2, 1, dtype=torch.float16).save(half, feature_names=["income", "age"])
+    (tmp_path / "income.csv").write_text("income,age\n512,30\n70000,40\n")
+    big = tmp_path / "big.safetensors"
+    overflows = FusedLinearRegressor(1, 1, dtype=torch.float16)
+    with torch.no_grad():
+        overflows.weight.fill_(2.0)  # 2 · 60000 is beyond float16's 65504
+    overflows.save(big)
+    with torch.no_grad():
+        overflows.weight.fill_(float("nan"))
+    overflows.save(tmp_path / "nan.safetensors")
+    (tmp_path / "sum.csv").write_text("x\n3\n60000\n")
+    (tmp_path / "huge.csv").write_text("a,y\n1,2\n1e39,3\n")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone" / "x")  # written through, after the work
+    os.mkfifo(tmp_path / "fifo")  # a model file renamed over it would replace it
     return [
         (["train", CROP_CSV, "--target", "pears"], "no column 'pears' (columns: temp, rainfall, humidity"),
         (["train", bad_csv, "--target", "y", "--features", "a,b"], "row 2 (line 3), column 'b': 'five' is not a number"),
@@ -51,6 +69,9 @@ def _error_cases(tmp_path, bad_csv):
         ([*crop, "--save", folder], f"--save {folder} is a folder; give a file name (e.g. "),
         ([*crop, "--save", "/sys/m.safetensors"], "--save /sys/m.safetensors: cannot write in the folder /sys"),
         ([*crop, "--save", tmp_path / "x", "--plot", tmp_path / "x"], "name the same file"),
+        ([*crop, "--save", tmp_path / "dangling"], "gone does not exist"),
+        ([*crop, "--save", tmp_path / "fifo"], "fifo is not a regular file; give a file name"),
+        (["predict", model, CROP_CSV, "-o", tmp_path / "dangling"], "gone does not exist"),
         (["predict", model, CROP_CSV, "-o", folder], f"-o {folder} is a folder"),
         (["predict", model, CROP_CSV, "-o", CROP_CSV], "would overwrite the input file"),
         (["predict", model, CROP_CSV, "--json"], "give -o OUT.csv for the predictions"),
@@ -62,6 +83,12 @@ def _error_cases(tmp_path, bad_csv):
         (["predict", tmp_path / "junk.safetensors", CROP_CSV], "not a safetensors model file"),
         (["predict", model, bad_csv], "no column 'temp'"),
         (["--epochs", "ten"], "argument --epochs: invalid positive integer value: 'ten'"),
+        (["predict", half, tmp_path / "income.csv"], "row 2, column 'income': 70000 is beyond float16's range"),
+        (["predict", big, tmp_path / "sum.csv", "-o", tmp_path / "p.csv", "--backend", "torch"],
+         "row 2: the prediction of 'y0' is beyond float16's range"),
+        (["predict", tmp_path / "nan.safetensors", tmp_path / "sum.csv", "--backend", "torch"],
+         "nan.safetensors: the model's weights hold NaN or inf"),
+        (["train", tmp_path / "huge.csv", "--target", "y"], "row 2, column 'a': 1e+39 is beyond float32's range"),
     ]
 
 
@@ -91,6 +118,43 @@ def test_output_paths_are_checked_before_the_data_are_read(tmp_path, monkeypatch
                  ["predict", model, CROP_CSV, "-o", tmp_path]):
         code, out, err = cli(capsys, *args)
         assert code == 2 and err.count("\n") == 1 and "AssertionError" not in err, (args, err)
+
+
+def test_predict_writes_to_dev_null_whose_folder_takes_no_files(tmp_path, monkeypatch, capsys):
+    """-o /dev/null for the metrics alone (--json needs -o): the check of the folder, creating a file
+    in /dev, failed for every user but root ("cannot write in the folder /dev"); a device is written
+    in place. Here the folder check fails as it does for them."""
+    from linreg_fused.cli import common
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    model = tmp_path / "m.safetensors"
+    FusedLinearRegressor(3, 2).save(model, feature_names=["temp", "rainfall", "humidity"],
+                                    target_names=["apples", "oranges"])
+    monkeypatch.setattr(common.tempfile, "mkstemp", denied)
+    code, out, err = cli(capsys, "predict", model, CROP_CSV, "-o", os.devnull, "--json", "--backend", "torch")
+    assert code == 0 and err == "" and json.loads(out)["rows"] == 15 and len(json.loads(out)["metrics"]["r2"]) == 2
+    code, out, err = cli(capsys, "predict", model, CROP_CSV, "-o", tmp_path / "p.csv", "--backend", "torch")
+    assert code == 2 and "cannot write in the folder" in err  # a new file still needs the folder
+
+
+def test_a_failed_write_leaves_the_previous_predictions(tmp_path, monkeypatch, capsys):
+    """A full disk halfway through -o: a traceback, and the previous predictions replaced by a
+    truncated CSV that reads as fewer rows. Now one line, and the previous file as it was."""
+    model, out_csv = tmp_path / "m.safetensors", tmp_path / "p.csv"
+    FusedLinearRegressor(3, 2).save(model, feature_names=["temp", "rainfall", "humidity"])
+    assert cli(capsys, "predict", model, CROP_CSV, "-o", out_csv, "--backend", "torch")[0] == 0
+    before = out_csv.read_bytes()
+
+    def disk_full(f, array, **kwargs):
+        f.write("1.5,2.5\n")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savetxt", disk_full)
+    code, out, err = cli(capsys, "predict", model, CROP_CSV, "-o", out_csv, "--backend", "torch")
+    assert code == 2 and err.count("\n") == 1 and "cannot write (No space left on device)" in err, err
+    assert out_csv.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "p.csv"]
 
 
 def test_the_delimiter_option_reads_what_the_hint_names(tmp_path, capsys):

@@ -213,3 +213,72 @@ def test_csv_not_utf8_is_a_data_error(tmp_path, engine):
             read_columns(path, ["y"], engine=engine)
     with pytest.raises(DataError, match="not UTF-8"):
         column_names(header_bad)
+
+
+def test_csv_header_names_with_line_breaks(tmp_path, engine):
+    """A spreadsheet's header cell with a line break ("Yield⏎(t/ha)", quoted) spans two lines: both
+    parsers skipped one line and read the name's second half as data (an error that named no cell)."""
+    rng = np.random.default_rng()
+    values = rng.standard_normal((5, 3))
+    rows = "".join(",".join(repr(float(v)) for v in row) + "\n" for row in values)
+    for header in ('"Yield\n(t/ha)",b,c\n', 'a,b,"c\n1"\n', '"a\n1\n2",b,"c\r\nd"\n'):
+        path = write(tmp_path, header + rows)
+        names = column_names(path)
+        assert len(names) == 3 and "\n" in names[0] + names[2], names
+        np.testing.assert_array_equal(read_columns(path, [names[2], "b", names[0]], engine=engine),
+                                      values[:, [2, 1, 0]])
+
+
+@pytest.mark.skipif(not HAS_ARROW, reason="needs pyarrow")
+def test_pyarrow_reads_text_cells_with_line_breaks_in_large_files(tmp_path):
+    """A quoted note holding a line break: pyarrow splits files over one block (1 MB) at line
+    breaks and refused such a file ("CSV parser got out of sync with chunker")."""
+    rng = np.random.default_rng()
+    n = 40_000
+    values = rng.standard_normal((n, 2))
+    path = tmp_path / "notes.csv"
+    with open(path, "w") as f:
+        f.write("a,note,y\n")
+        f.writelines(f'{a!r},"first line\nsecond, of row {i}",{y!r}\n' for i, (a, y) in enumerate(values.tolist()))
+    assert path.stat().st_size > 2 * io.ARROW_MIN_BYTES
+    np.testing.assert_array_equal(read_columns(path, ["y", "a"], engine="pyarrow"), values[:, ::-1])
+
+
+def test_arrays_that_are_not_real_columns_are_data_errors(tmp_path):
+    """Each of these read as something else, or failed with a traceback: complex values lost their
+    imaginary part (one ComplexWarning), an npz key "X[0]" beside a 2-D "X" replaced X's first
+    column, a structured field of two values per row and a damaged Parquet file raised a bare
+    ValueError / ArrowInvalid."""
+    rng = np.random.default_rng()
+    z = rng.standard_normal((4, 2)) + 1j * rng.standard_normal((4, 2))
+    np.save(tmp_path / "c.npy", z)
+    np.savez(tmp_path / "c.npz", a=z[:, 0], b=z[:, 1].real)
+    x = rng.standard_normal((4, 2))
+    np.savez(tmp_path / "k.npz", X=x, **{"X[0]": x[:, 1]})
+    pair = np.zeros(4, dtype=[("a", "f8", (2,)), ("b", "f8")])
+    np.save(tmp_path / "s.npy", pair)
+    for name, message in (("c.npy", "c.npy: holds complex128, not real numbers"),
+                          ("c.npz", "c.npz: array 'a' holds complex128, not real numbers"),
+                          ("k.npz", "k.npz: two columns named 'X[0]'"),
+                          ("s.npy", "s.npy: a .npy field must hold one value per row; 'a' holds (2,)")):
+        with pytest.raises(DataError, match=re.escape(message)):
+            read_columns(tmp_path / name)
+    if HAS_ARROW:
+        (tmp_path / "bad.parquet").write_bytes(b"PAR1 not parquet")
+        for read in (column_names, read_columns):
+            with pytest.raises(DataError, match=r"bad.parquet: not a Parquet file \(.*magic bytes"):
+                read(tmp_path / "bad.parquet")
+
+
+def test_unreadable_files_are_data_errors(tmp_path, monkeypatch):
+    """A file without read permission (or on a failing disk) raised PermissionError / OSError, a
+    traceback from the command line; now one DataError naming the file and the reason."""
+    path = write(tmp_path, "a,y\n1,2\n")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(io, "open", denied, raising=False)  # the module's own reads; root ignores chmod
+    for read in (column_names, read_columns):
+        with pytest.raises(DataError, match=re.escape(f"{path}: cannot be read (Permission denied)")):
+            read(path)

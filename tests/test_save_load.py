@@ -288,6 +288,19 @@ def test_saving_to_a_directory_is_refused_before_writing(tmp_path):
         FusedLinearRegressor.load(tmp_path)
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_saving_over_a_device_or_fifo_is_refused_before_writing(tmp_path):
+    """The atomic rename replaced the target itself: a FIFO became a regular file, and as root
+    save("/dev/null") would replace the device. Refused, the FIFO left as it was."""
+    import stat
+
+    fifo = tmp_path / "model.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="model.fifo is not a regular file"):
+        FusedLinearRegressor(3, 2).save(fifo)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and [p.name for p in tmp_path.iterdir()] == ["model.fifo"]
+
+
 def test_serialization_does_not_import_the_module():
     """module.py owns serialization.py (module -> serialization), not the other way round."""
     import ast

@@ -34,7 +34,7 @@ def check_outputs(outputs: dict[str, str | None], inputs: tuple[str, ...] = ()) 
     given = {option: path for option, path in outputs.items() if path}
     seen: dict[str, str] = {}
     for option, path in given.items():
-        full = os.path.abspath(path)
+        full = os.path.realpath(path)  # the file a symlink names is the one written: its folder must exist
         if os.path.isdir(full):
             example = os.path.join(path, EXAMPLE_NAMES.get(option, "out"))
             raise UsageError(f"{option} {path} is a folder; give a file name (e.g. {example})")
@@ -50,6 +50,10 @@ def check_outputs(outputs: dict[str, str | None], inputs: tuple[str, ...] = ()) 
                 raise UsageError(f"{option} {path} would overwrite the input file {source}")
         if os.path.exists(full) and not os.access(full, os.W_OK):
             raise UsageError(f"{option} {path}: the file is not writable")
+        if os.path.exists(full) and not os.path.isfile(full):  # a device or a FIFO (-o /dev/null)
+            if option == "--save":  # saved whole, then renamed over it: that would replace the device
+                raise UsageError(f"--save {path} is not a regular file; give a file name")
+            continue  # written in place: no new file in its folder (/dev takes none)
         try:
             fd, probe = tempfile.mkstemp(prefix=".linreg-fused-", dir=folder)
         except OSError as err:
@@ -115,6 +119,20 @@ def _shell(delimiter: str) -> str:
 
 def as_tensor(values: np.ndarray, dtype: str, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(values, dtype=DTYPES[dtype]).to(device)
+
+
+def check_range(path: str, names: list[str], values: np.ndarray, dtype: torch.dtype) -> None:
+    """Every value of the (finite, float64) columns fits in ``dtype``; one beyond its range is a DataError
+    naming the cell: it would be ±inf there (70000 in a float16 model), and so would its prediction."""
+    limit = torch.finfo(dtype).max
+    if dtype == torch.float64 or values.size == 0 or -limit <= values.min() <= values.max() <= limit:
+        return  # the usual case, found without a copy of the table
+    inf = torch.isinf(torch.as_tensor(values, dtype=dtype))  # just above the limit still rounds to it
+    if inf.any():
+        row, col = (int(i) for i in inf.nonzero()[0])
+        name = str(dtype).removeprefix("torch.")
+        raise DataError(f"{path}: row {row + 1}, column {names[col]!r}: {values[row, col]:g} is beyond {name}'s "
+                        f"range (±{limit:.5g}); use --dtype float64")
 
 
 # ---------------------------------------------------------------- metrics

@@ -4,9 +4,12 @@ when the file holds the targets too."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import importlib.util
+import os
 import sys
+import tempfile
 import warnings
 
 import numpy as np
@@ -14,8 +17,8 @@ import torch
 
 from ..io import DataError, read_columns
 from ..module import FusedLinearRegressor
-from ..serialization import read_info
-from .common import DTYPES, check_input, check_outputs, device_for, header, metrics, require_columns
+from ..serialization import ModelFileError, read
+from .common import DTYPES, check_input, check_outputs, check_range, device_for, header, metrics, require_columns
 from .options import UsageError
 from .report import metrics_table, to_json
 
@@ -27,7 +30,8 @@ def predict(args: argparse.Namespace) -> int:
     check_input(args.data, "DATA")
     check_outputs({"-o": args.output}, inputs=(args.model, args.data))
     device = device_for(args.device, args.backend)
-    info = read_info(args.model)
+    # Read once: the names and the weights come from one file, even if a new model replaces it meanwhile.
+    info, state = read(args.model)
     available = header(args.data, args.delimiter)
     if info.feature_names is not None:
         features = info.feature_names
@@ -43,24 +47,32 @@ def predict(args: argparse.Namespace) -> int:
     table = _read(args, features, names if scored else [])
     scored = scored and table.shape[1] > len(features)
     dtype = DTYPES[args.dtype] if args.dtype else info.dtype
-    model = FusedLinearRegressor.load(args.model, device=device, backend=args.backend).to(dtype)
+    check_range(args.data, features, table[:, :len(features)], dtype)
+    x = torch.as_tensor(table[:, :len(features)], dtype=dtype)
+    model = FusedLinearRegressor(info.in_features, info.out_features, info.bias, device="meta", dtype=info.dtype,
+                                 backend=args.backend).to_empty(device=device)
+    model.load_state_dict(state)
+    model = model.to(dtype)
     with torch.no_grad():
-        pred = model(torch.as_tensor(table[:, :len(features)], dtype=dtype).to(device)).cpu()
+        pred = model(x.to(device)).cpu()
+    overflow = ~torch.isfinite(pred)
+    if overflow.any():
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise ModelFileError(f"{args.model}: the model's weights hold NaN or inf (saved after training diverged?)")
+        # finite inputs and weights: the sums left the dtype's range
+        row, col = (int(i) for i in overflow.nonzero()[0])
+        name = str(dtype).removeprefix("torch.")
+        tip = "; use --dtype float64" if dtype != torch.float64 else ""
+        raise DataError(f"{args.data}: row {row + 1}: the prediction of {names[col]!r} is beyond {name}'s range{tip}")
     _write_csv(args.output, names, pred)
-    if scored:
-        values = metrics(pred, torch.from_numpy(table[:, len(features):]))
-        if args.json:
-            payload = {"command": "predict", "model": args.model, "data": args.data, "rows": table.shape[0],
-                       "dtype": str(dtype).removeprefix("torch."), "targets": names, "metrics": values,
-                       "output": args.output}
-            print(to_json(payload))
-        else:
-            # Beside a CSV on standard output, the metrics go to standard error: the CSV stays clean.
-            print(metrics_table(names, [("", values)]),
-                  file=sys.stdout if args.output else sys.stderr)
-    elif args.json:
+    values = metrics(pred, torch.from_numpy(table[:, len(features):])) if scored else None
+    if args.json:  # the same keys whether the targets were scored or not
         print(to_json({"command": "predict", "model": args.model, "data": args.data, "rows": table.shape[0],
-                       "targets": names, "metrics": None, "output": args.output}))
+                       "dtype": str(dtype).removeprefix("torch."), "targets": names, "metrics": values,
+                       "output": args.output}))
+    elif values is not None:
+        # Beside a CSV on standard output, the metrics go to standard error: the CSV stays clean.
+        print(metrics_table(names, [("", values)]), file=sys.stdout if args.output else sys.stderr)
     return 0
 
 
@@ -82,6 +94,44 @@ def _read(args: argparse.Namespace, features: list[str], targets: list[str]) -> 
 def _write_csv(path: str | None, names: list[str], values: torch.Tensor) -> None:
     """A CSV with a header; each float written so that it reads back as the same value."""
     array = values.to(torch.float64 if values.dtype == torch.float64 else torch.float32).numpy()
+    if path is None:
+        _write_rows(None, names, array)
+        return
+    with _replacing(path) as written:
+        _write_rows(written, names, array)
+
+
+@contextlib.contextmanager
+def _replacing(path: str):
+    """A temporary file beside ``path`` (through a symlink), renamed over it once complete: a full
+    disk or an interrupt leaves the previous file, never a truncated CSV that reads as fewer rows.
+    A device (-o /dev/null) is written in place."""
+    target = os.path.realpath(path)
+    if os.path.exists(target) and not os.path.isfile(target):
+        yield target
+        return
+    try:
+        mode = os.stat(target).st_mode & 0o777  # an existing file keeps its permission bits
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=os.path.dirname(target))
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise UsageError(f"-o {path}: cannot write ({err.strerror or err}); the file was left as it was") from None
+        raise
+
+
+def _write_rows(path: str | None, names: list[str], array: np.ndarray) -> None:
+    """The CSV to ``path`` (None: standard output)."""
     if path is not None and array.nbytes > (1 << 20) and importlib.util.find_spec("pyarrow") is not None:
         import pyarrow as pa
         from pyarrow import csv as pacsv

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -16,7 +17,8 @@ from ..optim import FusedSGD
 from ..plot import require_matplotlib, training_plot
 from ..serialization import fold_standardization
 from ..stats import LinearStats
-from .common import DTYPES, as_tensor, check_input, check_outputs, device_for, header, metrics, require_columns
+from .common import (DTYPES, as_tensor, check_input, check_outputs, check_range, device_for, header, metrics,
+                     require_columns)
 from .options import SGD_DEFAULTS, UsageError, resolve_solver
 from .report import coefficient_table, metrics_table, to_json
 from .summary import derived_lr, standard_errors
@@ -65,6 +67,11 @@ def train(args: argparse.Namespace) -> int:
     if val_table is not None:
         xv64, tv64 = columns(val_table)
         xv, tv = as_tensor(xv64, args.dtype, device), as_tensor(tv64, "float64", device)
+    # The metrics are the saved model's: for raw features in --dtype, as predict computes them (a model
+    # folded for raw values loses digits in float32 where the features' offsets dwarf their spread).
+    raw = raw_val = None
+    if mean is not None:
+        raw, raw_val = train_table[:, :d], None if val_table is None else val_table[:, :d]
     del train_table, val_table
 
     torch.manual_seed(args.seed)
@@ -102,17 +109,19 @@ def train(args: argparse.Namespace) -> int:
             history = model.fit(x, t, log_every=1, print_fn=log, **fit_kwargs)
             val_history = log.history
 
+    if mean is not None:  # show and save weights for raw features; the standardisation goes in the metadata
+        weight, bias = fold_standardization(model.weight, model.bias, torch.from_numpy(mean), torch.from_numpy(scale))
+        with torch.no_grad():
+            model.weight.copy_(weight)
+            model.bias.copy_(bias)
+        x = as_tensor(raw, args.dtype, device)
+        xv = None if raw_val is None else as_tensor(raw_val, args.dtype, device)
     with torch.no_grad():
         pred = model(x)
         pred_val = model(xv) if xv is not None else None
     t64 = as_tensor(t64, "float64", device)
     del x64
     parts = [("train", metrics(pred, t64))] + ([("val", metrics(pred_val, tv))] if pred_val is not None else [])
-    if mean is not None:  # show and save weights for raw features; the standardisation goes in the metadata
-        weight, bias = fold_standardization(model.weight, model.bias, torch.from_numpy(mean), torch.from_numpy(scale))
-        with torch.no_grad():
-            model.weight.copy_(weight)
-            model.bias.copy_(bias)
     coef, intercept = model.weight.detach().double().cpu(), model.bias.detach().double().cpu()
     errors = standard_errors(stats, args.alpha or 0.0, scale) if solver == "exact" else None
     _warn_if_worse_than_the_mean(targets, parts[0][1]["r2"], _tips(args, solver, standardize))
@@ -149,13 +158,19 @@ def _read(args: argparse.Namespace) -> tuple[list[str], list[str], np.ndarray]:
         twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
         if twice is not None:
             raise UsageError(f"{option} names the column {twice!r} twice")
-    features = args.features or [n for n in available if n not in targets]
+    # A column without a name is no variable: pandas' index (to_csv's first column), whose row numbers
+    # would enter the model as a feature, and make predictions depend on where a row sits in a file.
+    features = args.features or [n for n in available if n not in targets and n != ""]
+    if not args.features and "" in available:
+        warnings.warn("the column without a name (pandas' index?) is not a feature; name it in the header to "
+                      "use it", RuntimeWarning, stacklevel=2)
     both = [n for n in targets if n in features]
     if both:
         raise UsageError(f"column {both[0]!r} is both a feature and a target")
     if not features:
         raise UsageError(f"{args.data}: no feature columns left besides the target(s)")
     table = read_columns(args.data, features + targets, engine=args.engine, delimiter=args.delimiter)
+    check_range(args.data, features + targets, table, DTYPES[args.dtype])  # every value fits in --dtype
     return targets, features, table
 
 
