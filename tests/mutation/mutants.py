@@ -868,5 +868,10 @@ FRESH = [
            "                                          store_residual=store_residual, formulation=\"default\",\n",
            ("tests/test_formulation_paths.py::test_training_paths_run_the_decided_formulation",),
            "the full path's gradient pass keeps the default kernel whatever config decides"),
+    Mutant("sklearn-score-tensor-y-unchecked", "user", "linreg_fused/sklearn.py",
+           "        true = _check_targets(X, y).to(pred.device, torch.float64)\n",
+           "        true = torch.as_tensor(y).to(pred.device, torch.float64).reshape(pred.shape)\n",
+           ("tests/test_sklearn.py::test_tensor_targets_are_checked_as_numpy_targets_are",),
+           "score on tensors reshapes y to the predictions' shape: a transposed y gives a wrong R², no error"),
 ]
 MUTANTS += FRESH
