@@ -55,6 +55,7 @@ class BatchSource:
     """An iterable of (xb, yb) batches that batches itself (e.g. a DataLoader)."""
 
     batches: Iterable
+    check_finite: bool = True  # check each batch for NaN/inf on the device (no sync), to name bad data as such
 
     @property
     def batches_per_epoch(self) -> int:
@@ -168,7 +169,7 @@ def make_source(model, data, targets, batch_size, shuffle, seed, generator, chec
         raise ValueError("batch_size, seed and generator apply to tensor inputs; the iterable does its own batching")
     if shuffle == "device":
         raise ValueError("shuffle='device' applies to tensor inputs; the iterable does its own shuffling")
-    return BatchSource(data)
+    return BatchSource(data, bool(check_finite))
 
 
 def as_model_tensor(v, dtype: torch.dtype, device: torch.device, warn: Callable[[], None]) -> torch.Tensor:

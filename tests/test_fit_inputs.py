@@ -12,7 +12,7 @@ from oracle import assert_close
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from linreg_fused import FusedLinearRegressor, FusedSGD
+from linreg_fused import FusedLinearRegressor, FusedSGD, TrainingDivergedError
 from linreg_fused.backend import select_ops
 from linreg_fused.data import crop_yields
 
@@ -176,3 +176,40 @@ def test_a_full_batch_draws_nothing_on_every_path(path, backend, monkeypatch):
         F.mse_loss(ref(x.double()), y.double()).backward()
         opt.step()
     assert_close(model.weight, ref.weight, 2e-6, "weight")
+
+
+class _Epochs:
+    """An iterable whose k-th pass gives ``passes[k]`` (a list of batches), then nothing."""
+
+    def __init__(self, *passes):
+        self.passes, self.n = passes, 0
+
+    def __iter__(self):
+        self.n += 1
+        return iter(self.passes[self.n - 1] if self.n <= len(self.passes) else [])
+
+
+def test_an_iterables_bad_batch_or_exhaustion_is_named_as_such(backend):
+    """A NaN in an iterable's batch is a data error (it used to be a TrainingDivergedError that blamed the
+    learning rate), with the parameters restored as for a divergence; an iterable with no batches on its
+    second pass names the epoch (it used to say only "an epoch had no batches")."""
+    x, y = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 2, dtype=torch.float64)
+    bad = x.clone()
+    bad[7, 1] = float("nan")
+    clean, dirty = [(x[:6], y[:6]), (x[6:], y[6:])], [(bad[:6], y[:6]), (bad[6:], y[6:])]
+    model = FusedLinearRegressor(3, 2, backend=backend, dtype=torch.float64).to(DEVICE)
+    ref = nn.Linear(3, 2).double()
+    ref.load_state_dict(model.state_dict())
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for xb, yb in clean:  # the one finite epoch, in float64
+        opt.zero_grad()
+        F.mse_loss(ref(xb), yb).backward()
+        opt.step()
+    with pytest.raises(ValueError, match="a batch of epoch 2 contains NaN or inf.*end of epoch 1"):
+        model.fit(_Epochs(clean, dirty, clean), epochs=3, lr=0.1)
+    assert_close(model.weight.detach().cpu(), ref.weight.detach(), 1e-12, "weight")
+    assert_close(model.bias.detach().cpu(), ref.bias.detach(), 1e-12, "bias")
+    with pytest.raises(TrainingDivergedError):  # unchecked, it is a divergence as before
+        model.fit(_Epochs(dirty), epochs=1, lr=0.1, check_finite=False)
+    with pytest.raises(ValueError, match="epoch 2 had no batches.*end of epoch 1"):
+        model.fit(_Epochs(clean), epochs=3, lr=0.1)

@@ -873,5 +873,10 @@ FRESH = [
            "        true = torch.as_tensor(y).to(pred.device, torch.float64).reshape(pred.shape)\n",
            ("tests/test_sklearn.py::test_tensor_targets_are_checked_as_numpy_targets_are",),
            "score on tensors reshapes y to the predictions' shape: a transposed y gives a wrong R², no error"),
+    Mutant("fit-iterable-batches-x-unchecked", "fit", "linreg_fused/fit_eager.py",
+           "            finite.append(torch.isfinite(xb).all() & torch.isfinite(yb).all())",
+           "            finite.append(torch.isfinite(yb).all())",
+           ("tests/test_fit_inputs.py::test_an_iterables_bad_batch_or_exhaustion_is_named_as_such",),
+           "a NaN in an iterable batch's inputs is reported as a divergence that blames the learning rate"),
 ]
 MUTANTS += FRESH
