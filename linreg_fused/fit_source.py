@@ -176,7 +176,8 @@ def as_model_tensor(v, dtype: torch.dtype, device: torch.device, warn: Callable[
     """A tensor as it is; a NumPy array converted to ``dtype`` on ``device`` (``warn()`` when that changed a
     value)."""
     if not _is_numpy(v):
-        return torch.as_tensor(v).to(device, non_blocking=True)
+        # Non-blocking only onto a GPU: a GPU tensor copied to the host that way lands after the host reads it.
+        return torch.as_tensor(v).to(device, non_blocking=device.type != "cpu")
     a = np.asarray(v)
     if a.dtype.kind not in "iuf":
         raise TypeError(f"fit takes numeric arrays, got a NumPy array of {a.dtype}")

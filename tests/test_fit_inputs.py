@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from conftest import DEVICE
 from oracle import assert_close
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from linreg_fused import FusedLinearRegressor, FusedSGD, TrainingDivergedError
@@ -213,3 +214,37 @@ def test_an_iterables_bad_batch_or_exhaustion_is_named_as_such(backend):
         model.fit(_Epochs(dirty), epochs=1, lr=0.1, check_finite=False)
     with pytest.raises(ValueError, match="epoch 2 had no batches.*end of epoch 1"):
         model.fit(_Epochs(clean), epochs=3, lr=0.1)
+
+
+class _AsyncCopiesToHost(TorchFunctionMode):
+    """Counts Tensor.to(<the CPU>, non_blocking=True): from a GPU, such a copy lands after the host has read it."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.to and kwargs.get("non_blocking"):
+            to = [a for a in (*args[1:], kwargs.get("device")) if isinstance(a, (torch.device, str))]
+            self.count += any(torch.device(d).type == "cpu" for d in to)
+        return func(*args, **kwargs)
+
+
+def test_data_on_another_device_is_copied_to_the_host_before_it_is_read():
+    """A model on the CPU and data (tensors or batches) on a GPU: the copy to the host must be a blocking one
+    (it was non_blocking=True: the host could read the batch before it arrived). On the CPU this checks the
+    copies fit asks for; on a GPU, the numbers."""
+    model = FusedLinearRegressor(3, 2, backend="torch", dtype=torch.float64)
+    x, y = torch.randn(12, 3, dtype=torch.float64), torch.randn(12, 2, dtype=torch.float64)
+    with _AsyncCopiesToHost() as copies:
+        model.fit(x, y, epochs=1, lr=0.1)
+        model.fit([(x[:5], y[:5]), (x[5:], y[5:])], epochs=1, lr=0.1)
+    assert copies.count == 0
+    if torch.cuda.is_available():
+        xg, yg = torch.randn(1 << 16, 3, device="cuda") * 7 + 3, torch.randn(1 << 16, 2, device="cuda")
+        host = FusedLinearRegressor(3, 2, backend="torch")
+        twin = copy.deepcopy(host)
+        host.fit([(xg, yg)] * 3, epochs=2, lr=1e-3)
+        twin.fit([(xg.cpu(), yg.cpu())] * 3, epochs=2, lr=1e-3)
+        assert torch.equal(host.weight, twin.weight) and torch.equal(host.bias, twin.bias)

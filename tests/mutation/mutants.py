@@ -878,5 +878,10 @@ FRESH = [
            "            finite.append(torch.isfinite(yb).all())",
            ("tests/test_fit_inputs.py::test_an_iterables_bad_batch_or_exhaustion_is_named_as_such",),
            "a NaN in an iterable batch's inputs is reported as a divergence that blames the learning rate"),
+    Mutant("fit-async-copy-to-host", "fit", "linreg_fused/fit_source.py",
+           '        return torch.as_tensor(v).to(device, non_blocking=device.type != "cpu")',
+           "        return torch.as_tensor(v).to(device, non_blocking=True)",
+           ("tests/test_fit_inputs.py::test_data_on_another_device_is_copied_to_the_host_before_it_is_read",),
+           "GPU data for a model on the host is copied without blocking: the host may train on a half-copied batch"),
 ]
 MUTANTS += FRESH
