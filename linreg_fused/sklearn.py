@@ -212,8 +212,9 @@ def _real_tensor(v: torch.Tensor) -> bool:
 
 def _check_targets(X: torch.Tensor, y) -> torch.Tensor:
     """y as a tensor on X's device: (n,) or (n, k >= 1) real, finite numbers, n the rows of X (a complex y
-    would lose its imaginary part, a transposed one would pair the wrong rows)."""
-    t = torch.as_tensor(y, device=X.device)
+    would lose its imaginary part, a transposed one would pair the wrong rows). Lists, Series and DataFrames
+    go through NumPy, so Python floats stay float64 (torch would round them to float32)."""
+    t = torch.as_tensor(y if isinstance(y, torch.Tensor) else np.array(y), device=X.device)
     if t.ndim not in (1, 2) or t.shape[0] != X.shape[0] or t.numel() == 0:
         raise ValueError(f"Found input variables with inconsistent numbers of samples or shapes: X "
                          f"{tuple(X.shape)}, y {tuple(t.shape)} (y: (n_samples,) or (n_samples, n_targets >= 1))")

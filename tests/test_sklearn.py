@@ -346,7 +346,8 @@ def test_tensor_targets_are_checked_as_numpy_targets_are(estimator):
     x, y = _data(12, 3, 2, np.random.default_rng())
     xt, yt = torch.tensor(x), torch.tensor(y)
     est = clone(estimator).fit(xt, yt)
-    assert est.score(xt, yt) == pytest.approx(r2_score(y, est.predict(x)), rel=1e-12, abs=1e-12)
+    for ys in (yt, y, y.tolist()):  # a list's floats are float64, as in scikit-learn (not torch's float32)
+        assert est.score(xt, ys) == pytest.approx(r2_score(y, est.predict(x)), rel=1e-12, abs=1e-12)
     with pytest.raises(ValueError, match="inconsistent numbers of samples"):
         est.score(xt, yt.T.contiguous())  # (2, 12): r2_score refuses it too
     with pytest.raises(ValueError, match="y has 1 targets, but .* predicts 2"):
@@ -356,6 +357,7 @@ def test_tensor_targets_are_checked_as_numpy_targets_are(estimator):
     for xs, ys in ((x, y), (xt, yt)):  # one row: no R², as r2_score says
         with pytest.warns(UndefinedMetricWarning):
             assert np.isnan(est.score(xs[:1], ys[:1]))
+    np.testing.assert_array_equal(clone(estimator).fit(xt, y.tolist()).coef_, est.coef_)
     with pytest.raises(ValueError, match="y must hold real numbers"):
         clone(estimator).fit(xt, yt.to(torch.complex128))
     with pytest.raises(ValueError, match="inconsistent numbers of samples"):

@@ -883,5 +883,10 @@ FRESH = [
            "        return torch.as_tensor(v).to(device, non_blocking=True)",
            ("tests/test_fit_inputs.py::test_data_on_another_device_is_copied_to_the_host_before_it_is_read",),
            "GPU data for a model on the host is copied without blocking: the host may train on a half-copied batch"),
+    Mutant("sklearn-list-y-in-float32", "user", "linreg_fused/sklearn.py",
+           "    t = torch.as_tensor(y if isinstance(y, torch.Tensor) else np.array(y), device=X.device)",
+           "    t = torch.as_tensor(y, device=X.device)",
+           ("tests/test_sklearn.py::test_tensor_targets_are_checked_as_numpy_targets_are",),
+           "a list y beside tensor X becomes float32 (torch's default): fit and score lose 8 digits of it"),
 ]
 MUTANTS += FRESH
