@@ -35,6 +35,7 @@ class TensorSource:
     shuffle: bool | str  # True: DataLoader's order; "device": drawn on the device; False: storage order
     generator: torch.Generator | None
     global_rng: bool = False  # neither seed= nor generator= was given: the orders come from the global RNG
+    sample_rows: int = 1  # rows per sample: data (N, ..., D) is N samples of prod(...) rows, as DataLoader sees it
 
     @property
     def n_rows(self) -> int:
@@ -147,10 +148,11 @@ def make_source(model, data, targets, batch_size, shuffle, seed, generator, chec
             raise ValueError("fit(inputs, targets): targets are missing")
         if not _is_array(targets):
             raise TypeError(f"targets must be a torch.Tensor or a NumPy array, got {type(targets).__name__}")
-        x, t = _prepare_tensors(model, data, targets, device, check_finite)
-        batch_size = positive_int("batch_size", x.shape[0] if batch_size is None else batch_size)
+        x, t, sample_rows = _prepare_tensors(model, data, targets, device, check_finite)
+        # DataLoader(TensorDataset(data, targets)) batches samples along the first dimension: batch_size counts them.
+        batch_size = x.shape[0] if batch_size is None else positive_int("batch_size", batch_size) * sample_rows
         source = TensorSource(x, t, batch_size, shuffle if shuffle == "device" else bool(shuffle), generator,
-                              global_rng=seed is None and generator is None)
+                              global_rng=seed is None and generator is None, sample_rows=sample_rows)
         if source.shuffle == "device":  # a full batch draws nothing (its order cannot change the step)
             source.generator = None if source.full_batch else device_generator(device, seed, generator)
         elif seed is not None:
@@ -210,10 +212,11 @@ def _prepare_tensors(model, data, targets, device, check_finite):
     if x.device.type == "meta" or t.device.type == "meta":
         raise ValueError("fit needs real data, not meta tensors")
     check_inputs(x, model.weight, model.bias, t)
+    sample_rows = math.prod(x.shape[1:-1])
     x, t = x.reshape(-1, x.shape[-1]), t.reshape(-1, t.shape[-1])
     if check_finite:  # one sync up front, so a NaN in the data is not reported as a divergence
         if not bool(torch.isfinite(x).all() & torch.isfinite(t).all()):
             name, v = ("inputs", x) if not bool(torch.isfinite(x).all()) else ("targets", t)
             row = int((~torch.isfinite(v).all(dim=1)).nonzero()[0, 0])
             raise ValueError(f"{name} contain NaN or inf (first at row {row}); clean the data before fit")
-    return x, t
+    return x, t, sample_rows

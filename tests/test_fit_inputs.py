@@ -248,3 +248,32 @@ def test_data_on_another_device_is_copied_to_the_host_before_it_is_read():
         host.fit([(xg, yg)] * 3, epochs=2, lr=1e-3)
         twin.fit([(xg.cpu(), yg.cpu())] * 3, epochs=2, lr=1e-3)
         assert torch.equal(host.weight, twin.weight) and torch.equal(host.bias, twin.bias)
+
+
+@pytest.mark.parametrize("optimizer", ["fused", "sgd"])
+def test_data_of_samples_of_several_rows_is_batched_by_sample_as_dataloader_does(optimizer, backend):
+    """(N, S, D) data: DataLoader(TensorDataset(x, y), batch_size) draws batch_size of the N samples (S rows
+    each) per step; fit did batch_size of the N·S rows, a different trajectory from the loop it replaces."""
+    x, y = torch.randn(7, 2, 3, dtype=torch.float64), torch.randn(7, 2, 2, dtype=torch.float64)
+    model = FusedLinearRegressor(3, 2, backend=backend, dtype=torch.float64).to(DEVICE)
+    ref = nn.Linear(3, 2).double()
+    ref.load_state_dict(model.state_dict())
+    opt = (FusedSGD(model.parameters(), lr=0.05, momentum=0.5) if optimizer == "fused"
+           else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5))
+    g, g_ref = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    history = model.fit(x.to(DEVICE), y.to(DEVICE), epochs=3, batch_size=3, optimizer=opt, generator=g)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.5)
+    expected = []
+    for _ in range(3):
+        losses = []
+        for xb, yb in DataLoader(TensorDataset(x, y), batch_size=3, shuffle=True, generator=g_ref):
+            ref_opt.zero_grad()
+            loss = F.mse_loss(ref(xb), yb)
+            loss.backward()
+            ref_opt.step()
+            losses.append(loss.item())
+        expected.append(sum(losses) / len(losses))
+    assert_close(torch.tensor(history), torch.tensor(expected), 1e-12, "history")
+    assert_close(model.weight.detach(), ref.weight.detach(), 1e-12, "weight")
+    assert_close(model.bias.detach(), ref.bias.detach(), 1e-12, "bias")
+    assert torch.equal(g.get_state(), g_ref.get_state())

@@ -888,5 +888,10 @@ FRESH = [
            "    t = torch.as_tensor(y, device=X.device)",
            ("tests/test_sklearn.py::test_tensor_targets_are_checked_as_numpy_targets_are",),
            "a list y beside tensor X becomes float32 (torch's default): fit and score lose 8 digits of it"),
+    Mutant("fit-batch-size-counts-rows-of-samples", "fit", "linreg_fused/fit_source.py",
+           'positive_int("batch_size", batch_size) * sample_rows',
+           'positive_int("batch_size", batch_size)',
+           ("tests/test_fit_inputs.py::test_data_of_samples_of_several_rows_is_batched_by_sample_as_dataloader_does",),
+           "(N, S, D) data is stepped batch_size rows at a time, not batch_size samples as DataLoader does"),
 ]
 MUTANTS += FRESH
