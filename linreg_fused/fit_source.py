@@ -169,8 +169,9 @@ def make_source(model, data, targets, batch_size, shuffle, seed, generator, chec
                         f"list), not a one-shot {type(data).__name__}")
     if batch_size is not None or seed is not None or generator is not None:
         raise ValueError("batch_size, seed and generator apply to tensor inputs; the iterable does its own batching")
-    if shuffle == "device":
-        raise ValueError("shuffle='device' applies to tensor inputs; the iterable does its own shuffling")
+    if shuffle == "device" or not shuffle:  # shuffle=False would be ignored: the batches come in their own order
+        raise ValueError(f"shuffle={shuffle!r} applies to tensor inputs; the iterable does its own shuffling "
+                         f"(e.g. DataLoader(..., shuffle=False))")
     return BatchSource(data, bool(check_finite))
 
 

@@ -132,6 +132,8 @@ def test_bad_fit_data_gets_one_clear_error():
         model.fit(x, epochs=1, lr=1e-5)
     with pytest.raises(ValueError, match="no batches"):
         model.fit([], epochs=1, lr=1e-5)
+    with pytest.raises(ValueError, match="shuffle=False applies to tensor inputs"):  # it was ignored
+        model.fit(DataLoader(TensorDataset(x, y), batch_size=5, shuffle=True), epochs=1, lr=1e-5, shuffle=False)
 
 
 def test_a_one_shot_iterator_is_fine_for_one_epoch(backend):

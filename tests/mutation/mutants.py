@@ -893,5 +893,10 @@ FRESH = [
            'positive_int("batch_size", batch_size)',
            ("tests/test_fit_inputs.py::test_data_of_samples_of_several_rows_is_batched_by_sample_as_dataloader_does",),
            "(N, S, D) data is stepped batch_size rows at a time, not batch_size samples as DataLoader does"),
+    Mutant("fit-iterable-ignores-shuffle-false", "fit", "linreg_fused/fit_source.py",
+           '    if shuffle == "device" or not shuffle:',
+           '    if shuffle == "device":',
+           ("tests/test_fit_inputs.py::test_bad_fit_data_gets_one_clear_error",),
+           "fit(loader, shuffle=False) trains on the loader's shuffled batches without a word"),
 ]
 MUTANTS += FRESH
