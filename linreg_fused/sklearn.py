@@ -205,6 +205,12 @@ def _check_tensors(X: torch.Tensor, y, estimator, reset: bool):
     return X, t.reshape(X.shape[0], -1)
 
 
+def _boolean(name: str, value, *also) -> None:
+    """True or False (NumPy's too), as scikit-learn's own estimators require: a string like "no" is truthy."""
+    if not isinstance(value, (bool, np.bool_)) and value not in also:
+        raise ValueError(f"{name} must be True or False{''.join(f' or {a!r}' for a in also)}, got {value!r}")
+
+
 def _real_tensor(v: torch.Tensor) -> bool:
     return v.is_floating_point() or v.dtype in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8,
                                                 torch.bool)
@@ -304,6 +310,7 @@ class FusedSGDRegressor(_FusedLinearModel):
         """(lr, momentum, weight_decay), checked. keep_auto: lr="auto" keeps the lr_ an earlier
         "auto" took from the data of fit or the first partial_fit."""
         _integer("epochs", self.epochs)
+        _boolean("shuffle", self.shuffle, "device")  # fit's device shuffle
         momentum, weight_decay = _real("momentum", self.momentum), _real("weight_decay", self.weight_decay)
         if not isinstance(self.lr, str):
             lr = _real("lr", self.lr, strict=True, what="a positive number or 'auto'")
@@ -335,6 +342,7 @@ class FusedLinearRegression(_FusedLinearModel):
     def fit(self, X, y) -> "FusedLinearRegression":
         """Solve for the weights. X: (n_samples, n_features); y: (n_samples,) or (n_samples, n_targets)."""
         alpha = _real("alpha", self.alpha)
+        _boolean("fit_intercept", self.fit_intercept)
         # The data at their own precision (float32 products are exact in float64 statistics).
         x, t, _ = self._inputs(X, y, reset=True, dtype="data")
         self.model_ = self._new_model(x, t, bias=self.fit_intercept)

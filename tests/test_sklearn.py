@@ -362,3 +362,13 @@ def test_tensor_targets_are_checked_as_numpy_targets_are(estimator):
         clone(estimator).fit(xt, yt.to(torch.complex128))
     with pytest.raises(ValueError, match="inconsistent numbers of samples"):
         clone(estimator).fit(xt, torch.zeros(12, 0, dtype=torch.float64))
+
+
+def test_boolean_settings_refuse_what_is_not_a_boolean():
+    """fit_intercept="no" fitted an intercept, shuffle=None did not shuffle, silently; scikit-learn refuses both."""
+    x, y = _data(10, 2, 1, np.random.default_rng())
+    with pytest.raises(ValueError, match="fit_intercept must be True or False"):
+        FusedLinearRegression(fit_intercept="no", backend="torch").fit(x, y)
+    with pytest.raises(ValueError, match="shuffle must be True or False"):
+        FusedSGDRegressor(shuffle=None, epochs=1, backend="torch").fit(x, y)
+    assert FusedLinearRegression(fit_intercept=np.False_, backend="torch").fit(x, y).intercept_.tolist() == [0.0]

@@ -898,5 +898,10 @@ FRESH = [
            '    if shuffle == "device":',
            ("tests/test_fit_inputs.py::test_bad_fit_data_gets_one_clear_error",),
            "fit(loader, shuffle=False) trains on the loader's shuffled batches without a word"),
+    Mutant("sklearn-fit-intercept-truthy", "user", "linreg_fused/sklearn.py",
+           '        _boolean("fit_intercept", self.fit_intercept)\n',
+           "",
+           ("tests/test_sklearn.py::test_boolean_settings_refuse_what_is_not_a_boolean",),
+           'FusedLinearRegression(fit_intercept="no") fits an intercept without a word'),
 ]
 MUTANTS += FRESH
