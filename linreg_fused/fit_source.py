@@ -60,7 +60,11 @@ class BatchSource:
 
     @property
     def batches_per_epoch(self) -> int:
-        return len(self.batches) if hasattr(self.batches, "__len__") else 1
+        """len(batches), or 1 where it has none (a DataLoader over an IterableDataset has __len__ and raises)."""
+        try:
+            return len(self.batches)
+        except (TypeError, NotImplementedError):
+            return 1
 
 
 def _integer(v) -> bool:

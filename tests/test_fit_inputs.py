@@ -11,7 +11,7 @@ from conftest import DEVICE
 from oracle import assert_close
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from linreg_fused import FusedLinearRegressor, FusedSGD, TrainingDivergedError
 from linreg_fused.backend import select_ops
@@ -279,3 +279,32 @@ def test_data_of_samples_of_several_rows_is_batched_by_sample_as_dataloader_does
     assert_close(model.weight.detach(), ref.weight.detach(), 1e-12, "weight")
     assert_close(model.bias.detach(), ref.bias.detach(), 1e-12, "bias")
     assert torch.equal(g.get_state(), g_ref.get_state())
+
+
+
+class _Stream(IterableDataset):
+    """A stream of (x_i, y_i) rows without a length, as a DataLoader over a data pipe sees it."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        return zip(self.x, self.y)
+
+
+def test_a_dataloader_over_an_iterable_dataset_trains(backend):
+    """len() of such a DataLoader raises TypeError; fit called it (to decide on a progress bar) and crashed."""
+    x, y = torch.randn(12, 3, dtype=torch.float64), torch.randn(12, 2, dtype=torch.float64)
+    model = FusedLinearRegressor(3, 2, backend=backend, dtype=torch.float64).to(DEVICE)
+    ref = nn.Linear(3, 2).double()
+    ref.load_state_dict(model.state_dict())
+    history = model.fit(DataLoader(_Stream(x, y), batch_size=5), epochs=2, lr=0.1)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for _ in range(2):
+        for xb, yb in DataLoader(TensorDataset(x, y), batch_size=5):
+            opt.zero_grad()
+            F.mse_loss(ref(xb), yb).backward()
+            opt.step()
+    assert len(history) == 2
+    assert_close(model.weight.detach(), ref.weight.detach(), 1e-12, "weight")
+    assert_close(model.bias.detach(), ref.bias.detach(), 1e-12, "bias")

@@ -903,5 +903,11 @@ FRESH = [
            "",
            ("tests/test_sklearn.py::test_boolean_settings_refuse_what_is_not_a_boolean",),
            'FusedLinearRegression(fit_intercept="no") fits an intercept without a word'),
+    Mutant("fit-len-of-an-unsized-loader", "fit", "linreg_fused/fit_source.py",
+           "        try:\n            return len(self.batches)\n        except (TypeError, NotImplementedError):\n"
+           "            return 1\n",
+           '        return len(self.batches) if hasattr(self.batches, "__len__") else 1\n',
+           ("tests/test_fit_inputs.py::test_a_dataloader_over_an_iterable_dataset_trains",),
+           "fit over a DataLoader of an IterableDataset crashes in len() (DataLoader has __len__, which raises)"),
 ]
 MUTANTS += FRESH
