@@ -35,6 +35,7 @@ class TensorSource:
     shuffle: bool | str  # True: DataLoader's order; "device": drawn on the device; False: storage order
     generator: torch.Generator | None
     global_rng: bool = False  # neither seed= nor generator= was given: the orders come from the global RNG
+    sample_rows: int = 1  # rows per sample: data (N, ..., D) is N samples of prod(...) rows, as DataLoader sees it
 
     @property
     def n_rows(self) -> int:
@@ -55,10 +56,15 @@ class BatchSource:
     """An iterable of (xb, yb) batches that batches itself (e.g. a DataLoader)."""
 
     batches: Iterable
+    check_finite: bool = True  # check each batch for NaN/inf on the device (no sync), to name bad data as such
 
     @property
     def batches_per_epoch(self) -> int:
-        return len(self.batches) if hasattr(self.batches, "__len__") else 1
+        """len(batches), or 1 where it has none (a DataLoader over an IterableDataset has __len__ and raises)."""
+        try:
+            return len(self.batches)
+        except (TypeError, NotImplementedError):
+            return 1
 
 
 def _integer(v) -> bool:
@@ -146,10 +152,11 @@ def make_source(model, data, targets, batch_size, shuffle, seed, generator, chec
             raise ValueError("fit(inputs, targets): targets are missing")
         if not _is_array(targets):
             raise TypeError(f"targets must be a torch.Tensor or a NumPy array, got {type(targets).__name__}")
-        x, t = _prepare_tensors(model, data, targets, device, check_finite)
-        batch_size = positive_int("batch_size", x.shape[0] if batch_size is None else batch_size)
+        x, t, sample_rows = _prepare_tensors(model, data, targets, device, check_finite)
+        # DataLoader(TensorDataset(data, targets)) batches samples along the first dimension: batch_size counts them.
+        batch_size = x.shape[0] if batch_size is None else positive_int("batch_size", batch_size) * sample_rows
         source = TensorSource(x, t, batch_size, shuffle if shuffle == "device" else bool(shuffle), generator,
-                              global_rng=seed is None and generator is None)
+                              global_rng=seed is None and generator is None, sample_rows=sample_rows)
         if source.shuffle == "device":  # a full batch draws nothing (its order cannot change the step)
             source.generator = None if source.full_batch else device_generator(device, seed, generator)
         elif seed is not None:
@@ -166,16 +173,18 @@ def make_source(model, data, targets, batch_size, shuffle, seed, generator, chec
                         f"list), not a one-shot {type(data).__name__}")
     if batch_size is not None or seed is not None or generator is not None:
         raise ValueError("batch_size, seed and generator apply to tensor inputs; the iterable does its own batching")
-    if shuffle == "device":
-        raise ValueError("shuffle='device' applies to tensor inputs; the iterable does its own shuffling")
-    return BatchSource(data)
+    if shuffle == "device" or not shuffle:  # shuffle=False would be ignored: the batches come in their own order
+        raise ValueError(f"shuffle={shuffle!r} applies to tensor inputs; the iterable does its own shuffling "
+                         f"(e.g. DataLoader(..., shuffle=False))")
+    return BatchSource(data, bool(check_finite))
 
 
 def as_model_tensor(v, dtype: torch.dtype, device: torch.device, warn: Callable[[], None]) -> torch.Tensor:
     """A tensor as it is; a NumPy array converted to ``dtype`` on ``device`` (``warn()`` when that changed a
     value)."""
     if not _is_numpy(v):
-        return torch.as_tensor(v).to(device, non_blocking=True)
+        # Non-blocking only onto a GPU: a GPU tensor copied to the host that way lands after the host reads it.
+        return torch.as_tensor(v).to(device, non_blocking=device.type != "cpu")
     a = np.asarray(v)
     if a.dtype.kind not in "iuf":
         raise TypeError(f"fit takes numeric arrays, got a NumPy array of {a.dtype}")
@@ -208,10 +217,11 @@ def _prepare_tensors(model, data, targets, device, check_finite):
     if x.device.type == "meta" or t.device.type == "meta":
         raise ValueError("fit needs real data, not meta tensors")
     check_inputs(x, model.weight, model.bias, t)
+    sample_rows = math.prod(x.shape[1:-1])
     x, t = x.reshape(-1, x.shape[-1]), t.reshape(-1, t.shape[-1])
     if check_finite:  # one sync up front, so a NaN in the data is not reported as a divergence
         if not bool(torch.isfinite(x).all() & torch.isfinite(t).all()):
             name, v = ("inputs", x) if not bool(torch.isfinite(x).all()) else ("targets", t)
             row = int((~torch.isfinite(v).all(dim=1)).nonzero()[0, 0])
             raise ValueError(f"{name} contain NaN or inf (first at row {row}); clean the data before fit")
-    return x, t
+    return x, t, sample_rows

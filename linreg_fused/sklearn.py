@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ from torch.nn import functional as F
 
 try:
     from sklearn.base import BaseEstimator, RegressorMixin
+    from sklearn.exceptions import UndefinedMetricWarning
     from sklearn.utils import check_random_state
     from sklearn.utils.validation import check_is_fitted, validate_data
 except ImportError as err:  # pragma: no cover - depends on the environment
@@ -96,7 +98,14 @@ class _FusedLinearModel(RegressorMixin, BaseEstimator):
         if sample_weight is not None:
             raise ValueError("sample_weight is supported for numpy input only")
         pred = self.predict(X).double()
-        true = torch.as_tensor(y, device=pred.device).double().reshape(pred.shape)
+        true = _check_targets(X, y).to(pred.device, torch.float64)
+        if true[0].numel() != (pred.shape[1] if pred.ndim == 2 else 1):  # (n, 1) and (n,) pair as in r2_score
+            raise ValueError(f"y has {true[0].numel()} targets, but {type(self).__name__} predicts "
+                             f"{pred.shape[1] if pred.ndim == 2 else 1}")
+        if len(true) < 2:
+            warnings.warn("R^2 score is not well-defined with less than two samples.", UndefinedMetricWarning)
+            return float("nan")
+        true = true.reshape(pred.shape)
         sse = ((true - pred) ** 2).sum(0)
         sst = ((true - true.mean(0)) ** 2).sum(0)
         r2 = torch.where(sst > 0, 1 - sse / sst, torch.where(sse > 0, 0.0, 1.0))  # as sklearn's r2_score
@@ -177,8 +186,7 @@ def _check_tensors(X: torch.Tensor, y, estimator, reset: bool):
     if X.shape[0] == 0 or X.shape[1] == 0:
         raise ValueError(f"Found a tensor with shape {tuple(X.shape)}; at least one sample and one feature "
                          f"are required")
-    if X.is_complex() or not (X.is_floating_point() or X.dtype in (torch.int32, torch.int64, torch.int16,
-                                                                      torch.int8, torch.uint8, torch.bool)):
+    if not _real_tensor(X):
         raise ValueError(f"X must hold real numbers, got {X.dtype}")
     if reset:
         estimator.n_features_in_ = X.shape[1]
@@ -191,15 +199,36 @@ def _check_tensors(X: torch.Tensor, y, estimator, reset: bool):
         raise ValueError("Input X contains NaN or infinity")
     if y is None:
         return X, None
-    t = torch.as_tensor(y, device=X.device)
-    if t.ndim not in (1, 2) or t.shape[0] != X.shape[0]:
-        raise ValueError(f"Found input variables with inconsistent numbers of samples or shapes: X "
-                         f"{tuple(X.shape)}, y {tuple(t.shape)}")
-    if not bool(torch.isfinite(t.double()).all()):
-        raise ValueError("Input y contains NaN or infinity")
+    t = _check_targets(X, y)
     if reset:
         estimator._y_1d = t.ndim == 1
     return X, t.reshape(X.shape[0], -1)
+
+
+def _boolean(name: str, value, *also) -> None:
+    """True or False (NumPy's too), as scikit-learn's own estimators require: a string like "no" is truthy."""
+    if not isinstance(value, (bool, np.bool_)) and value not in also:
+        raise ValueError(f"{name} must be True or False{''.join(f' or {a!r}' for a in also)}, got {value!r}")
+
+
+def _real_tensor(v: torch.Tensor) -> bool:
+    return v.is_floating_point() or v.dtype in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8,
+                                                torch.bool)
+
+
+def _check_targets(X: torch.Tensor, y) -> torch.Tensor:
+    """y as a tensor on X's device: (n,) or (n, k >= 1) real, finite numbers, n the rows of X (a complex y
+    would lose its imaginary part, a transposed one would pair the wrong rows). Lists, Series and DataFrames
+    go through NumPy, so Python floats stay float64 (torch would round them to float32)."""
+    t = torch.as_tensor(y if isinstance(y, torch.Tensor) else np.array(y), device=X.device)
+    if t.ndim not in (1, 2) or t.shape[0] != X.shape[0] or t.numel() == 0:
+        raise ValueError(f"Found input variables with inconsistent numbers of samples or shapes: X "
+                         f"{tuple(X.shape)}, y {tuple(t.shape)} (y: (n_samples,) or (n_samples, n_targets >= 1))")
+    if not _real_tensor(t):
+        raise ValueError(f"y must hold real numbers, got {t.dtype}")
+    if not bool(torch.isfinite(t.double()).all()):
+        raise ValueError("Input y contains NaN or infinity")
+    return t
 
 
 class FusedSGDRegressor(_FusedLinearModel):
@@ -281,6 +310,7 @@ class FusedSGDRegressor(_FusedLinearModel):
         """(lr, momentum, weight_decay), checked. keep_auto: lr="auto" keeps the lr_ an earlier
         "auto" took from the data of fit or the first partial_fit."""
         _integer("epochs", self.epochs)
+        _boolean("shuffle", self.shuffle, "device")  # fit's device shuffle
         momentum, weight_decay = _real("momentum", self.momentum), _real("weight_decay", self.weight_decay)
         if not isinstance(self.lr, str):
             lr = _real("lr", self.lr, strict=True, what="a positive number or 'auto'")
@@ -312,6 +342,7 @@ class FusedLinearRegression(_FusedLinearModel):
     def fit(self, X, y) -> "FusedLinearRegression":
         """Solve for the weights. X: (n_samples, n_features); y: (n_samples,) or (n_samples, n_targets)."""
         alpha = _real("alpha", self.alpha)
+        _boolean("fit_intercept", self.fit_intercept)
         # The data at their own precision (float32 products are exact in float64 statistics).
         x, t, _ = self._inputs(X, y, reset=True, dtype="data")
         self.model_ = self._new_model(x, t, bias=self.fit_intercept)

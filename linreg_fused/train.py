@@ -89,7 +89,8 @@ def fit(
     and (..., O); moved to the model's device, shuffled and batched there
     exactly as ``DataLoader(TensorDataset(data, targets), batch_size,
     shuffle=shuffle, generator=...)`` would: batch_size rows per step
-    (default: all), the last partial batch kept. ``seed=`` (a CPU generator
+    (default: all), the last partial batch kept; for (N, ..., D) data, as
+    there, batch_size samples along the first dimension per step. ``seed=`` (a CPU generator
     seeded with it) or ``generator=`` makes it reproducible; without either,
     the global RNG is used as DataLoader uses it. shuffle="device" draws the
     orders on the model's device instead (seeded by ``seed=``, else by one
@@ -107,7 +108,10 @@ def fit(
     log_every: print "Epoch [k/n], Loss: …" every k epochs, like the tutorial.
     progress: a tqdm progress bar (default: on for long runs in a terminal).
     check_finite: check tensor inputs for NaN/inf once up front (one read of
-    the data and one sync; turn off for repeated short fits on clean data).
+    the data and one sync; turn off for repeated short fits on clean data);
+    an iterable's batches are checked on the device as they come (no sync;
+    12–30 µs of host time per batch measured on a 2-core CPU), so a NaN in one is a
+    ValueError naming its epoch, not a divergence.
     cuda_graph: on CUDA, with tensor inputs, FusedSGD, the Triton kernels and
     several batches per epoch, replay an epoch of fused steps captured in a
     CUDA graph; the graph is kept for the next fit with the same optimizer,
@@ -185,9 +189,13 @@ def _orders(source: TensorSource, n_epochs: int, device: torch.device) -> torch.
     the step, so none is drawn), else drawn on the device or as DataLoader draws them."""
     if source.full_batch:
         return torch.arange(source.n_rows, device=device).expand(n_epochs, -1)
+    k = source.sample_rows  # samples of k rows each (data (N, ..., D)): their order, each spread to its rows
+    n = source.n_rows // k
     if source.shuffle == "device":
-        return device_orders(source.n_rows, n_epochs, source.generator, device)
-    return dataloader_orders(source.n_rows, n_epochs, source.shuffle, source.generator, device)
+        orders = device_orders(n, n_epochs, source.generator, device)
+    else:
+        orders = dataloader_orders(n, n_epochs, source.shuffle, source.generator, device)
+    return orders if k == 1 else (orders[:, :, None] * k + torch.arange(k, device=device)).reshape(n_epochs, -1)
 
 
 def choose_path(model, optimizer, source, reduction: str, epochs: int, cuda_graph: bool,

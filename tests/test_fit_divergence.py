@@ -53,8 +53,7 @@ def _fit(path, backend, monkeypatch, epochs, lr, nan=False):
            else FusedSGD(model.parameters(), lr=lr, backend=backend))
     kwargs = dict(epochs=epochs, optimizer=opt, statistics=path == "statistics", check_finite=not nan)
     if path == "batches":
-        data = ([(x[i : i + 5], y[i : i + 5]) for i in range(0, 13, 5)],)
-        del kwargs["check_finite"]
+        data = ([(x[i : i + 5], y[i : i + 5]) for i in range(0, 13, 5)],)  # check_finite applies to batches too
     else:
         data = (x, y)
         kwargs.update(shuffle=False, batch_size=5 if path in MINI_BATCH else None)

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from conftest import DEVICE
 from oracle import assert_close
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.overrides import TorchFunctionMode
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-from linreg_fused import FusedLinearRegressor, FusedSGD
+from linreg_fused import FusedLinearRegressor, FusedSGD, TrainingDivergedError
 from linreg_fused.backend import select_ops
 from linreg_fused.data import crop_yields
 
@@ -131,6 +132,8 @@ def test_bad_fit_data_gets_one_clear_error():
         model.fit(x, epochs=1, lr=1e-5)
     with pytest.raises(ValueError, match="no batches"):
         model.fit([], epochs=1, lr=1e-5)
+    with pytest.raises(ValueError, match="shuffle=False applies to tensor inputs"):  # it was ignored
+        model.fit(DataLoader(TensorDataset(x, y), batch_size=5, shuffle=True), epochs=1, lr=1e-5, shuffle=False)
 
 
 def test_a_one_shot_iterator_is_fine_for_one_epoch(backend):
@@ -176,3 +179,132 @@ def test_a_full_batch_draws_nothing_on_every_path(path, backend, monkeypatch):
         F.mse_loss(ref(x.double()), y.double()).backward()
         opt.step()
     assert_close(model.weight, ref.weight, 2e-6, "weight")
+
+
+class _Epochs:
+    """An iterable whose k-th pass gives ``passes[k]`` (a list of batches), then nothing."""
+
+    def __init__(self, *passes):
+        self.passes, self.n = passes, 0
+
+    def __iter__(self):
+        self.n += 1
+        return iter(self.passes[self.n - 1] if self.n <= len(self.passes) else [])
+
+
+def test_an_iterables_bad_batch_or_exhaustion_is_named_as_such(backend):
+    """A NaN in an iterable's batch is a data error (it used to be a TrainingDivergedError that blamed the
+    learning rate), with the parameters restored as for a divergence; an iterable with no batches on its
+    second pass names the epoch (it used to say only "an epoch had no batches")."""
+    x, y = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 2, dtype=torch.float64)
+    bad = x.clone()
+    bad[7, 1] = float("nan")
+    clean, dirty = [(x[:6], y[:6]), (x[6:], y[6:])], [(bad[:6], y[:6]), (bad[6:], y[6:])]
+    model = FusedLinearRegressor(3, 2, backend=backend, dtype=torch.float64).to(DEVICE)
+    ref = nn.Linear(3, 2).double()
+    ref.load_state_dict(model.state_dict())
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for xb, yb in clean:  # the one finite epoch, in float64
+        opt.zero_grad()
+        F.mse_loss(ref(xb), yb).backward()
+        opt.step()
+    with pytest.raises(ValueError, match="a batch of epoch 2 contains NaN or inf.*end of epoch 1"):
+        model.fit(_Epochs(clean, dirty, clean), epochs=3, lr=0.1)
+    assert_close(model.weight.detach().cpu(), ref.weight.detach(), 1e-12, "weight")
+    assert_close(model.bias.detach().cpu(), ref.bias.detach(), 1e-12, "bias")
+    with pytest.raises(TrainingDivergedError):  # unchecked, it is a divergence as before
+        model.fit(_Epochs(dirty), epochs=1, lr=0.1, check_finite=False)
+    with pytest.raises(ValueError, match="epoch 2 had no batches.*end of epoch 1"):
+        model.fit(_Epochs(clean), epochs=3, lr=0.1)
+
+
+class _AsyncCopiesToHost(TorchFunctionMode):
+    """Counts Tensor.to(<the CPU>, non_blocking=True): from a GPU, such a copy lands after the host has read it."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.to and kwargs.get("non_blocking"):
+            to = [a for a in (*args[1:], kwargs.get("device")) if isinstance(a, (torch.device, str))]
+            self.count += any(torch.device(d).type == "cpu" for d in to)
+        return func(*args, **kwargs)
+
+
+def test_data_on_another_device_is_copied_to_the_host_before_it_is_read():
+    """A model on the CPU and data (tensors or batches) on a GPU: the copy to the host must be a blocking one
+    (it was non_blocking=True: the host could read the batch before it arrived). On the CPU this checks the
+    copies fit asks for; on a GPU, the numbers."""
+    model = FusedLinearRegressor(3, 2, backend="torch", dtype=torch.float64)
+    x, y = torch.randn(12, 3, dtype=torch.float64), torch.randn(12, 2, dtype=torch.float64)
+    with _AsyncCopiesToHost() as copies:
+        model.fit(x, y, epochs=1, lr=0.1)
+        model.fit([(x[:5], y[:5]), (x[5:], y[5:])], epochs=1, lr=0.1)
+    assert copies.count == 0
+    if torch.cuda.is_available():
+        xg, yg = torch.randn(1 << 16, 3, device="cuda") * 7 + 3, torch.randn(1 << 16, 2, device="cuda")
+        host = FusedLinearRegressor(3, 2, backend="torch")
+        twin = copy.deepcopy(host)
+        host.fit([(xg, yg)] * 3, epochs=2, lr=1e-3)
+        twin.fit([(xg.cpu(), yg.cpu())] * 3, epochs=2, lr=1e-3)
+        assert torch.equal(host.weight, twin.weight) and torch.equal(host.bias, twin.bias)
+
+
+@pytest.mark.parametrize("optimizer", ["fused", "sgd"])
+def test_data_of_samples_of_several_rows_is_batched_by_sample_as_dataloader_does(optimizer, backend):
+    """(N, S, D) data: DataLoader(TensorDataset(x, y), batch_size) draws batch_size of the N samples (S rows
+    each) per step; fit did batch_size of the N·S rows, a different trajectory from the loop it replaces."""
+    x, y = torch.randn(7, 2, 3, dtype=torch.float64), torch.randn(7, 2, 2, dtype=torch.float64)
+    model = FusedLinearRegressor(3, 2, backend=backend, dtype=torch.float64).to(DEVICE)
+    ref = nn.Linear(3, 2).double()
+    ref.load_state_dict(model.state_dict())
+    opt = (FusedSGD(model.parameters(), lr=0.05, momentum=0.5) if optimizer == "fused"
+           else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5))
+    g, g_ref = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    history = model.fit(x.to(DEVICE), y.to(DEVICE), epochs=3, batch_size=3, optimizer=opt, generator=g)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.5)
+    expected = []
+    for _ in range(3):
+        losses = []
+        for xb, yb in DataLoader(TensorDataset(x, y), batch_size=3, shuffle=True, generator=g_ref):
+            ref_opt.zero_grad()
+            loss = F.mse_loss(ref(xb), yb)
+            loss.backward()
+            ref_opt.step()
+            losses.append(loss.item())
+        expected.append(sum(losses) / len(losses))
+    assert_close(torch.tensor(history), torch.tensor(expected), 1e-12, "history")
+    assert_close(model.weight.detach(), ref.weight.detach(), 1e-12, "weight")
+    assert_close(model.bias.detach(), ref.bias.detach(), 1e-12, "bias")
+    assert torch.equal(g.get_state(), g_ref.get_state())
+
+
+
+class _Stream(IterableDataset):
+    """A stream of (x_i, y_i) rows without a length, as a DataLoader over a data pipe sees it."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        return zip(self.x, self.y)
+
+
+def test_a_dataloader_over_an_iterable_dataset_trains(backend):
+    """len() of such a DataLoader raises TypeError; fit called it (to decide on a progress bar) and crashed."""
+    x, y = torch.randn(12, 3, dtype=torch.float64), torch.randn(12, 2, dtype=torch.float64)
+    model = FusedLinearRegressor(3, 2, backend=backend, dtype=torch.float64).to(DEVICE)
+    ref = nn.Linear(3, 2).double()
+    ref.load_state_dict(model.state_dict())
+    history = model.fit(DataLoader(_Stream(x, y), batch_size=5), epochs=2, lr=0.1)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for _ in range(2):
+        for xb, yb in DataLoader(TensorDataset(x, y), batch_size=5):
+            opt.zero_grad()
+            F.mse_loss(ref(xb), yb).backward()
+            opt.step()
+    assert len(history) == 2
+    assert_close(model.weight.detach(), ref.weight.detach(), 1e-12, "weight")
+    assert_close(model.bias.detach(), ref.bias.detach(), 1e-12, "bias")

@@ -22,8 +22,11 @@ from conftest import DEVICE
 
 pytest.importorskip("sklearn")
 
+from sklearn.base import clone  # noqa: E402
 from sklearn.datasets import load_diabetes, load_linnerud  # noqa: E402
+from sklearn.exceptions import UndefinedMetricWarning  # noqa: E402
 from sklearn.linear_model import LinearRegression, Ridge  # noqa: E402
+from sklearn.metrics import r2_score  # noqa: E402
 from sklearn.model_selection import cross_val_score  # noqa: E402
 from sklearn.pipeline import make_pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
@@ -332,3 +335,40 @@ def test_a_refit_refused_for_its_settings_keeps_the_fitted_model():
     np.testing.assert_array_equal(est.coef_, coef)
     est.set_params(lr=0.01).partial_fit(x, y[:, 0])  # and then continues the fitted model
     assert est.n_iter_ == 3 and not np.array_equal(est.coef_, coef)
+
+
+@pytest.mark.parametrize("estimator", [FusedLinearRegression(backend="torch"),
+                                       FusedSGDRegressor(epochs=2, random_state=0, backend="torch")],
+                         ids=["exact", "sgd"])
+def test_tensor_targets_are_checked_as_numpy_targets_are(estimator):
+    """Tensor y goes through the checks scikit-learn gives arrays: a transposed y in score, a complex
+    or target-less y in fit are errors (they used to give a wrong R², or drop the imaginary part)."""
+    x, y = _data(12, 3, 2, np.random.default_rng())
+    xt, yt = torch.tensor(x), torch.tensor(y)
+    est = clone(estimator).fit(xt, yt)
+    for ys in (yt, y, y.tolist()):  # a list's floats are float64, as in scikit-learn (not torch's float32)
+        assert est.score(xt, ys) == pytest.approx(r2_score(y, est.predict(x)), rel=1e-12, abs=1e-12)
+    with pytest.raises(ValueError, match="inconsistent numbers of samples"):
+        est.score(xt, yt.T.contiguous())  # (2, 12): r2_score refuses it too
+    with pytest.raises(ValueError, match="y has 1 targets, but .* predicts 2"):
+        est.score(xt, yt[:, 0])
+    with pytest.raises(ValueError, match="NaN"):
+        est.score(xt, yt * float("nan"))
+    for xs, ys in ((x, y), (xt, yt)):  # one row: no R², as r2_score says
+        with pytest.warns(UndefinedMetricWarning):
+            assert np.isnan(est.score(xs[:1], ys[:1]))
+    np.testing.assert_array_equal(clone(estimator).fit(xt, y.tolist()).coef_, est.coef_)
+    with pytest.raises(ValueError, match="y must hold real numbers"):
+        clone(estimator).fit(xt, yt.to(torch.complex128))
+    with pytest.raises(ValueError, match="inconsistent numbers of samples"):
+        clone(estimator).fit(xt, torch.zeros(12, 0, dtype=torch.float64))
+
+
+def test_boolean_settings_refuse_what_is_not_a_boolean():
+    """fit_intercept="no" fitted an intercept, shuffle=None did not shuffle, silently; scikit-learn refuses both."""
+    x, y = _data(10, 2, 1, np.random.default_rng())
+    with pytest.raises(ValueError, match="fit_intercept must be True or False"):
+        FusedLinearRegression(fit_intercept="no", backend="torch").fit(x, y)
+    with pytest.raises(ValueError, match="shuffle must be True or False"):
+        FusedSGDRegressor(shuffle=None, epochs=1, backend="torch").fit(x, y)
+    assert FusedLinearRegression(fit_intercept=np.False_, backend="torch").fit(x, y).intercept_.tolist() == [0.0]
