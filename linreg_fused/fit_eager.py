@@ -24,15 +24,11 @@ class EagerPath(EpochRunner):
         super().__init__(model, optimizer, source, reduction)
         self.process_group = group if group is not None else False
         self.epochs_run = 0
-        # Per epoch of an iterable (check_finite): whether its batches were finite, on the device (read only
-        # when an epoch diverged, to say that the data, not the learning rate, made it diverge).
-        self.batches_finite: list[torch.Tensor] = []
 
     def epoch(self, order: torch.Tensor | None) -> torch.Tensor:
         m, device = self.model, self.model.weight.device
-        finite: list[torch.Tensor] = []
         if isinstance(self.source, BatchSource):
-            batches = (self._checked_batch(b, device, finite) for b in self.source.batches)
+            batches = (self._checked_batch(b, device) for b in self.source.batches)
         else:
             batches = ((x.index_select(0, rows), t.index_select(0, rows)) if rows is not None else (x, t)
                        for x, t, rows in self.tensor_batches(order))
@@ -43,26 +39,14 @@ class EagerPath(EpochRunner):
             raise ValueError(f"epoch {self.epochs_run} had no batches: the iterable gave none when iterated again "
                              f"(it must give its batches on every iter(), as a DataLoader or a list does); the "
                              f"parameters are those at the end of epoch {self.epochs_run - 1}")
-        if finite:
-            self.batches_finite.append(torch.stack(finite).all())
         return epoch_losses(losses, accumulator_dtype(m.weight.dtype))
 
-    def restore(self, bad_epoch: int) -> int:
-        bad_epoch = super().restore(bad_epoch)
-        if bad_epoch < len(self.batches_finite) and not bool(self.batches_finite[bad_epoch]):
-            where = "their values before fit" if bad_epoch == 0 else f"the end of epoch {bad_epoch}"
-            raise ValueError(f"a batch of epoch {bad_epoch + 1} contains NaN or inf: clean the data before fit "
-                             f"(the parameters were restored to {where})")
-        return bad_epoch
-
-    def _checked_batch(self, batch, device, finite: list) -> tuple[torch.Tensor, torch.Tensor]:
+    def _checked_batch(self, batch, device) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise TypeError(f"fit(batches): each batch must be an (inputs, targets) pair, got {type(batch).__name__}")
         # NumPy batches take the model's dtype, as NumPy inputs to fit do (the warning is given once per place).
         xb, yb = (as_model_tensor(b, self.model.weight.dtype, device, _warn_batch_precision) for b in batch)
         check_inputs(xb, self.model.weight, self.model.bias, yb)
-        if self.source.check_finite:  # no sync: read when an epoch diverged
-            finite.append(torch.isfinite(xb).all() & torch.isfinite(yb).all())
         return xb, yb
 
 

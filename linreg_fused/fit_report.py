@@ -76,8 +76,10 @@ def first_bad_epoch(means: tuple[float, ...], flags: tuple[float, ...], start: i
     return None
 
 
-def diverged(bad: int, epochs: int, history: list[float], optimizer) -> TrainingDivergedError:
-    """The error for a divergence at 0-based epoch ``bad``, its history ending with that epoch."""
+def diverged(bad: int, epochs: int, history: list[float], optimizer, data_checked: bool = True
+             ) -> TrainingDivergedError:
+    """The error for a divergence at 0-based epoch ``bad``, its history ending with that epoch.
+    data_checked: whether fit scanned the data for NaN/inf (else the message names them as a cause)."""
     lrs = sorted({float(g["lr"]) for g in optimizer.param_groups})
     where = ("their values before fit" if bad == 0 else f"the end of epoch {bad}, the last finite one")
     others = "" if isinstance(optimizer, torch.optim.SGD) else (
@@ -86,7 +88,9 @@ def diverged(bad: int, epochs: int, history: list[float], optimizer) -> Training
             f"non-finite parameters after the steps (the loss before them was {history[bad]:.6g})")
     return TrainingDivergedError(
         f"{what} at epoch {bad + 1}/{epochs}: training diverged. The parameters were restored to {where}."
-        f"{others} Try a smaller learning rate (lr={lrs[0] if len(lrs) == 1 else lrs} now).",
+        f"{others} Try a smaller learning rate (lr={lrs[0] if len(lrs) == 1 else lrs} now)"
+        + ("." if data_checked else ", and check the data: fit did not scan them for NaN or inf (an iterable's "
+           "batches, or check_finite=False), and one in a batch diverges the same way."),
         bad + 1, history)
 
 

@@ -56,7 +56,6 @@ class BatchSource:
     """An iterable of (xb, yb) batches that batches itself (e.g. a DataLoader)."""
 
     batches: Iterable
-    check_finite: bool = True  # check each batch for NaN/inf on the device (no sync), to name bad data as such
 
     @property
     def batches_per_epoch(self) -> int:
@@ -176,7 +175,7 @@ def make_source(model, data, targets, batch_size, shuffle, seed, generator, chec
     if shuffle == "device" or not shuffle:  # shuffle=False would be ignored: the batches come in their own order
         raise ValueError(f"shuffle={shuffle!r} applies to tensor inputs; the iterable does its own shuffling "
                          f"(e.g. DataLoader(..., shuffle=False))")
-    return BatchSource(data, bool(check_finite))
+    return BatchSource(data)
 
 
 def as_model_tensor(v, dtype: torch.dtype, device: torch.device, warn: Callable[[], None]) -> torch.Tensor:

@@ -108,10 +108,10 @@ def fit(
     log_every: print "Epoch [k/n], Loss: …" every k epochs, like the tutorial.
     progress: a tqdm progress bar (default: on for long runs in a terminal).
     check_finite: check tensor inputs for NaN/inf once up front (one read of
-    the data and one sync; turn off for repeated short fits on clean data);
-    an iterable's batches are checked on the device as they come (no sync;
-    12–30 µs of host time per batch measured on a 2-core CPU), so a NaN in one is a
-    ValueError naming its epoch, not a divergence.
+    the data and one sync; turn off for repeated short fits on clean data).
+    An iterable's batches are not checked (a check costs host time on every
+    batch): a NaN or inf in one ends fit as a divergence whose message says
+    that unchecked data can be the cause.
     cuda_graph: on CUDA, with tensor inputs, FusedSGD, the Triton kernels and
     several batches per epoch, replay an epoch of fused steps captured in a
     CUDA graph; the graph is kept for the next fit with the same optimizer,
@@ -150,12 +150,15 @@ def fit(
                        distributed.resolve_group(process_group))
     reporter = Reporter(epochs, log_every, progress, print_fn)
     try:
-        return _run(path, source, epochs, reporter, optimizer, model.weight)
+        # Whether fit scanned the data for NaN/inf (an iterable's batches are not): a divergence's message says.
+        data_checked = bool(check_finite) and not isinstance(source, BatchSource)
+        return _run(path, source, epochs, reporter, optimizer, model.weight, data_checked)
     finally:
         reporter.close()
 
 
-def _run(path, source, epochs: int, reporter: Reporter, optimizer, weight: torch.Tensor) -> list[float]:
+def _run(path, source, epochs: int, reporter: Reporter, optimizer, weight: torch.Tensor,
+         data_checked: bool) -> list[float]:
     """Chunks of epochs between report points; one sync per chunk."""
     device = weight.device
     # Per epoch: the mean batch loss (fit's history), the last batch's loss (the tutorial's log line),
@@ -178,7 +181,7 @@ def _run(path, source, epochs: int, reporter: Reporter, optimizer, weight: torch
         bad = first_bad_epoch(means, flags, epoch)
         if bad is not None:
             bad = path.restore(bad)
-            raise diverged(bad, epochs, history[: bad + 1], optimizer)
+            raise diverged(bad, epochs, history[: bad + 1], optimizer, data_checked)
         epoch = stop
         reporter.report(epoch, history, last_batch)
     return history
