@@ -230,9 +230,11 @@ def linear(
     """
     _check_options("mean", input_precision, backend)
     _check_parameters(x, weight, bias)
-    if x.numel() == 0 or weight.shape[0] == 0 or _under_transform(x, weight, bias):
+    if x.numel() == 0 or weight.shape[0] == 0 or _under_transform(x, weight, bias) or torch.jit.is_tracing():
         # No rows, features or outputs: F.linear's answer (the bias, or an empty output) with its gradients.
-        # Under torch.func transforms too: they batch and differentiate F.linear natively.
+        # Under torch.func transforms too: they batch and differentiate F.linear natively. Under
+        # torch.jit.trace too: one graph in any grad mode (its check retraces under no_grad), aten::linear,
+        # which TorchScript saves and differentiates (a Function cannot be saved; the op has no backward).
         return TORCH_OPS.linear(x, weight, bias, input_precision=input_precision)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):

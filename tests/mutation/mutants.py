@@ -868,5 +868,10 @@ FRESH = [
            "                                          store_residual=store_residual, formulation=\"default\",\n",
            ("tests/test_formulation_paths.py::test_training_paths_run_the_decided_formulation",),
            "the full path's gradient pass keeps the default kernel whatever config decides"),
+    Mutant("linear-traced-through-the-function", "module", "linreg_fused/functional.py",
+           " or _under_transform(x, weight, bias) or torch.jit.is_tracing():",
+           " or _under_transform(x, weight, bias):",
+           ("tests/test_torch_compile.py::test_jit_trace_passes_its_check_and_saves_a_differentiable_module",),
+           "torch.jit.trace records the autograd Function under grad and the op under no_grad: its check fails"),
 ]
 MUTANTS += FRESH
