@@ -89,7 +89,8 @@ def fit(
     and (..., O); moved to the model's device, shuffled and batched there
     exactly as ``DataLoader(TensorDataset(data, targets), batch_size,
     shuffle=shuffle, generator=...)`` would: batch_size rows per step
-    (default: all), the last partial batch kept. ``seed=`` (a CPU generator
+    (default: all; of (n, ..., D) data, batch_size samples of its first
+    dimension, as DataLoader draws them), the last partial batch kept. ``seed=`` (a CPU generator
     seeded with it) or ``generator=`` makes it reproducible; without either,
     the global RNG is used as DataLoader uses it. shuffle="device" draws the
     orders on the model's device instead (seeded by ``seed=``, else by one
@@ -185,9 +186,13 @@ def _orders(source: TensorSource, n_epochs: int, device: torch.device) -> torch.
     the step, so none is drawn), else drawn on the device or as DataLoader draws them."""
     if source.full_batch:
         return torch.arange(source.n_rows, device=device).expand(n_epochs, -1)
+    k = source.rows_per_sample
     if source.shuffle == "device":
-        return device_orders(source.n_rows, n_epochs, source.generator, device)
-    return dataloader_orders(source.n_rows, n_epochs, source.shuffle, source.generator, device)
+        orders = device_orders(source.n_rows // k, n_epochs, source.generator, device)
+    else:
+        orders = dataloader_orders(source.n_rows // k, n_epochs, source.shuffle, source.generator, device)
+    # Data (n, ..., D): DataLoader orders the n samples; each stands for its k rows, in storage order.
+    return orders if k == 1 else (orders.unsqueeze(-1) * k + torch.arange(k, device=device)).reshape(n_epochs, -1)
 
 
 def choose_path(model, optimizer, source, reduction: str, epochs: int, cuda_graph: bool,

@@ -873,5 +873,10 @@ FRESH = [
            " or _under_transform(x, weight, bias):",
            ("tests/test_torch_compile.py::test_jit_trace_passes_its_check_and_saves_a_differentiable_module",),
            "torch.jit.trace records the autograd Function under grad and the op under no_grad: its check fails"),
+    Mutant("fit-batches-rows-of-higher-dimensional-data", "fit", "linreg_fused/train.py",
+           "    return orders if k == 1 else (orders.unsqueeze(-1) * k + torch.arange(k, device=device)).reshape(n_epochs, -1)",
+           "    return dataloader_orders(source.n_rows, n_epochs, source.shuffle, source.generator, device)",
+           ("tests/test_fit_inputs.py::test_fit_batches_samples_of_higher_dimensional_data_as_dataloader",),
+           "fit shuffles the rows of (n, L, D) data, not its n samples as DataLoader does"),
 ]
 MUTANTS += FRESH
