@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.nn.modules import module as _nn_module
 
 from .backend import BACKENDS
 
@@ -66,6 +67,16 @@ def _check_options(reduction: str, input_precision: str, backend: str = "auto") 
         raise ValueError(f"input_precision must be one of {PRECISIONS}, got {input_precision!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def module_hooked(module: torch.nn.Module) -> bool:
+    """Whether ``module(x)`` runs hooks: the module's or global forward and backward hooks (a pre-hook of
+    torch.nn.utils.prune recomputes the weight). The fused loss, step and fit do not call forward, so
+    with hooks they go through ``module(x)``, as nn.Linear + F.mse_loss would."""
+    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_hooks
+                or module._backward_pre_hooks or _nn_module._global_forward_pre_hooks
+                or _nn_module._global_forward_hooks or _nn_module._global_backward_hooks
+                or _nn_module._global_backward_pre_hooks)
 
 
 def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor) -> None:
