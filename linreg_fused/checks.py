@@ -69,14 +69,18 @@ def _check_options(reduction: str, input_precision: str, backend: str = "auto") 
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+# torch's global hook registries (dicts it changes in place)
+_FORWARD_PRE, _FORWARD = _nn_module._global_forward_pre_hooks, _nn_module._global_forward_hooks
+_BACKWARD, _BACKWARD_PRE = _nn_module._global_backward_hooks, _nn_module._global_backward_pre_hooks
+
+
 def module_hooked(module: torch.nn.Module) -> bool:
     """Whether ``module(x)`` runs hooks: the module's or global forward and backward hooks (a pre-hook of
     torch.nn.utils.prune recomputes the weight). The fused loss, step and fit do not call forward, so
     with hooks they go through ``module(x)``, as nn.Linear + F.mse_loss would."""
-    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_hooks
-                or module._backward_pre_hooks or _nn_module._global_forward_pre_hooks
-                or _nn_module._global_forward_hooks or _nn_module._global_backward_hooks
-                or _nn_module._global_backward_pre_hooks)
+    own = module.__dict__  # (read straight from the dicts: 0.1 µs, on train_step's path)
+    return bool(_FORWARD_PRE or _FORWARD or _BACKWARD or _BACKWARD_PRE or own["_forward_pre_hooks"]
+                or own["_forward_hooks"] or own["_backward_hooks"] or own["_backward_pre_hooks"])
 
 
 def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor) -> None:

@@ -879,8 +879,8 @@ FRESH = [
            ("tests/test_fit_inputs.py::test_fit_batches_samples_of_higher_dimensional_data_as_dataloader",),
            "fit shuffles the rows of (n, L, D) data, not its n samples as DataLoader does"),
     Mutant("module-hooks-pre-hooks-ignored", "module", "linreg_fused/checks.py",
-           "    return bool(module._forward_pre_hooks or module._forward_hooks",
-           "    return bool(module._forward_hooks",
+           'or own["_forward_pre_hooks"]\n',
+           "\n",
            ("tests/test_module.py::test_module_hooks_run_in_the_loss_and_the_steps_as_model_x_runs_them",),
            "loss, train_step and fit skip forward pre-hooks (prune's weight, a scaled input): the stale weight"),
 ]
