@@ -83,6 +83,19 @@ def module_hooked(module: torch.nn.Module) -> bool:
                 or own["_forward_hooks"] or own["_backward_hooks"] or own["_backward_pre_hooks"])
 
 
+def step_through_forward(module: torch.nn.Module) -> bool:
+    """Whether a fused step (train_step, loss(optimizer=), fit) cannot train the module in place and must
+    take model(x), backward and optimizer.step(): hooks that model(x) runs (``module_hooked``), or a weight
+    or bias computed from other parameters (torch.nn.utils.parametrize, prune): what the optimizer holds
+    is then those parameters, which only autograd reaches."""
+    if module_hooked(module):
+        return True
+    parameters = module.__dict__["_parameters"]
+    if "weight" in parameters and "bias" in parameters:  # its own parameters (the usual case)
+        return False
+    return any(p is not None and p.grad_fn is not None for p in (module.weight, module.bias))
+
+
 def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor) -> None:
     """Raise TypeError/ValueError naming the problem; runs no kernel and syncs nothing."""
     _check_parameters(x, weight, bias)

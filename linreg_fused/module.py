@@ -14,7 +14,7 @@ from torch import nn
 
 from . import functional, serialization, step_cache, train
 from .backend import BACKENDS
-from .checks import module_hooked
+from .checks import module_hooked, step_through_forward
 from .functional import PRECISIONS
 from .optim import FusedSGD
 from .solver import check_representable
@@ -110,8 +110,14 @@ class FusedLinearRegressor(nn.Module):
         if optimizer is not None and not isinstance(optimizer, FusedSGD):
             raise TypeError(f"loss(optimizer=) takes a FusedSGD, got {type(optimizer).__name__}; with other "
                             f"optimizers call loss.backward() and optimizer.step() yourself")
+        if (optimizer is not None or (process_group is not None and process_group is not False)) \
+                and step_through_forward(self):
+            raise ValueError("this model's step must go through model(x) and .grad (it has hooks that model(x) runs, "
+                             "or a weight or bias computed from other parameters: torch.nn.utils.parametrize, "
+                             "prune), which a loss with optimizer= or process_group= would skip: use "
+                             "loss(x, target).backward() and optimizer.step() (or train_step)")
         if module_hooked(self):
-            return _loss_through_forward(self, x, target, reduction, optimizer, process_group)
+            return _loss_through_forward(self, x, target, reduction)
         weight, bias = _weight_and_bias(self)
         return functional.linear_mse(x, weight, bias, target, reduction, optimizer=optimizer,
                                      backend=self.backend, input_precision=self.input_precision,
@@ -137,7 +143,7 @@ class FusedLinearRegressor(nn.Module):
         loss, backward, step on this rank's rows (for data parallelism wrap
         the model in DistributedDataParallel).
         """
-        if isinstance(optimizer, FusedSGD) and not module_hooked(self):  # (with hooks: the loop below)
+        if isinstance(optimizer, FusedSGD) and not step_through_forward(self):  # (else: the loop below)
             weight, bias = _weight_and_bias(self)
             if not (isinstance(x, torch.Tensor) and isinstance(target, torch.Tensor) and x.dim() == target.dim() == 2):
                 functional.check_inputs(x, weight, bias, target)  # before reshape: errors name the shapes given
@@ -222,12 +228,8 @@ class FusedLinearRegressor(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{extra}"
 
 
-def _loss_through_forward(model: FusedLinearRegressor, x, target, reduction: str, optimizer, process_group):
+def _loss_through_forward(model: FusedLinearRegressor, x, target, reduction: str):
     """F.mse_loss(model(x), target), for a model whose hooks model(x) must run (the fused loss runs none)."""
-    if optimizer is not None or (process_group is not None and process_group is not False):
-        raise ValueError("this model has hooks that model(x) runs (forward or backward hooks; torch.nn.utils.prune "
-                         "adds one), which a loss with optimizer= or process_group= would skip: use "
-                         "loss(x, target).backward() and optimizer.step() (or train_step), or remove the hooks")
     functional._check_options(reduction, model.input_precision, model.backend)
     functional.check_inputs(x, model.weight, model.bias, target)
     prediction = model(x)

@@ -46,7 +46,7 @@ import torch
 
 from . import distributed, fit_per_batch
 from .backend import select_ops
-from .checks import module_hooked
+from .checks import step_through_forward
 from .fit_distributed import DistributedPath
 from .fit_eager import EagerPath
 from .fit_one_launch import OneLaunchPath
@@ -203,11 +203,12 @@ def choose_path(model, optimizer, source, reduction: str, epochs: int, cuda_grap
     device = model.weight.device
     # The backend's own primitives, not the registered ops: fit syncs at report points, so it is not traced.
     ops = select_ops(model.backend, device)
-    if module_hooked(model):  # model(x) runs hooks: only train_step per batch runs them (through model(x))
+    if step_through_forward(model):  # hooks, or parameters behind the weight: train_step per batch trains them
         if group is not None or statistics:
-            raise ValueError("this model has hooks that model(x) runs (forward or backward hooks; "
-                             "torch.nn.utils.prune adds one): fit runs them batch by batch, not under "
-                             "torch.distributed (pass process_group=False) nor with statistics=True")
+            raise ValueError("this model's step must go through model(x) and .grad (it has hooks that model(x) "
+                             "runs, or a weight or bias computed from other parameters: torch.nn.utils.parametrize, "
+                             "prune): fit runs it batch by batch, not under torch.distributed (pass "
+                             "process_group=False) nor with statistics=True")
         return EagerPath(model, optimizer, source, reduction)
     if group is not None:
         if not isinstance(optimizer, FusedSGD):

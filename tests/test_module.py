@@ -293,3 +293,35 @@ def test_module_hooks_run_in_the_loss_and_the_steps_as_model_x_runs_them(how, ba
     assert_close(model.loss(x, t), F.mse_loss(ref(x.double()), t.double()), TOLERANCE[torch.float32], "loss")
     with pytest.raises(ValueError, match="hooks"):  # the step in the backward cannot see the hooks' graph
         model.loss(x, t, optimizer=opt)
+
+
+@pytest.mark.parametrize("how", ["train_step", "fit"])
+def test_a_parametrized_weight_is_trained_through_its_parameters(how, backend):
+    """torch.nn.utils.parametrize: the weight is computed from parametrizations.weight.original, which the
+    optimizer holds; the fused steps must train it (they updated the bias alone), loss(optimizer=) refuses."""
+    from torch.nn.utils import parametrize
+
+    class Halved(nn.Module):
+        def forward(self, w):
+            return w * 0.5
+
+    x, t = torch.randn(6, 4, device=DEVICE), torch.randn(6, 3, device=DEVICE)
+    ref = nn.Linear(4, 3).to(DEVICE)
+    model = FusedLinearRegressor.from_linear(ref, backend=backend)
+    ref = ref.double()
+    for m in (model, ref):
+        parametrize.register_parametrization(m, "weight", Halved())
+    opt, ref_opt = FusedSGD(model.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
+    for _ in range(2):
+        if how == "fit":
+            model.fit(x, t, epochs=1, optimizer=opt)
+        else:
+            model.train_step(x, t, opt)
+        ref_opt.zero_grad()
+        F.mse_loss(ref(x.double()), t.double()).backward()
+        ref_opt.step()
+    original = model.parametrizations.weight.original
+    assert_close(original, ref.parametrizations.weight.original, TOLERANCE[torch.float32], "weight's original")
+    assert_close(model.bias, ref.bias, TOLERANCE[torch.float32], "bias")
+    with pytest.raises(ValueError, match="parametrize"):
+        model.loss(x, t, optimizer=opt)

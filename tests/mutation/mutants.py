@@ -883,5 +883,10 @@ FRESH = [
            "\n",
            ("tests/test_module.py::test_module_hooks_run_in_the_loss_and_the_steps_as_model_x_runs_them",),
            "loss, train_step and fit skip forward pre-hooks (prune's weight, a scaled input): the stale weight"),
+    Mutant("module-computed-weight-stepped-in-place", "module", "linreg_fused/checks.py",
+           "    return any(p is not None and p.grad_fn is not None for p in (module.weight, module.bias))",
+           "    return False",
+           ("tests/test_module.py::test_a_parametrized_weight_is_trained_through_its_parameters",),
+           "a parametrized weight takes the fused step: its original is never trained (the bias alone is)"),
 ]
 MUTANTS += FRESH
