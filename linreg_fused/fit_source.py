@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .fit_orders import device_generator
-from .functional import REDUCTIONS, check_inputs
+from .functional import REDUCTIONS, check_inputs, rows
 from .optim import FusedSGD
 
 @dataclass
@@ -212,7 +212,7 @@ def _prepare_tensors(model, data, targets, device, check_finite):
         raise ValueError("fit needs real data, not meta tensors")
     check_inputs(x, model.weight, model.bias, t)
     per_sample = math.prod(x.shape[1:-1])
-    x, t = x.reshape(-1, x.shape[-1]), t.reshape(-1, t.shape[-1])
+    x, t = rows(x), rows(t)  # (not reshape(-1, D): ambiguous for a model without features, D = 0)
     if check_finite:  # one sync up front, so a NaN in the data is not reported as a divergence
         if not bool(torch.isfinite(x).all() & torch.isfinite(t).all()):
             name, v = ("inputs", x) if not bool(torch.isfinite(x).all()) else ("targets", t)

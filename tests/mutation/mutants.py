@@ -888,5 +888,15 @@ FRESH = [
            "    return False",
            ("tests/test_module.py::test_a_parametrized_weight_is_trained_through_its_parameters",),
            "a parametrized weight takes the fused step: its original is never trained (the bias alone is)"),
+    Mutant("fit-rows-of-no-features", "fit", "linreg_fused/fit_source.py",
+           "    x, t = rows(x), rows(t)",
+           "    x, t = x.reshape(-1, x.shape[-1]), t.reshape(-1, t.shape[-1])",
+           ("tests/test_module_inputs.py::test_a_model_without_features_fits_its_bias",),
+           "fit reshapes data without features with -1: a RuntimeError for in_features=0"),
+    Mutant("fit-one-launch-without-features", "fit", "linreg_fused/fit_one_launch.py",
+           "                and source.x.shape[1] > 0",
+           "                and True",
+           ("tests/test_module_inputs.py::test_a_model_without_features_fits_its_bias",),
+           "the one-launch kernel takes a model without features (arange's empty range: it raises)"),
 ]
 MUTANTS += FRESH
