@@ -212,6 +212,10 @@ class FusedLinearRegressor(nn.Module):
         (the data's); fp64 is worth its cost when the fit is tight or the features nearly
         collinear. See LinearStats.solve for the method and its accuracy.
         """
+        if "weight" not in self._parameters or "bias" not in self._parameters:
+            raise ValueError("solve sets weight and bias in place, but this model's weight or bias is computed from "
+                             "other parameters (torch.nn.utils.parametrize, prune), which would not hold the "
+                             "solution: solve a model without them and load its state_dict")
         stats = _statistics_of(self, inputs, targets, precision)
         if (stats.in_features, stats.out_features) != (self.in_features, self.out_features):
             raise ValueError(f"the statistics are of {stats.in_features}→{stats.out_features} but the model is "

@@ -325,3 +325,20 @@ def test_a_parametrized_weight_is_trained_through_its_parameters(how, backend):
     assert_close(model.bias, ref.bias, TOLERANCE[torch.float32], "bias")
     with pytest.raises(ValueError, match="parametrize"):
         model.loss(x, t, optimizer=opt)
+
+
+@pytest.mark.parametrize("how", ["parametrize", "prune"])
+def test_solve_refuses_a_computed_weight(how):
+    """solve writes weight and bias in place: into a parametrized weight's temporary, or a pruned weight that the
+    next forward recomputes, the solution was lost while solve returned its loss."""
+    from torch.nn.utils import parametrize, prune
+
+    model = FusedLinearRegressor(4, 3, backend="torch", device=DEVICE)
+    if how == "parametrize":
+        parametrize.register_parametrization(model, "weight", nn.Identity())
+    else:
+        prune.l1_unstructured(model, "weight", amount=0.25)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="parametrize"):
+        model.solve(torch.randn(8, 4, device=DEVICE), torch.randn(8, 3, device=DEVICE))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

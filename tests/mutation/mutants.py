@@ -898,5 +898,10 @@ FRESH = [
            "                and True",
            ("tests/test_module_inputs.py::test_a_model_without_features_fits_its_bias",),
            "the one-launch kernel takes a model without features (arange's empty range: it raises)"),
+    Mutant("module-solve-into-a-computed-weight", "module", "linreg_fused/module.py",
+           '        if "weight" not in self._parameters or "bias" not in self._parameters:\n            raise ValueError("solve',
+           '        if False:\n            raise ValueError("solve',
+           ("tests/test_module.py::test_solve_refuses_a_computed_weight",),
+           "solve writes its solution into a parametrized or pruned weight, where it is lost"),
 ]
 MUTANTS += FRESH
