@@ -158,6 +158,11 @@ class FusedLinearRegressor(nn.Module):
                                              process_group=process_group)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer (e.g. FusedSGD), got {type(optimizer).__name__}")
+        if isinstance(optimizer, FusedSGD) and step_cache.group_given(process_group):
+            # The loop below steps on this rank's rows alone: the replicas would drift apart.
+            raise ValueError("this model's step must go through model(x) and .grad (it has hooks that model(x) runs, "
+                             "or a weight or bias computed from other parameters), which the all-reduce of the fused "
+                             "step cannot take: wrap the model in DistributedDataParallel, or pass process_group=False")
         if process_group is not None and process_group is not False:
             raise ValueError("process_group= applies to FusedSGD's fused step; with other optimizers, wrap the "
                              "model in DistributedDataParallel")

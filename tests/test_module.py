@@ -342,3 +342,20 @@ def test_solve_refuses_a_computed_weight(how):
     with pytest.raises(ValueError, match="parametrize"):
         model.solve(torch.randn(8, 4, device=DEVICE), torch.randn(8, 3, device=DEVICE))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_hooked_step_under_torch_distributed_is_refused(monkeypatch):
+    """With hooks the step goes through model(x) and .grad on this rank's rows: under torch.distributed
+    (where FusedSGD's step all-reduces) that would train each replica apart, so it is a clear error."""
+    from linreg_fused import step_cache
+
+    model = FusedLinearRegressor(4, 3, device=DEVICE)
+    model.register_forward_pre_hook(lambda module, args: None)
+    opt = FusedSGD(model.parameters(), lr=0.1)
+    monkeypatch.setattr(step_cache, "distributed", lambda: True)  # as after init_process_group
+    before = model.weight.detach().clone()
+    with pytest.raises(ValueError, match="DistributedDataParallel"):
+        model.train_step(torch.randn(5, 4, device=DEVICE), torch.randn(5, 3, device=DEVICE), opt)
+    assert torch.equal(model.weight, before)
+    model.train_step(torch.randn(5, 4, device=DEVICE), torch.randn(5, 3, device=DEVICE), opt, process_group=False)
+    assert not torch.equal(model.weight, before)

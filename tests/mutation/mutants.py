@@ -903,5 +903,10 @@ FRESH = [
            '        if False:\n            raise ValueError("solve',
            ("tests/test_module.py::test_solve_refuses_a_computed_weight",),
            "solve writes its solution into a parametrized or pruned weight, where it is lost"),
+    Mutant("module-hooked-step-under-distributed", "module", "linreg_fused/module.py",
+           "        if isinstance(optimizer, FusedSGD) and step_cache.group_given(process_group):",
+           "        if False:",
+           ("tests/test_module.py::test_a_hooked_step_under_torch_distributed_is_refused",),
+           "under torch.distributed a hooked model's train_step steps on this rank's rows alone"),
 ]
 MUTANTS += FRESH
