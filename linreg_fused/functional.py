@@ -173,6 +173,8 @@ def linear_mse(
             raise ValueError("linear_mse(optimizer=) applies an SGD step in place: it cannot run under a "
                              "torch.func transform (grad, vmap, jvp, ...); differentiate the loss without it")
         return reference.linear_mse(x, weight, bias, target, reduction)
+    if optimizer is None and torch.jit.is_tracing():  # as linear's: one graph in any grad mode, saveable
+        return reference.linear_mse(x, weight, bias, target, reduction)
     if weight.shape[1] == 0:  # no features: the loss of the bias alone, computed by the reference ops
         backend = "torch"
     group = None

@@ -908,5 +908,10 @@ FRESH = [
            "        if False:",
            ("tests/test_module.py::test_a_hooked_step_under_torch_distributed_is_refused",),
            "under torch.distributed a hooked model's train_step steps on this rank's rows alone"),
+    Mutant("loss-traced-through-the-function", "module", "linreg_fused/functional.py",
+           "    if optimizer is None and torch.jit.is_tracing():",
+           "    if False:",
+           ("tests/test_torch_compile.py::test_jit_trace_of_the_loss_passes_its_check_and_saves",),
+           "torch.jit.trace of the loss records the autograd Function: its check fails, the trace cannot be saved"),
 ]
 MUTANTS += FRESH
