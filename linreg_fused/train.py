@@ -93,8 +93,8 @@ def fit(
     (default: all; of (n, ..., D) data, batch_size samples of its first
     dimension, as DataLoader draws them), the last partial batch kept.
     ``seed=`` (a CPU generator seeded with it) or ``generator=`` makes it
-    reproducible; without either,
-    the global RNG is used as DataLoader uses it. shuffle="device" draws the
+    reproducible; without either, the global RNG is used as DataLoader
+    uses it. shuffle="device" draws the
     orders on the model's device instead (seeded by ``seed=``, else by one
     draw of ``generator`` or the global RNG; reproducible, not DataLoader's;
     see docs/fit.md). A full batch reads the rows in storage order and draws
