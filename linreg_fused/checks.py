@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.nn.modules import module as _nn_module
 
 from .backend import BACKENDS
 
@@ -66,6 +67,33 @@ def _check_options(reduction: str, input_precision: str, backend: str = "auto") 
         raise ValueError(f"input_precision must be one of {PRECISIONS}, got {input_precision!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+# torch's global hook registries (dicts it changes in place)
+_FORWARD_PRE, _FORWARD = _nn_module._global_forward_pre_hooks, _nn_module._global_forward_hooks
+_BACKWARD, _BACKWARD_PRE = _nn_module._global_backward_hooks, _nn_module._global_backward_pre_hooks
+
+
+def module_hooked(module: torch.nn.Module) -> bool:
+    """Whether ``module(x)`` runs hooks: the module's or global forward and backward hooks (a pre-hook of
+    torch.nn.utils.prune recomputes the weight). The fused loss, step and fit do not call forward, so
+    with hooks they go through ``module(x)``, as nn.Linear + F.mse_loss would."""
+    own = module.__dict__  # (read straight from the dicts: 0.1 µs, on train_step's path)
+    return bool(_FORWARD_PRE or _FORWARD or _BACKWARD or _BACKWARD_PRE or own["_forward_pre_hooks"]
+                or own["_forward_hooks"] or own["_backward_hooks"] or own["_backward_pre_hooks"])
+
+
+def step_through_forward(module: torch.nn.Module) -> bool:
+    """Whether a fused step (train_step, loss(optimizer=), fit) cannot train the module in place and must
+    take model(x), backward and optimizer.step(): hooks that model(x) runs (``module_hooked``), or a weight
+    or bias computed from other parameters (torch.nn.utils.parametrize, prune): what the optimizer holds
+    is then those parameters, which only autograd reaches."""
+    if module_hooked(module):
+        return True
+    parameters = module.__dict__["_parameters"]
+    if "weight" in parameters and "bias" in parameters:  # its own parameters (the usual case)
+        return False
+    return any(p is not None and p.grad_fn is not None for p in (module.weight, module.bias))
 
 
 def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor) -> None:

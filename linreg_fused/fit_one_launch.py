@@ -28,6 +28,7 @@ class OneLaunchPath:
         return (isinstance(source, TensorSource) and isinstance(optimizer, FusedSGD)
                 and not optimizer.has_step_hooks()  # one launch of many steps cannot fire hooks per step
                 and all(p.is_contiguous() for p in params)
+                and source.x.shape[1] > 0  # no features: the per-batch steps (the bias's, by the reference ops)
                 and ops.fit_small_supported(source.batch_size, source.x.shape[1], model.out_features))
 
     def run(self, orders: torch.Tensor, history: torch.Tensor) -> None:

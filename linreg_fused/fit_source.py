@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .fit_orders import device_generator
-from .functional import REDUCTIONS, check_inputs
+from .functional import REDUCTIONS, check_inputs, rows
 from .optim import FusedSGD
 
 @dataclass
@@ -31,11 +31,12 @@ class TensorSource:
 
     x: torch.Tensor  # (N, D)
     t: torch.Tensor  # (N, O)
-    batch_size: int
+    batch_size: int  # in rows
     shuffle: bool | str  # True: DataLoader's order; "device": drawn on the device; False: storage order
     generator: torch.Generator | None
     global_rng: bool = False  # neither seed= nor generator= was given: the orders come from the global RNG
-    sample_rows: int = 1  # rows per sample: data (N, ..., D) is N samples of prod(...) rows, as DataLoader sees it
+    # Rows per sample of data (n, ..., D): DataLoader draws and batches the n samples, each a block of rows.
+    rows_per_sample: int = 1
 
     @property
     def n_rows(self) -> int:
@@ -151,11 +152,10 @@ def make_source(model, data, targets, batch_size, shuffle, seed, generator, chec
             raise ValueError("fit(inputs, targets): targets are missing")
         if not _is_array(targets):
             raise TypeError(f"targets must be a torch.Tensor or a NumPy array, got {type(targets).__name__}")
-        x, t, sample_rows = _prepare_tensors(model, data, targets, device, check_finite)
-        # DataLoader(TensorDataset(data, targets)) batches samples along the first dimension: batch_size counts them.
-        batch_size = x.shape[0] if batch_size is None else positive_int("batch_size", batch_size) * sample_rows
-        source = TensorSource(x, t, batch_size, shuffle if shuffle == "device" else bool(shuffle), generator,
-                              global_rng=seed is None and generator is None, sample_rows=sample_rows)
+        x, t, per_sample = _prepare_tensors(model, data, targets, device, check_finite)
+        batch_size = positive_int("batch_size", x.shape[0] // per_sample if batch_size is None else batch_size)
+        source = TensorSource(x, t, batch_size * per_sample, shuffle if shuffle == "device" else bool(shuffle),
+                              generator, global_rng=seed is None and generator is None, rows_per_sample=per_sample)
         if source.shuffle == "device":  # a full batch draws nothing (its order cannot change the step)
             source.generator = None if source.full_batch else device_generator(device, seed, generator)
         elif seed is not None:
@@ -206,7 +206,8 @@ def _may_lose(np_dtype: np.dtype, dtype: torch.dtype) -> bool:
 
 
 def _prepare_tensors(model, data, targets, device, check_finite):
-    """The data on the model's device as (N, D), (N, O), checked once."""
+    """The data on the model's device as (N, D), (N, O), checked once, and the rows per sample of data
+    (n, ..., D): the product of its middle dimensions."""
     lost = []
     x, t = (as_model_tensor(v, model.weight.dtype, device, lambda: lost.append(True)) for v in (data, targets))
     if lost:
@@ -216,11 +217,11 @@ def _prepare_tensors(model, data, targets, device, check_finite):
     if x.device.type == "meta" or t.device.type == "meta":
         raise ValueError("fit needs real data, not meta tensors")
     check_inputs(x, model.weight, model.bias, t)
-    sample_rows = math.prod(x.shape[1:-1])
-    x, t = x.reshape(-1, x.shape[-1]), t.reshape(-1, t.shape[-1])
+    per_sample = math.prod(x.shape[1:-1])
+    x, t = rows(x), rows(t)  # (not reshape(-1, D): ambiguous for a model without features, D = 0)
     if check_finite:  # one sync up front, so a NaN in the data is not reported as a divergence
         if not bool(torch.isfinite(x).all() & torch.isfinite(t).all()):
             name, v = ("inputs", x) if not bool(torch.isfinite(x).all()) else ("targets", t)
             row = int((~torch.isfinite(v).all(dim=1)).nonzero()[0, 0])
             raise ValueError(f"{name} contain NaN or inf (first at row {row}); clean the data before fit")
-    return x, t, sample_rows
+    return x, t, per_sample

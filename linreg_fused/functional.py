@@ -173,6 +173,8 @@ def linear_mse(
             raise ValueError("linear_mse(optimizer=) applies an SGD step in place: it cannot run under a "
                              "torch.func transform (grad, vmap, jvp, ...); differentiate the loss without it")
         return reference.linear_mse(x, weight, bias, target, reduction)
+    if optimizer is None and torch.jit.is_tracing():  # as linear's: one graph in any grad mode, saveable
+        return reference.linear_mse(x, weight, bias, target, reduction)
     if weight.shape[1] == 0:  # no features: the loss of the bias alone, computed by the reference ops
         backend = "torch"
     group = None
@@ -230,9 +232,11 @@ def linear(
     """
     _check_options("mean", input_precision, backend)
     _check_parameters(x, weight, bias)
-    if x.numel() == 0 or weight.shape[0] == 0 or _under_transform(x, weight, bias):
+    if x.numel() == 0 or weight.shape[0] == 0 or _under_transform(x, weight, bias) or torch.jit.is_tracing():
         # No rows, features or outputs: F.linear's answer (the bias, or an empty output) with its gradients.
-        # Under torch.func transforms too: they batch and differentiate F.linear natively.
+        # Under torch.func transforms too: they batch and differentiate F.linear natively. Under
+        # torch.jit.trace too: one graph in any grad mode (its check retraces under no_grad), aten::linear,
+        # which TorchScript saves and differentiates (a Function cannot be saved; the op has no backward).
         return TORCH_OPS.linear(x, weight, bias, input_precision=input_precision)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):

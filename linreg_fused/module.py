@@ -9,10 +9,12 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import functional, serialization, step_cache, train
 from .backend import BACKENDS
+from .checks import module_hooked, step_through_forward
 from .functional import PRECISIONS
 from .optim import FusedSGD
 from .solver import check_representable
@@ -108,6 +110,14 @@ class FusedLinearRegressor(nn.Module):
         if optimizer is not None and not isinstance(optimizer, FusedSGD):
             raise TypeError(f"loss(optimizer=) takes a FusedSGD, got {type(optimizer).__name__}; with other "
                             f"optimizers call loss.backward() and optimizer.step() yourself")
+        if (optimizer is not None or (process_group is not None and process_group is not False)) \
+                and step_through_forward(self):
+            raise ValueError("this model's step must go through model(x) and .grad (it has hooks that model(x) runs, "
+                             "or a weight or bias computed from other parameters: torch.nn.utils.parametrize, "
+                             "prune), which a loss with optimizer= or process_group= would skip: use "
+                             "loss(x, target).backward() and optimizer.step() (or train_step)")
+        if module_hooked(self):
+            return _loss_through_forward(self, x, target, reduction)
         weight, bias = _weight_and_bias(self)
         return functional.linear_mse(x, weight, bias, target, reduction, optimizer=optimizer,
                                      backend=self.backend, input_precision=self.input_precision,
@@ -133,7 +143,7 @@ class FusedLinearRegressor(nn.Module):
         loss, backward, step on this rank's rows (for data parallelism wrap
         the model in DistributedDataParallel).
         """
-        if isinstance(optimizer, FusedSGD):
+        if isinstance(optimizer, FusedSGD) and not step_through_forward(self):  # (else: the loop below)
             weight, bias = _weight_and_bias(self)
             if not (isinstance(x, torch.Tensor) and isinstance(target, torch.Tensor) and x.dim() == target.dim() == 2):
                 functional.check_inputs(x, weight, bias, target)  # before reshape: errors name the shapes given
@@ -148,6 +158,11 @@ class FusedLinearRegressor(nn.Module):
                                              process_group=process_group)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer (e.g. FusedSGD), got {type(optimizer).__name__}")
+        if isinstance(optimizer, FusedSGD) and step_cache.group_given(process_group):
+            # The loop below steps on this rank's rows alone: the replicas would drift apart.
+            raise ValueError("this model's step must go through model(x) and .grad (it has hooks that model(x) runs, "
+                             "or a weight or bias computed from other parameters), which the all-reduce of the fused "
+                             "step cannot take: wrap the model in DistributedDataParallel, or pass process_group=False")
         if process_group is not None and process_group is not False:
             raise ValueError("process_group= applies to FusedSGD's fused step; with other optimizers, wrap the "
                              "model in DistributedDataParallel")
@@ -202,6 +217,10 @@ class FusedLinearRegressor(nn.Module):
         (the data's); fp64 is worth its cost when the fit is tight or the features nearly
         collinear. See LinearStats.solve for the method and its accuracy.
         """
+        if "weight" not in self._parameters or "bias" not in self._parameters:
+            raise ValueError("solve sets weight and bias in place, but this model's weight or bias is computed from "
+                             "other parameters (torch.nn.utils.parametrize, prune), which would not hold the "
+                             "solution: solve a model without them and load its state_dict")
         stats = _statistics_of(self, inputs, targets, precision)
         if (stats.in_features, stats.out_features) != (self.in_features, self.out_features):
             raise ValueError(f"the statistics are of {stats.in_features}→{stats.out_features} but the model is "
@@ -216,6 +235,14 @@ class FusedLinearRegressor(nn.Module):
     def extra_repr(self) -> str:
         extra = "" if self.backend == "auto" else f", backend={self.backend!r}"
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{extra}"
+
+
+def _loss_through_forward(model: FusedLinearRegressor, x, target, reduction: str):
+    """F.mse_loss(model(x), target), for a model whose hooks model(x) must run (the fused loss runs none)."""
+    functional._check_options(reduction, model.input_precision, model.backend)
+    functional.check_inputs(x, model.weight, model.bias, target)
+    prediction = model(x)
+    return F.mse_loss(prediction, target.to(prediction.dtype), reduction=reduction)
 
 
 def _weight_and_bias(model: FusedLinearRegressor) -> tuple[torch.Tensor, torch.Tensor | None]:

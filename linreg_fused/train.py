@@ -46,6 +46,7 @@ import torch
 
 from . import distributed, fit_per_batch
 from .backend import select_ops
+from .checks import step_through_forward
 from .fit_distributed import DistributedPath
 from .fit_eager import EagerPath
 from .fit_one_launch import OneLaunchPath
@@ -89,10 +90,11 @@ def fit(
     and (..., O); moved to the model's device, shuffled and batched there
     exactly as ``DataLoader(TensorDataset(data, targets), batch_size,
     shuffle=shuffle, generator=...)`` would: batch_size rows per step
-    (default: all), the last partial batch kept; for (N, ..., D) data, as
-    there, batch_size samples along the first dimension per step. ``seed=`` (a CPU generator
-    seeded with it) or ``generator=`` makes it reproducible; without either,
-    the global RNG is used as DataLoader uses it. shuffle="device" draws the
+    (default: all; of (n, ..., D) data, batch_size samples of its first
+    dimension, as DataLoader draws them), the last partial batch kept.
+    ``seed=`` (a CPU generator seeded with it) or ``generator=`` makes it
+    reproducible; without either, the global RNG is used as DataLoader
+    uses it. shuffle="device" draws the
     orders on the model's device instead (seeded by ``seed=``, else by one
     draw of ``generator`` or the global RNG; reproducible, not DataLoader's;
     see docs/fit.md). A full batch reads the rows in storage order and draws
@@ -192,13 +194,13 @@ def _orders(source: TensorSource, n_epochs: int, device: torch.device) -> torch.
     the step, so none is drawn), else drawn on the device or as DataLoader draws them."""
     if source.full_batch:
         return torch.arange(source.n_rows, device=device).expand(n_epochs, -1)
-    k = source.sample_rows  # samples of k rows each (data (N, ..., D)): their order, each spread to its rows
-    n = source.n_rows // k
+    k = source.rows_per_sample
     if source.shuffle == "device":
-        orders = device_orders(n, n_epochs, source.generator, device)
+        orders = device_orders(source.n_rows // k, n_epochs, source.generator, device)
     else:
-        orders = dataloader_orders(n, n_epochs, source.shuffle, source.generator, device)
-    return orders if k == 1 else (orders[:, :, None] * k + torch.arange(k, device=device)).reshape(n_epochs, -1)
+        orders = dataloader_orders(source.n_rows // k, n_epochs, source.shuffle, source.generator, device)
+    # Data (n, ..., D): DataLoader orders the n samples; each stands for its k rows, in storage order.
+    return orders if k == 1 else (orders.unsqueeze(-1) * k + torch.arange(k, device=device)).reshape(n_epochs, -1)
 
 
 def choose_path(model, optimizer, source, reduction: str, epochs: int, cuda_graph: bool,
@@ -208,6 +210,13 @@ def choose_path(model, optimizer, source, reduction: str, epochs: int, cuda_grap
     device = model.weight.device
     # The backend's own primitives, not the registered ops: fit syncs at report points, so it is not traced.
     ops = select_ops(model.backend, device)
+    if step_through_forward(model):  # hooks, or parameters behind the weight: train_step per batch trains them
+        if group is not None or statistics:
+            raise ValueError("this model's step must go through model(x) and .grad (it has hooks that model(x) "
+                             "runs, or a weight or bias computed from other parameters: torch.nn.utils.parametrize, "
+                             "prune): fit runs it batch by batch, not under torch.distributed (pass "
+                             "process_group=False) nor with statistics=True")
+        return EagerPath(model, optimizer, source, reduction)
     if group is not None:
         if not isinstance(optimizer, FusedSGD):
             raise ValueError(f"fit under torch.distributed runs FusedSGD's fused steps; with "

@@ -283,7 +283,6 @@ def test_data_of_samples_of_several_rows_is_batched_by_sample_as_dataloader_does
     assert torch.equal(g.get_state(), g_ref.get_state())
 
 
-
 class _Stream(IterableDataset):
     """A stream of (x_i, y_i) rows without a length, as a DataLoader over a data pipe sees it."""
 
@@ -310,3 +309,33 @@ def test_a_dataloader_over_an_iterable_dataset_trains(backend):
     assert len(history) == 2
     assert_close(model.weight.detach(), ref.weight.detach(), 1e-12, "weight")
     assert_close(model.bias.detach(), ref.bias.detach(), 1e-12, "bias")
+
+
+@pytest.mark.parametrize("path", ["one-launch", "per-batch", "eager"])
+def test_fit_batches_samples_of_higher_dimensional_data_as_dataloader(path, backend, monkeypatch):
+    """Data (n, L, D): DataLoader batches n samples of L rows each; fit takes the same batches."""
+    if path == "per-batch":
+        monkeypatch.setattr(type(select_ops(backend, DEVICE)), "fit_small_supported", lambda self, *args: False)
+    x, y = torch.randn(7, 2, 3, device=DEVICE), torch.randn(7, 2, 2, device=DEVICE)
+    linear = nn.Linear(3, 2).to(DEVICE)
+    model = FusedLinearRegressor.from_linear(linear, backend=backend)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1) if path == "eager" else FusedSGD(model.parameters(), lr=0.1)
+    g_fit, g_loader = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    losses = model.fit(x, y, epochs=3, batch_size=3, optimizer=opt, generator=g_fit)
+    ref = copy.deepcopy(linear).double()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    ref_losses = []
+    for _ in range(3):
+        batch_losses = []
+        for xb, yb in DataLoader(TensorDataset(x.double(), y.double()), batch_size=3, shuffle=True,
+                                 generator=g_loader):
+            loss = F.mse_loss(ref(xb), yb)
+            ref_opt.zero_grad()
+            loss.backward()
+            ref_opt.step()
+            batch_losses.append(loss.item())
+        ref_losses.append(sum(batch_losses) / len(batch_losses))
+    assert_close(model.weight, ref.weight, 2e-6, "weight")
+    assert_close(model.bias, ref.bias, 2e-6, "bias")
+    assert_close(torch.tensor(losses), torch.tensor(ref_losses), 2e-6, "epoch losses")
+    assert torch.equal(g_fit.get_state(), g_loader.get_state())

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import DEVICE
 from oracle import TOLERANCE, assert_close, linear_mse_grads
 from torch import nn
@@ -254,3 +255,107 @@ except RuntimeError as err:
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                          check=True).stdout
     assert "was set after Triton was imported" in out
+
+
+@pytest.mark.parametrize("how", ["train_step", "loss", "fit"])
+def test_module_hooks_run_in_the_loss_and_the_steps_as_model_x_runs_them(how, backend):
+    """A forward pre-hook that scales the input and torch.nn.utils.prune's (it recomputes the weight from
+    weight_orig and a mask) run in loss, train_step and fit as they run in nn.Linear + F.mse_loss."""
+    from torch.nn.utils import prune
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, t = torch.randn(6, 4, device=DEVICE), torch.randn(6, 3, device=DEVICE)
+    mask = torch.rand(3, 4, device=DEVICE) > 0.5
+    ref = nn.Linear(4, 3).to(DEVICE)
+    model = FusedLinearRegressor.from_linear(ref, backend=backend)
+    ref = ref.double()
+    for m in (model, ref):
+        prune.custom_from_mask(m, "weight", mask)
+        m.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    opt, ref_opt = FusedSGD(model.parameters(), lr=0.05), torch.optim.SGD(ref.parameters(), lr=0.05)
+    g_fit, g_loader = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    if how == "fit":
+        model.fit(x, t, epochs=2, batch_size=4, optimizer=opt, generator=g_fit)
+    for _ in range(2):
+        for xb, tb in DataLoader(TensorDataset(x.double(), t.double()), batch_size=4 if how == "fit" else 6,
+                                 shuffle=how == "fit", generator=g_loader):
+            ref_opt.zero_grad()
+            F.mse_loss(ref(xb), tb).backward()
+            ref_opt.step()
+            if how == "train_step":
+                model.train_step(xb.float(), tb.float(), opt)
+            elif how == "loss":
+                opt.zero_grad()
+                model.loss(xb.float(), tb.float()).backward()
+                opt.step()
+    assert_close(model.weight_orig, ref.weight_orig, TOLERANCE[torch.float32], "weight_orig")
+    assert_close(model.bias, ref.bias, TOLERANCE[torch.float32], "bias")
+    assert_close(model.loss(x, t), F.mse_loss(ref(x.double()), t.double()), TOLERANCE[torch.float32], "loss")
+    with pytest.raises(ValueError, match="hooks"):  # the step in the backward cannot see the hooks' graph
+        model.loss(x, t, optimizer=opt)
+
+
+@pytest.mark.parametrize("how", ["train_step", "fit"])
+def test_a_parametrized_weight_is_trained_through_its_parameters(how, backend):
+    """torch.nn.utils.parametrize: the weight is computed from parametrizations.weight.original, which the
+    optimizer holds; the fused steps must train it (they updated the bias alone), loss(optimizer=) refuses."""
+    from torch.nn.utils import parametrize
+
+    class Halved(nn.Module):
+        def forward(self, w):
+            return w * 0.5
+
+    x, t = torch.randn(6, 4, device=DEVICE), torch.randn(6, 3, device=DEVICE)
+    ref = nn.Linear(4, 3).to(DEVICE)
+    model = FusedLinearRegressor.from_linear(ref, backend=backend)
+    ref = ref.double()
+    for m in (model, ref):
+        parametrize.register_parametrization(m, "weight", Halved())
+    opt, ref_opt = FusedSGD(model.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
+    for _ in range(2):
+        if how == "fit":
+            model.fit(x, t, epochs=1, optimizer=opt)
+        else:
+            model.train_step(x, t, opt)
+        ref_opt.zero_grad()
+        F.mse_loss(ref(x.double()), t.double()).backward()
+        ref_opt.step()
+    original = model.parametrizations.weight.original
+    assert_close(original, ref.parametrizations.weight.original, TOLERANCE[torch.float32], "weight's original")
+    assert_close(model.bias, ref.bias, TOLERANCE[torch.float32], "bias")
+    with pytest.raises(ValueError, match="parametrize"):
+        model.loss(x, t, optimizer=opt)
+
+
+@pytest.mark.parametrize("how", ["parametrize", "prune"])
+def test_solve_refuses_a_computed_weight(how):
+    """solve writes weight and bias in place: into a parametrized weight's temporary, or a pruned weight that the
+    next forward recomputes, the solution was lost while solve returned its loss."""
+    from torch.nn.utils import parametrize, prune
+
+    model = FusedLinearRegressor(4, 3, backend="torch", device=DEVICE)
+    if how == "parametrize":
+        parametrize.register_parametrization(model, "weight", nn.Identity())
+    else:
+        prune.l1_unstructured(model, "weight", amount=0.25)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="parametrize"):
+        model.solve(torch.randn(8, 4, device=DEVICE), torch.randn(8, 3, device=DEVICE))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_hooked_step_under_torch_distributed_is_refused(monkeypatch):
+    """With hooks the step goes through model(x) and .grad on this rank's rows: under torch.distributed
+    (where FusedSGD's step all-reduces) that would train each replica apart, so it is a clear error."""
+    from linreg_fused import step_cache
+
+    model = FusedLinearRegressor(4, 3, device=DEVICE)
+    model.register_forward_pre_hook(lambda module, args: None)
+    opt = FusedSGD(model.parameters(), lr=0.1)
+    monkeypatch.setattr(step_cache, "distributed", lambda: True)  # as after init_process_group
+    before = model.weight.detach().clone()
+    with pytest.raises(ValueError, match="DistributedDataParallel"):
+        model.train_step(torch.randn(5, 4, device=DEVICE), torch.randn(5, 3, device=DEVICE), opt)
+    assert torch.equal(model.weight, before)
+    model.train_step(torch.randn(5, 4, device=DEVICE), torch.randn(5, 3, device=DEVICE), opt, process_group=False)
+    assert not torch.equal(model.weight, before)

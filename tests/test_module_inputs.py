@@ -131,3 +131,27 @@ def test_solve_argument_errors():
         model.solve(torch.zeros(4, 3), np.zeros(4))
     with pytest.raises(TypeError, match="inputs must hold real numbers"):
         model.solve(np.array([["a", "b", "c"]]), np.zeros(1))
+
+
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_a_model_without_features_fits_its_bias(batch_size, backend):
+    """in_features=0: fit trains the bias alone, as nn.Linear(0, O) + SGD does (it raised: reshape(-1, 0))."""
+    import torch.nn.functional as F
+
+    from linreg_fused import FusedSGD
+
+    x, t = torch.randn(5, 0, device=DEVICE), torch.randn(5, 2, device=DEVICE)
+    model = FusedLinearRegressor(0, 2, backend=backend, device=DEVICE)
+    ref = nn.Linear(0, 2, device=DEVICE, dtype=torch.float64)
+    with torch.no_grad():
+        ref.bias.copy_(model.bias)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.5)
+    model.fit(x, t, epochs=2, batch_size=batch_size, shuffle=False,
+              optimizer=FusedSGD(model.parameters(), lr=0.1, momentum=0.5))
+    step = batch_size or 5
+    for _ in range(2):
+        for start in range(0, 5, step):
+            ref_opt.zero_grad()
+            F.mse_loss(ref(x[start : start + step].double()), t[start : start + step].double()).backward()
+            ref_opt.step()
+    torch.testing.assert_close(model.bias, ref.bias.float(), rtol=2e-6, atol=2e-7)

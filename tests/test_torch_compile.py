@@ -233,3 +233,51 @@ def test_train_step_captures_in_a_cuda_graph_and_replays_bitwise():
         torch.cuda.synchronize()
         assert torch.equal(static_loss, expected)
         _assert_same(graphed, eager)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_jit_trace_passes_its_check_and_saves_a_differentiable_module(backend):
+    # torch.jit.trace retraces under no_grad to check the graph: the forward must trace to one graph in
+    # any grad mode, one TorchScript can save, whose gradients are nn.Linear's.
+    model = FusedLinearRegressor(4, 3, backend=backend).to(DEVICE)
+    traced = torch.jit.trace(model, torch.randn(5, 4, device=DEVICE))  # check_trace=True: the default
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    x = torch.randn(9, 4, device=DEVICE)
+    w, b = (p.detach().double().requires_grad_() for p in (model.weight, model.bias))
+    ref = torch.nn.functional.linear(x.double(), w, b)
+    ref.square().sum().backward()
+    out = loaded(x)
+    assert_close(out, ref, TOLERANCE[torch.float32], "traced output")
+    out.square().sum().backward()
+    assert_close(loaded.weight.grad, w.grad, TOLERANCE[torch.float32], "weight gradient")
+    assert_close(loaded.bias.grad, b.grad, TOLERANCE[torch.float32], "bias gradient")
+
+
+class _Loss(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, target):
+        return self.model.loss(x, target)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_jit_trace_of_the_loss_passes_its_check_and_saves(backend):
+    model = FusedLinearRegressor(4, 3, backend=backend).to(DEVICE)
+    traced = torch.jit.trace(_Loss(model), (torch.randn(5, 4, device=DEVICE), torch.randn(5, 3, device=DEVICE)))
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    x, t = torch.randn(5, 4, device=DEVICE), torch.randn(5, 3, device=DEVICE)
+    w, b = (p.detach().double().requires_grad_() for p in (model.weight, model.bias))
+    ref = torch.nn.functional.mse_loss(torch.nn.functional.linear(x.double(), w, b), t.double())
+    ref.backward()
+    out = loaded(x, t)
+    assert_close(out, ref, TOLERANCE[torch.float32], "traced loss")
+    out.backward()
+    assert_close(loaded.model.weight.grad, w.grad, TOLERANCE[torch.float32], "weight gradient")
