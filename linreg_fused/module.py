@@ -14,7 +14,7 @@ from torch import nn
 
 from . import functional, serialization, step_cache, train
 from .backend import BACKENDS
-from .checks import module_hooked, step_through_forward
+from .checks import fused_parameters, module_hooked, step_through_forward
 from .functional import PRECISIONS
 from .optim import FusedSGD
 from .solver import check_representable
@@ -143,8 +143,9 @@ class FusedLinearRegressor(nn.Module):
         loss, backward, step on this rank's rows (for data parallelism wrap
         the model in DistributedDataParallel).
         """
-        if isinstance(optimizer, FusedSGD) and not step_through_forward(self):  # (else: the loop below)
-            weight, bias = _weight_and_bias(self)
+        params = fused_parameters(self) if isinstance(optimizer, FusedSGD) else None  # None: the loop below
+        if params is not None:
+            weight, bias = params
             if not (isinstance(x, torch.Tensor) and isinstance(target, torch.Tensor) and x.dim() == target.dim() == 2):
                 functional.check_inputs(x, weight, bias, target)  # before reshape: errors name the shapes given
                 x, target = functional.rows(x), functional.rows(target)

@@ -296,6 +296,29 @@ def test_module_hooks_run_in_the_loss_and_the_steps_as_model_x_runs_them(how, ba
 
 
 @pytest.mark.parametrize("how", ["train_step", "fit"])
+def test_a_forward_pre_hook_alone_runs_in_the_steps(how, backend):
+    """An input-scaling pre-hook on a model whose own parameters are plain (no prune, no parametrize): the
+    steps must see it as model(x) does (the fused path would train on the unscaled input)."""
+    x, t = torch.randn(6, 4, device=DEVICE), torch.randn(6, 3, device=DEVICE)
+    ref = nn.Linear(4, 3).to(DEVICE)
+    model = FusedLinearRegressor.from_linear(ref, backend=backend)
+    ref = ref.double()
+    for m in (model, ref):
+        m.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    opt, ref_opt = FusedSGD(model.parameters(), lr=0.05), torch.optim.SGD(ref.parameters(), lr=0.05)
+    if how == "fit":
+        model.fit(x, t, epochs=2, optimizer=opt)
+    for _ in range(2):
+        ref_opt.zero_grad()
+        F.mse_loss(ref(x.double()), t.double()).backward()
+        ref_opt.step()
+        if how == "train_step":
+            model.train_step(x, t, opt)
+    assert_close(model.weight, ref.weight, TOLERANCE[torch.float32], "weight")
+    assert_close(model.bias, ref.bias, TOLERANCE[torch.float32], "bias")
+
+
+@pytest.mark.parametrize("how", ["train_step", "fit"])
 def test_a_parametrized_weight_is_trained_through_its_parameters(how, backend):
     """torch.nn.utils.parametrize: the weight is computed from parametrizations.weight.original, which the
     optimizer holds; the fused steps must train it (they updated the bias alone), loss(optimizer=) refuses."""
