@@ -270,6 +270,12 @@ def linear_moments(
     """
     n_rows, in_features = x.shape
     out_features = target.shape[1]
+    if in_features == 0:  # no feature block to carry the target's sums: its moments directly, in fp64
+        t = target.to(torch.float64)
+        mean_t = t.mean(0)
+        centred = t - mean_t
+        none = t.new_zeros((out_features, 0))
+        return n_rows, t.new_zeros(0), mean_t, t.new_zeros((0, 0)), none, centred.T @ centred
     fp64 = fp64 or x.dtype == torch.float64
     acc = torch.float64 if fp64 else torch.float32
     half = x.element_size() == 2

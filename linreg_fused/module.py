@@ -79,10 +79,12 @@ class FusedLinearRegressor(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "FusedLinearRegressor":
-        """A FusedLinearRegressor holding a copy of ``linear``'s parameters."""
+        """A FusedLinearRegressor holding a copy of ``linear``'s parameters (a frozen one stays frozen)."""
         model = cls(linear.in_features, linear.out_features, linear.bias is not None,
                     device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
         model.load_state_dict(linear.state_dict())
+        for name, param in model.named_parameters(recurse=False):
+            param.requires_grad_(getattr(linear, name).requires_grad)
         return model
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear's name, for forward(input=x)

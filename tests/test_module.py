@@ -37,6 +37,27 @@ def test_state_dict_round_trips_with_nn_linear():
     assert torch.equal(FusedLinearRegressor.from_linear(ref).weight, ref.weight)
 
 
+def test_from_linear_keeps_frozen_parameters_frozen(backend):
+    """A frozen bias (or weight) of the nn.Linear stays frozen in the copy, so training it changes what
+    training the nn.Linear would (it came back trainable: the bias moved where nn.Linear's would not)."""
+    import torch.nn.functional as F
+
+    from linreg_fused import FusedSGD
+
+    for frozen in ("bias", "weight"):
+        ref = nn.Linear(3, 2).double()
+        getattr(ref, frozen).requires_grad_(False)
+        model = FusedLinearRegressor.from_linear(ref, backend=backend)
+        assert [p.requires_grad for p in model.parameters()] == [p.requires_grad for p in ref.parameters()]
+        x, t = torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64)
+        model.train_step(x, t, FusedSGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
+        opt = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=0.1)
+        F.mse_loss(ref(x), t).backward()
+        opt.step()
+        assert torch.allclose(model.weight, ref.weight, rtol=1e-12, atol=1e-14), frozen
+        assert torch.allclose(model.bias, ref.bias, rtol=1e-12, atol=1e-14), frozen
+
+
 def test_repr_like_nn_linear():
     assert repr(FusedLinearRegressor(3, 2)) == "FusedLinearRegressor(in_features=3, out_features=2, bias=True)"
     assert "backend='torch'" in repr(FusedLinearRegressor(3, 2, bias=False, backend="torch"))

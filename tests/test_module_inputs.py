@@ -133,9 +133,10 @@ def test_solve_argument_errors():
         model.solve(np.array([["a", "b", "c"]]), np.zeros(1))
 
 
-@pytest.mark.parametrize("batch_size", [None, 2])
-def test_a_model_without_features_fits_its_bias(batch_size, backend):
-    """in_features=0: fit trains the bias alone, as nn.Linear(0, O) + SGD does (it raised: reshape(-1, 0))."""
+@pytest.mark.parametrize("batch_size,statistics", [(None, None), (2, None), (None, True)])
+def test_a_model_without_features_fits_its_bias(batch_size, statistics, backend):
+    """in_features=0: fit trains the bias alone, as nn.Linear(0, O) + SGD does (it raised: reshape(-1, 0);
+    the statistics path, from the target's moments, raised IndexError on the Triton backend)."""
     import torch.nn.functional as F
 
     from linreg_fused import FusedSGD
@@ -146,7 +147,7 @@ def test_a_model_without_features_fits_its_bias(batch_size, backend):
     with torch.no_grad():
         ref.bias.copy_(model.bias)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.5)
-    model.fit(x, t, epochs=2, batch_size=batch_size, shuffle=False,
+    model.fit(x, t, epochs=2, batch_size=batch_size, shuffle=False, statistics=statistics,
               optimizer=FusedSGD(model.parameters(), lr=0.1, momentum=0.5))
     step = batch_size or 5
     for _ in range(2):
