@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .blocks import ChunksConfig, chunks_forward_config
 from .device import DeviceProfile, device_profile
-from .grad_chunks import chunk_cols, load_wt_chunks
+from .grad_chunks import load_wt_chunks, load_x_chunk
 from .plan import LaunchPlan
 from .specs import accumulator_dtype
 
@@ -40,12 +40,7 @@ def _chunks_forward_kernel(
         mask_n = offs_n < n_rows
         rows = offs_n.to(tl.int64)
         for c in tl.static_range(NC):
-            cols = chunk_cols(c, K_CHUNK)
-            x_mask = mask_n[:, None]
-            if MASK_D:
-                x_mask = x_mask & (cols < D)[None, :]
-            xc = tl.load(x_ptr + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=x_mask,
-                         other=0.0).to(tl.float32)
+            xc = load_x_chunk(x_ptr, rows, mask_n, c, D, stride_xn, stride_xd, tl.float32, MASK_D, K_CHUNK)
             if c == 0:
                 y = tl.dot(xc, wt[c], input_precision="ieee", out_dtype=tl.float32)
             else:

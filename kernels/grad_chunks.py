@@ -53,11 +53,30 @@ def load_wt_chunks(w_ptr, offs_o, mask_o, D, stride_wo, stride_wd, acc_dtype: tl
 
 
 @triton.jit
-def _zero_chunks(BLOCK_O: tl.constexpr, acc_dtype: tl.constexpr, NC: tl.constexpr, K_CHUNK: tl.constexpr):
+def zero_chunks(BLOCK_O: tl.constexpr, acc_dtype: tl.constexpr, NC: tl.constexpr, K_CHUNK: tl.constexpr):
     chunks = ()
     for c in tl.static_range(NC):
         chunks = chunks + (tl.zeros([BLOCK_O, K_CHUNK], dtype=acc_dtype),)
     return chunks
+
+
+@triton.jit
+def load_x_chunk(x_ptr, rows, mask_n, c, D, stride_xn, stride_xd, dtype: tl.constexpr, MASK_D: tl.constexpr,
+                 K_CHUNK: tl.constexpr):
+    """Chunk c of a row tile, [len(rows), K_CHUNK], as ``dtype`` (the D mask compiled in only where needed)."""
+    cols = chunk_cols(c, K_CHUNK)
+    x_mask = mask_n[:, None]
+    if MASK_D:
+        x_mask = x_mask & (cols < D)[None, :]
+    return tl.load(x_ptr + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=x_mask, other=0.0).to(dtype)
+
+
+@triton.jit
+def store_dw_chunks(partial_row, dw, offs_o, mask_o, D, NC: tl.constexpr, K_CHUNK: tl.constexpr):
+    """A program's dW chunks into its partial row's [dW (O·D, row-major)] columns."""
+    for c in tl.static_range(NC):
+        cols = chunk_cols(c, K_CHUNK)
+        tl.store(partial_row + offs_o[:, None] * D + cols[None, :], dw[c], mask=mask_o[:, None] & (cols < D)[None, :])
 
 
 @triton.jit
@@ -76,7 +95,7 @@ def _chunks_partials_kernel(
     wt = load_wt_chunks(w_ptr, offs_o, mask_o, D, stride_wo, stride_wd, acc_dtype, NC, K_CHUNK)
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_o, mask=mask_o, other=0.0).to(acc_dtype)
-    dw = _zero_chunks(BLOCK_O, acc_dtype, NC, K_CHUNK)
+    dw = zero_chunks(BLOCK_O, acc_dtype, NC, K_CHUNK)
     db_acc = tl.zeros([BLOCK_O], dtype=acc_dtype)
     loss_acc = tl.zeros([BLOCK_O], dtype=acc_dtype)
 
@@ -91,12 +110,7 @@ def _chunks_partials_kernel(
         # X·Wᵀ over the chunks in order: one accumulator, no cross-warp sum.
         x = ()
         for c in tl.static_range(NC):
-            cols = chunk_cols(c, K_CHUNK)
-            x_mask = mask_n[:, None]
-            if MASK_D:
-                x_mask = x_mask & (cols < D)[None, :]
-            xc = tl.load(x_ptr + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=x_mask,
-                         other=0.0).to(acc_dtype)
+            xc = load_x_chunk(x_ptr, rows, mask_n, c, D, stride_xn, stride_xd, acc_dtype, MASK_D, K_CHUNK)
             x = x + (xc,)
             if c == 0:
                 pred = tl.dot(xc, wt[c], input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
@@ -121,9 +135,7 @@ def _chunks_partials_kernel(
         dw = new_dw
 
     partial_row = partials_ptr + pid.to(tl.int64) * stride_partials
-    for c in tl.static_range(NC):
-        cols = chunk_cols(c, K_CHUNK)
-        tl.store(partial_row + offs_o[:, None] * D + cols[None, :], dw[c], mask=mask_o[:, None] & (cols < D)[None, :])
+    store_dw_chunks(partial_row, dw, offs_o, mask_o, D, NC, K_CHUNK)
     tl.store(partial_row + O * D + offs_o, db_acc, mask=mask_o)
     tl.store(partial_row + O * D + O, tl.sum(loss_acc, axis=0))
 

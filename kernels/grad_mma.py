@@ -36,7 +36,7 @@ import triton.language as tl
 
 from .blocks import ChunksConfig, mma_config
 from .device import DeviceProfile, device_profile
-from .grad_chunks import chunk_cols
+from .grad_chunks import load_wt_chunks, load_x_chunk, store_dw_chunks, zero_chunks
 from .plan import LaunchPlan
 from .specs import GradPartials, gradient_pass
 from .tiles import accumulate
@@ -70,18 +70,6 @@ def dot3(a, b, acc, SPLIT_A: tl.constexpr, NATIVE_BF16: tl.constexpr):
 
 
 @triton.jit
-def _load_wt_splits(w_ptr, offs_o, mask_o, D, stride_wo, stride_wd, NC: tl.constexpr, K_CHUNK: tl.constexpr):
-    """Wᵀ's chunks [K_CHUNK, BLOCK_O], each as its (lo, mid, hi) split: loaded and split once."""
-    chunks = ()
-    for c in tl.static_range(NC):
-        cols = chunk_cols(c, K_CHUNK)
-        wt = tl.load(w_ptr + offs_o[None, :] * stride_wo + cols[:, None] * stride_wd,
-                     mask=mask_o[None, :] & (cols < D)[:, None], other=0.0).to(tl.float32)
-        chunks = chunks + (split3(wt),)
-    return chunks
-
-
-@triton.jit
 def _mma_partials_kernel(
     x_ptr, w_ptr, b_ptr, t_ptr, row_index_ptr, partials_ptr, residual_ptr,
     n_rows, D, O, n_programs,
@@ -93,12 +81,14 @@ def _mma_partials_kernel(
     pid = tl.program_id(0)
     offs_o = tl.arange(0, BLOCK_O)
     mask_o = offs_o < O
-    wt = _load_wt_splits(w_ptr, offs_o, mask_o, D, stride_wo, stride_wd, NC, K_CHUNK)
+    # Wᵀ's chunks [K_CHUNK, BLOCK_O], each as its (lo, mid, hi) split: loaded and split once.
+    w_chunks = load_wt_chunks(w_ptr, offs_o, mask_o, D, stride_wo, stride_wd, tl.float32, NC, K_CHUNK)
+    wt = ()
+    for c in tl.static_range(NC):
+        wt = wt + (split3(w_chunks[c]),)
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)
-    dw = ()
-    for c in tl.static_range(NC):
-        dw = dw + (tl.zeros([BLOCK_O, K_CHUNK], dtype=tl.float32),)
+    dw = zero_chunks(BLOCK_O, tl.float32, NC, K_CHUNK)
     sum_r = tl.zeros([BLOCK_N, BLOCK_O], dtype=tl.float32)
     sum_r2 = tl.zeros([BLOCK_N, BLOCK_O], dtype=tl.float32)
 
@@ -114,11 +104,7 @@ def _mma_partials_kernel(
         pred = tl.zeros([BLOCK_N, BLOCK_O], dtype=tl.float32)
         x = ()
         for c in tl.static_range(NC):
-            cols = chunk_cols(c, K_CHUNK)
-            x_mask = mask_n[:, None]
-            if MASK_D:
-                x_mask = x_mask & (cols < D)[None, :]
-            xc = tl.load(x_ptr + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=x_mask, other=0.0)
+            xc = load_x_chunk(x_ptr, rows, mask_n, c, D, stride_xn, stride_xd, tl.bfloat16, MASK_D, K_CHUNK)
             x = x + (xc,)
             pred = dot3(xc, wt[c], pred, False, NATIVE_BF16)
         if HAS_BIAS:
@@ -141,9 +127,7 @@ def _mma_partials_kernel(
         dw = new_dw
 
     partial_row = partials_ptr + pid.to(tl.int64) * stride_partials
-    for c in tl.static_range(NC):
-        cols = chunk_cols(c, K_CHUNK)
-        tl.store(partial_row + offs_o[:, None] * D + cols[None, :], dw[c], mask=mask_o[:, None] & (cols < D)[None, :])
+    store_dw_chunks(partial_row, dw, offs_o, mask_o, D, NC, K_CHUNK)
     tl.store(partial_row + O * D + offs_o, tl.sum(sum_r, axis=0), mask=mask_o)
     tl.store(partial_row + O * D + O, tl.sum(tl.sum(sum_r2, axis=1), axis=0))
 
