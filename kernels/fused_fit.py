@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .config import DeviceProfile
 from .plan import LaunchPlan
-from .reduce_update import MOMENTUM, sgd_update
+from .reduce_update import MOMENTUM, buffer_coefficients, sgd_update
 from .specs import SGDHyper
 from .tiles import f64_scalar
 
@@ -115,18 +115,12 @@ def _fit_small_kernel(
             first_step = (epoch == 0) & (batch == 0)
             if UPDATE_WEIGHT:
                 grad_w = tl.sum(r[:, :, None] * x[:, None, :], axis=0) * (2.0 * loss_scale)
-                w_decay, w_weight = w_momentum_, w_weight_
-                if INIT_W_BUFFER:
-                    w_decay = tl.where(first_step, 0.0, w_decay)
-                    w_weight = tl.where(first_step, 1.0, w_weight)
+                w_decay, w_weight = buffer_coefficients(w_momentum_, w_weight_, first_step, INIT_W_BUFFER)
                 w, w_buf = sgd_update(w, grad_w, w_buf, w_decay, w_weight, w_lr_, w_momentum_, w_decay_, W_FLAGS)
             if HAS_BIAS:
                 if UPDATE_BIAS:
                     grad_b = tl.sum(r, axis=0) * (2.0 * loss_scale)
-                    b_decay, b_weight = b_momentum_, b_weight_
-                    if INIT_B_BUFFER:
-                        b_decay = tl.where(first_step, 0.0, b_decay)
-                        b_weight = tl.where(first_step, 1.0, b_weight)
+                    b_decay, b_weight = buffer_coefficients(b_momentum_, b_weight_, first_step, INIT_B_BUFFER)
                     b, b_buf = sgd_update(b, grad_b, b_buf, b_decay, b_weight, b_lr_, b_momentum_, b_decay_, B_FLAGS)
 
         mean_loss = tl.sum(epoch_loss, axis=0) / n_batches

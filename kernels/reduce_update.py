@@ -62,6 +62,17 @@ def sgd_update(param, grad, buf, buf_decay, grad_weight, lr, momentum, weight_de
 
 
 @triton.jit
+def buffer_coefficients(momentum, grad_weight, first_step, INIT_BUFFER: tl.constexpr):
+    """sgd_update's (buf_decay, grad_weight): (momentum, grad_weight), or (0, 1) on the first step of a
+    kernel that creates the buffer (SGD sets a new buffer to the gradient)."""
+    decay, weight = momentum, grad_weight
+    if INIT_BUFFER:
+        decay = tl.where(first_step, 0.0, decay)
+        weight = tl.where(first_step, 1.0, weight)
+    return decay, weight
+
+
+@triton.jit
 def column_sums(partials_ptr, n_partials, stride_partials, cols, mask_c, ACC_DTYPE: tl.constexpr,
                 LANES: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Σ_p partials[p, cols] over the n_partials rows, in an order fixed by n_partials and LANES alone.

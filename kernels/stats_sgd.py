@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from triton import next_power_of_2 as p2
 
-from .reduce_update import MOMENTUM, sgd_update
+from .reduce_update import MOMENTUM, buffer_coefficients, sgd_update
 from .specs import SGDHyper
 
 
@@ -124,10 +124,7 @@ def _stats_sgd_kernel(
                 buf = grad
                 if MOMENTUM & W_FLAGS:
                     buf = tl.load(w_buf_state_ptr + src + w_offs, mask=mask_oj, other=0.0).to(f64)
-                decay, weight = w_momentum, 1.0 - w_dampening
-                if INIT_W_BUFFER:  # SGD's first step sets the buffer to the gradient
-                    decay = tl.where(first_step, 0.0, decay)
-                    weight = tl.where(first_step, 1.0, weight)
+                decay, weight = buffer_coefficients(w_momentum, 1.0 - w_dampening, first_step, INIT_W_BUFFER)
                 new_w, buf = sgd_update(w_j, grad, buf, decay, weight, w_lr, w_momentum, w_weight_decay, W_FLAGS)
                 if MOMENTUM & W_FLAGS:
                     tl.store(w_buf_state_ptr + dst + w_offs, buf, mask=mask_oj)
@@ -140,10 +137,7 @@ def _stats_sgd_kernel(
                 buf_b = grad_b
                 if MOMENTUM & B_FLAGS:
                     buf_b = tl.load(b_buf_state_ptr + src_b + offs_o, mask=mask_o, other=0.0).to(f64)
-                decay, weight = b_momentum, 1.0 - b_dampening
-                if INIT_B_BUFFER:
-                    decay = tl.where(first_step, 0.0, decay)
-                    weight = tl.where(first_step, 1.0, weight)
+                decay, weight = buffer_coefficients(b_momentum, 1.0 - b_dampening, first_step, INIT_B_BUFFER)
                 new_b, buf_b = sgd_update(b, grad_b, buf_b, decay, weight, b_lr, b_momentum, b_weight_decay, B_FLAGS)
                 if MOMENTUM & B_FLAGS:
                     tl.store(b_buf_state_ptr + dst_b + offs_o, buf_b, mask=mask_o)
