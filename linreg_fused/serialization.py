@@ -42,14 +42,14 @@ import math
 import numbers
 import os
 import re
-import stat
 import sys
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 from torch import nn
+
+from .replacing import replacing
 
 FORMAT = "linreg-fused"
 FORMAT_VERSION = 1
@@ -287,37 +287,7 @@ def _checked_metadata(meta: dict[str, str], out_features: int, in_features: int,
 
 
 def _write_atomically(path: str, data: bytes) -> None:
-    # Through symlinks: replace the file a link points to and keep the link (as open(path, "w") would).
-    target = os.path.realpath(path)
-    if os.path.isdir(target):
-        raise IsADirectoryError(f"{path} is a directory; give a file name")
-    if os.path.exists(target) and not os.path.isfile(target):  # the rename would replace /dev/null itself
-        raise ValueError(f"{path} is not a regular file (a device, a FIFO, ...); a model file is written whole "
-                         f"and renamed over its target: give a file name")
-    try:
-        mode = stat.S_IMODE(os.stat(target).st_mode)  # an existing file keeps its permission bits
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask  # a new file gets a normal file's mode (mkstemp's is owner-only)
-    folder = os.path.dirname(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())

@@ -7,9 +7,7 @@ import argparse
 import contextlib
 import csv
 import importlib.util
-import os
 import sys
-import tempfile
 import warnings
 
 import numpy as np
@@ -17,6 +15,7 @@ import torch
 
 from ..io import DataError, read_columns
 from ..module import FusedLinearRegressor
+from ..replacing import replacing
 from ..serialization import ModelFileError, read
 from .common import DTYPES, check_input, check_outputs, check_range, device_for, header, metrics, require_columns
 from .options import UsageError
@@ -103,31 +102,13 @@ def _write_csv(path: str | None, names: list[str], values: torch.Tensor) -> None
 
 @contextlib.contextmanager
 def _replacing(path: str):
-    """A temporary file beside ``path`` (through a symlink), renamed over it once complete: a full
-    disk or an interrupt leaves the previous file, never a truncated CSV that reads as fewer rows.
-    A device (-o /dev/null) is written in place."""
-    target = os.path.realpath(path)
-    if os.path.exists(target) and not os.path.isfile(target):
-        yield target
-        return
+    """replacing.replacing for -o: a device (-o /dev/null) is written in place; an OS error is a usage
+    error saying the file was left as it was."""
     try:
-        mode = os.stat(target).st_mode & 0o777  # an existing file keeps its permission bits
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=os.path.dirname(target))
-    os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise UsageError(f"-o {path}: cannot write ({err.strerror or err}); the file was left as it was") from None
-        raise
+        with replacing(path, special_in_place=True) as tmp:
+            yield tmp
+    except OSError as err:
+        raise UsageError(f"-o {path}: cannot write ({err.strerror or err}); the file was left as it was") from None
 
 
 def _write_rows(path: str | None, names: list[str], array: np.ndarray) -> None:
